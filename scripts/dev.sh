@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One entry point for set-up and the common jobs. Creates ./.venv on first use (Python 3.11) and keeps
+# it in sync with requirements*.txt; then runs the job.
+#   bash scripts/dev.sh main        the main job (README)
+#   bash scripts/dev.sh test        the default test suite (what CI runs)
+#   bash scripts/dev.sh test-slow   the slow tests
+#   bash scripts/dev.sh bench       all benchmarks, one JSON line each
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.guard_jax_installed
+want=$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r requirements-test.txt
+  .venv/bin/python -m pip install -q --no-deps -e .
+  echo "$want" > "$stamp"
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+job=${1:-main}; shift || true
+case "$job" in
+  main) exec guard-jax toy "$@" ;;
+  test) exec python -m pytest -m "not slow" -n 2 "$@" ;;
+  test-slow) exec python -m pytest -m slow "$@" ;;
+  bench) for f in bench/bench_*.py; do python "$f" "$@"; done ;;
+  *) echo "unknown job '$job': use main, test, test-slow or bench" >&2; exit 2 ;;
+esac
