@@ -1,0 +1,130 @@
+"""Binary constraints b(y): vectorized predicates over token sequences, combinable with &, |, ~.
+
+A constraint is called as `b(tokens_BT, lengths_B) -> bool_B`, where `tokens_BT` are the generated
+tokens (padding after `lengths_B`). Token-level constraints are pure jnp (jit-able, usable by masking
+and ASAp on prefixes); text-level ones decode on the host. Every result is checked: a predicate that
+returns the wrong shape or dtype raises a `TypeError` naming the constraint.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class Constraint:
+    """b(tokens_BT, lengths_B) -> bool_B, with a readable name and the &, |, ~ combinators."""
+
+    def __init__(self, fn: Callable, name: str):
+        if not callable(fn):
+            raise TypeError(f"constraint fn must be callable, got {type(fn).__name__}")
+        self.fn, self.name = fn, name
+
+    def __call__(self, tokens_BT, lengths_B):
+        if np.ndim(tokens_BT) != 2:
+            raise ValueError(f"tokens_BT must be 2-D [batch, time], got shape {np.shape(tokens_BT)}")
+        if np.shape(lengths_B) != np.shape(tokens_BT)[:1]:
+            raise ValueError(f"lengths_B must have shape {np.shape(tokens_BT)[:1]}, got {np.shape(lengths_B)}")
+        out = self.fn(tokens_BT, lengths_B)
+        if np.shape(out) != np.shape(tokens_BT)[:1] or out.dtype != bool:
+            raise TypeError(
+                f"constraint {self.name!r} must return a bool array of shape {np.shape(tokens_BT)[:1]}, "
+                f"got dtype {getattr(out, 'dtype', type(out).__name__)} and shape {np.shape(out)}"
+            )
+        return out
+
+    def __and__(self, other: Constraint) -> Constraint:
+        return Constraint(lambda t, n: self(t, n) & other(t, n), f"({self.name} & {other.name})")
+
+    def __or__(self, other: Constraint) -> Constraint:
+        return Constraint(lambda t, n: self(t, n) | other(t, n), f"({self.name} | {other.name})")
+
+    def __invert__(self) -> Constraint:
+        return Constraint(lambda t, n: ~self(t, n), f"~{self.name}")
+
+    def __repr__(self) -> str:
+        return f"Constraint({self.name})"
+
+
+def _in_sequence_BT(tokens_BT, lengths_B):
+    return jnp.arange(tokens_BT.shape[1])[None] < jnp.asarray(lengths_B)[:, None]
+
+
+def contains_ngram(ngram: Sequence[int]) -> Constraint:
+    """True where the n-gram occurs (contiguously) before the end of the sequence."""
+    ngram = tuple(int(v) for v in ngram)
+    if not ngram:
+        raise ValueError("ngram must hold at least one token")
+
+    def fn(tokens_BT, lengths_B):
+        tokens_BT = jnp.asarray(tokens_BT)
+        n, T = len(ngram), tokens_BT.shape[1]
+        if n > T:
+            return jnp.zeros(tokens_BT.shape[:1], bool)
+        inside_BT = _in_sequence_BT(tokens_BT, lengths_B)
+        hit_BS = jnp.ones((tokens_BT.shape[0], T - n + 1), bool)
+        for k, v in enumerate(ngram):
+            hit_BS = hit_BS & (tokens_BT[:, k : T - n + 1 + k] == v) & inside_BT[:, k : T - n + 1 + k]
+        return hit_BS.any(axis=1)
+
+    return Constraint(fn, f"contains{list(ngram)}")
+
+
+def contains_token(token: int) -> Constraint:
+    """True where `token` occurs before the end of the sequence."""
+    return Constraint(contains_ngram([token]).fn, f"contains({token})")
+
+
+def token_at(position: int, token: int) -> Constraint:
+    """True where the token at `position` (0-based, within the sequence) equals `token`."""
+    if position < 0:
+        raise ValueError(f"position must be >= 0, got {position}")
+
+    def fn(tokens_BT, lengths_B):
+        tokens_BT = jnp.asarray(tokens_BT)
+        if position >= tokens_BT.shape[1]:
+            return jnp.zeros(tokens_BT.shape[:1], bool)
+        return (tokens_BT[:, position] == token) & (jnp.asarray(lengths_B) > position)
+
+    return Constraint(fn, f"at[{position}]=={token}")
+
+
+def regex(pattern: str, token_strings: Sequence[str]) -> Constraint:
+    """True where `re.search(pattern, rendering)` matches; the rendering joins `token_strings[v]` (host-side)."""
+    compiled = re.compile(pattern)
+    table = list(token_strings)
+
+    def fn(tokens_BT, lengths_B):
+        tokens_BT, lengths_B = np.asarray(tokens_BT), np.asarray(lengths_B)
+        texts = ["".join(table[v] for v in row[:n]) for row, n in zip(tokens_BT, lengths_B)]
+        return np.fromiter((compiled.search(t) is not None for t in texts), bool, len(texts))
+
+    return Constraint(fn, f"regex({pattern!r})")
+
+
+def predicate(fn: Callable, name: str | None = None) -> Constraint:
+    """Any user function `fn(tokens_BT, lengths_B) -> bool_B`."""
+    return Constraint(fn, name or getattr(fn, "__name__", "predicate"))
+
+
+def all_of(*constraints: Constraint) -> Constraint:
+    """The conjunction of one or more constraints."""
+    if not constraints:
+        raise ValueError("all_of needs at least one constraint (an empty constraint set has no meaning)")
+    out = constraints[0]
+    for c in constraints[1:]:
+        out = out & c
+    return out
+
+
+def any_of(*constraints: Constraint) -> Constraint:
+    """The disjunction of one or more constraints."""
+    if not constraints:
+        raise ValueError("any_of needs at least one constraint (an empty constraint set has no meaning)")
+    out = constraints[0]
+    for c in constraints[1:]:
+        out = out | c
+    return out

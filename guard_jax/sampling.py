@@ -1,0 +1,108 @@
+"""Jit-compiled, vectorized ancestral sampling and teacher-forced scoring for any guard_jax ARM.
+
+Sampling runs `prefill` once, then a `lax.scan` over a fixed buffer of `max_new_tokens` steps with a
+`done` mask; tokens after EOS are `pad_id` and contribute 0 to the log-probs. Sequence log-probs are
+returned with the samples, so nothing downstream re-scores them. Temperature 1 is the model's own law
+`a`; any other temperature is a different distribution and must be asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from guard_jax.models.base import ARM, Params
+
+
+class Samples(NamedTuple):
+    """tokens_BT: new tokens (pad after the end); lengths_B: new tokens including EOS;
+    logp_BT: per-token log-probs under the sampling law (0 after the end); logp_B: their sum."""
+
+    tokens_BT: jax.Array
+    lengths_B: jax.Array
+    logp_BT: jax.Array
+    logp_B: jax.Array
+
+
+def bos_prompt(model: ARM, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """The unconditional prompt [BOS] for each row: (tokens_B1, mask_B1)."""
+    tokens_B1 = jnp.full((batch_size, 1), model.bos_id, jnp.int32)
+    return tokens_B1, jnp.ones_like(tokens_B1)
+
+
+def categorical(key: jax.Array, logits_BV: jax.Array) -> jax.Array:
+    """One draw per row by inverse CDF from a single uniform (much cheaper than Gumbel-max over V).
+
+    Never returns a token of probability zero: u is in (0, 1], and the chosen index is the first whose
+    cumulative mass reaches u * total. -> tokens_B (int32).
+    """
+    probs_BV = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
+    cdf_BV = jnp.cumsum(probs_BV, axis=-1)
+    u_B1 = 1.0 - jax.random.uniform(key, (logits_BV.shape[0], 1))
+    idx_B = jnp.sum(cdf_BV < u_B1 * cdf_BV[:, -1:], axis=-1)
+    return jnp.minimum(idx_B, logits_BV.shape[-1] - 1).astype(jnp.int32)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (1.0 samples the model itself), got {temperature}")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature"))
+def sample(
+    key: jax.Array,
+    model: ARM,
+    params: Params,
+    prompt_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+) -> Samples:
+    """Ancestral sampling of `max_new_tokens` tokens after a left-padded prompt (one row per sample)."""
+    _check_temperature(temperature)
+    B, P = prompt_BP.shape
+    cache = model.init_cache(B, P + max_new_tokens)
+    logits_BV, cache = model.prefill(params, prompt_BP, prompt_mask_BP, cache)
+
+    def step(carry, key_t):
+        logits_BV, cache, done_B = carry
+        logits_BV = logits_BV.astype(jnp.float32) / temperature
+        token_B = categorical(key_t, logits_BV)
+        logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), token_B[:, None], axis=-1)[:, 0]
+        token_B = jnp.where(done_B, model.pad_id, token_B)
+        logp_B = jnp.where(done_B, 0.0, logp_B)
+        alive_B = ~done_B
+        if model.eos_id is not None:
+            done_B = done_B | (token_B == model.eos_id)
+        logits_BV, cache = model.decode(params, token_B, cache)
+        return (logits_BV, cache, done_B), (token_B, logp_B, alive_B)
+
+    keys = jax.random.split(key, max_new_tokens)
+    carry = (logits_BV, cache, jnp.zeros((B,), bool))
+    _, (tokens_TB, logp_TB, alive_TB) = jax.lax.scan(step, carry, keys)
+    return Samples(tokens_TB.T, alive_TB.sum(0).astype(jnp.int32), logp_TB.T, logp_TB.sum(0))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "temperature"))
+def log_prob(
+    model: ARM,
+    params: Params,
+    prompt_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    tokens_BT: jax.Array,
+    lengths_B: jax.Array,
+    temperature: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0."""
+    _check_temperature(temperature)
+    P, T = prompt_BP.shape[1], tokens_BT.shape[1]
+    inputs_BS = jnp.concatenate([prompt_BP, tokens_BT[:, :-1]], axis=1).astype(jnp.int32)
+    mask_BS = jnp.concatenate([prompt_mask_BP, jnp.ones_like(tokens_BT[:, :-1])], axis=1)
+    logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
+    logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
+    logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logp_BT = jnp.where(jnp.arange(T)[None] < lengths_B[:, None], logp_BT, 0.0)
+    return logp_BT.sum(-1), logp_BT
