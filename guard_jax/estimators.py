@@ -62,12 +62,14 @@ def wilson(k: int, n: int, level: float = 0.95) -> Estimate:
     return Estimate(p, lo, hi, level, n)
 
 
-def _log_proportion_var(k: int, n: int) -> float:
+def log_proportion_var(k: int, n: int) -> float:
+    """Delta-method variance of log(k / n) for a binomial proportion: (1 - p) / (n p)."""
     p = k / n
     return (1 - p) / (n * p)
 
 
-def _normal(value: float, var: float, level: float, n: int) -> Estimate:
+def normal_interval(value: float, var: float, level: float, n: int) -> Estimate:
+    """A symmetric normal interval value ± z_level * sqrt(var)."""
     half = _z(level) * math.sqrt(max(var, 0.0))
     return Estimate(value, value - half, value + half, level, n)
 
@@ -91,7 +93,7 @@ def estimate_kl_g_a2(logp_a_G, logp_a2_G, accepted_a: int, draws_a: int, level: 
     _check_counts(accepted_a, draws_a, "estimate_kl_g_a2")
     mean, var, n = _mean_and_var(np.asarray(logp_a_G) - np.asarray(logp_a2_G))
     value = mean - math.log(accepted_a / draws_a)
-    return _normal(value, var + _log_proportion_var(accepted_a, draws_a), level, n)
+    return normal_interval(value, var + log_proportion_var(accepted_a, draws_a), level, n)
 
 
 def estimate_kl_g_g2(
@@ -100,8 +102,8 @@ def estimate_kl_g_g2(
     """KL(g||g') = KL(g||a') + log AR_a' (Theorem 2), AR_a' from independent a'-draws."""
     _check_counts(accepted_a2, draws_a2, "estimate_kl_g_g2")
     kl = estimate_kl_g_a2(logp_a_G, logp_a2_G, accepted_a, draws_a, level)
-    var = ((kl.hi - kl.value) / _z(level)) ** 2 + _log_proportion_var(accepted_a2, draws_a2)
-    return _normal(kl.value + math.log(accepted_a2 / draws_a2), var, level, kl.n)
+    var = ((kl.hi - kl.value) / _z(level)) ** 2 + log_proportion_var(accepted_a2, draws_a2)
+    return normal_interval(kl.value + math.log(accepted_a2 / draws_a2), var, level, kl.n)
 
 
 def estimate_kl_g2_g(
@@ -112,8 +114,8 @@ def estimate_kl_g2_g(
     _check_counts(accepted_a, draws_a, "estimate_kl_g2_g")
     mean, var, n = _mean_and_var(np.asarray(logp_a2_G2) - np.asarray(logp_a_G2))
     value = mean - math.log(accepted_a2 / draws_a2) + math.log(accepted_a / draws_a)
-    var += _log_proportion_var(accepted_a2, draws_a2) + _log_proportion_var(accepted_a, draws_a)
-    return _normal(value, var, level, n)
+    var += log_proportion_var(accepted_a2, draws_a2) + log_proportion_var(accepted_a, draws_a)
+    return normal_interval(value, var, level, n)
 
 
 class ISEstimate(NamedTuple):
@@ -141,4 +143,4 @@ def estimate_log_z_is(log_target_N, log_proposal_N, level: float = 0.95) -> ISEs
     mean_w = w.mean()
     rel_var = w.var(ddof=1) / n / mean_w**2
     ess = float(w.sum() ** 2 / np.sum(w**2))
-    return ISEstimate(_normal(m + math.log(mean_w), rel_var, level, n), ess)
+    return ISEstimate(normal_interval(m + math.log(mean_w), rel_var, level, n), ess)

@@ -200,15 +200,17 @@ def exact_quantities(log_a, log_a2, b) -> ExactQuantities:
     )
 
 
-def gold_arm(space: SequenceSpace, log_g) -> tuple[TabularARM, dict]:
-    """The ARM whose law is exactly g: g(x_t | x_<t) by summing g over all completions.
+def arm_from_law(space: SequenceSpace, log_p) -> tuple[TabularARM, dict]:
+    """The tabular ARM whose law is exactly `log_p` (a law over the grid): p(x_t | x_<t) by summing over
+    all completions.
 
-    It exists for every (a, b) but costs the whole grid to build: the point of Theorem 1.
-    Prefixes of zero g-mass (never visited) get uniform conditionals. -> (TabularARM, params).
+    For `log_p = log_gold(log_a, b)` this is the ARM that equals g: it exists for every (a, b) but costs
+    the whole grid to build, the point of Theorem 1. Prefixes of zero mass (never visited) get uniform
+    conditionals. -> (TabularARM, params).
     """
     V, T = space.vocab_size, space.max_len
-    log_g = np.asarray(log_g, np.float64).reshape((V,) * T)
-    marginals = [log_g]  # marginals[k] = log mass of each prefix of length T - k
+    log_p = np.asarray(log_p, np.float64).reshape((V,) * T)
+    marginals = [log_p]  # marginals[k] = log mass of each prefix of length T - k
     for _ in range(T):
         marginals.append(np.asarray(jax.scipy.special.logsumexp(jnp.asarray(marginals[-1]), axis=-1)))
     rows = []

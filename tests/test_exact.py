@@ -9,7 +9,7 @@ from scipy import stats
 
 from guard_jax import constraints as C
 from guard_jax.exact import (SequenceSpace, enumerate_sequences, exact_constraint, exact_log_prob, exact_quantities,
-                             gold_arm, log_gold)
+                             arm_from_law, log_gold)
 from guard_jax.models.toy import TabularARM, TinyTransformerARM
 from guard_jax.sampling import bos_prompt, log_prob, sample
 
@@ -96,14 +96,14 @@ def test_theorem2_and_kl_properties(space, seed, density):
         assert q.kl_g_g2 > 0 and q.kl_g2_g > 0
 
 
-def test_gold_arm_equals_g_and_samples_g(x64):
+def test_arm_from_law_equals_g_and_samples_g(x64):
     model = TabularARM(3, 4, eos_id=0)
     params = model.init(jax.random.PRNGKey(3), scale=1.5)
     space = SequenceSpace.of(model, 4)
     log_a = exact_log_prob(model, params, 4)
     b = exact_constraint(space, C.contains_token(2) & ~C.token_at(0, 1))
     log_g = log_gold(log_a, b)
-    g_model, g_params = gold_arm(space, log_g)
+    g_model, g_params = arm_from_law(space, log_g)
     log_g_arm = exact_log_prob(g_model, g_params, 4)
     np.testing.assert_allclose(np.exp(log_g_arm), np.exp(log_g), atol=1e-12)
     q = exact_quantities(log_a, log_g_arm, b)
