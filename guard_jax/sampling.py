@@ -33,17 +33,24 @@ def bos_prompt(model: ARM, batch_size: int) -> tuple[jax.Array, jax.Array]:
     return tokens_B1, jnp.ones_like(tokens_B1)
 
 
-def categorical(key: jax.Array, logits_BV: jax.Array) -> jax.Array:
-    """One draw per row by inverse CDF from a single uniform (much cheaper than Gumbel-max over V).
+def categorical(u_B: jax.Array, logits_BV: jax.Array) -> jax.Array:
+    """One draw per row by inverse CDF from one uniform u in (0, 1] per row (much cheaper than Gumbel-max).
 
-    Never returns a token of probability zero: u is in (0, 1], and the chosen index is the first whose
-    cumulative mass reaches u * total. -> tokens_B (int32).
+    Never returns a token of probability zero: the chosen index is the first whose cumulative mass reaches
+    u * total. -> tokens_B (int32).
     """
     probs_BV = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
     cdf_BV = jnp.cumsum(probs_BV, axis=-1)
-    u_B1 = 1.0 - jax.random.uniform(key, (logits_BV.shape[0], 1))
-    idx_B = jnp.sum(cdf_BV < u_B1 * cdf_BV[:, -1:], axis=-1)
+    idx_B = jnp.sum(cdf_BV < u_B[:, None] * cdf_BV[:, -1:], axis=-1)
     return jnp.minimum(idx_B, logits_BV.shape[-1] - 1).astype(jnp.int32)
+
+
+def uniforms(key: jax.Array, batch_size: int, max_new_tokens: int) -> jax.Array:
+    """All the randomness of one `sample` call: u_TB in (0, 1], one per step and row.
+
+    Drawing it up front makes the samples independent of how the batch is split across devices.
+    """
+    return 1.0 - jax.random.uniform(key, (max_new_tokens, batch_size))
 
 
 def _check_temperature(temperature: float) -> None:
@@ -62,15 +69,23 @@ def sample(
     temperature: float = 1.0,
 ) -> Samples:
     """Ancestral sampling of `max_new_tokens` tokens after a left-padded prompt (one row per sample)."""
+    u_TB = uniforms(key, prompt_BP.shape[0], max_new_tokens)
+    return sample_from_uniforms(u_TB, model, params, prompt_BP, prompt_mask_BP, temperature)
+
+
+def sample_from_uniforms(
+    u_TB: jax.Array, model: ARM, params: Params, prompt_BP: jax.Array, prompt_mask_BP: jax.Array, temperature: float = 1.0
+) -> Samples:
+    """`sample` given its uniforms u_TB (see `uniforms`); T = number of new tokens. Traceable, not jitted."""
     _check_temperature(temperature)
     B, P = prompt_BP.shape
-    cache = model.init_cache(B, P + max_new_tokens)
+    cache = model.init_cache(B, P + u_TB.shape[0])
     logits_BV, cache = model.prefill(params, prompt_BP, prompt_mask_BP, cache)
 
-    def step(carry, key_t):
+    def step(carry, u_B):
         logits_BV, cache, done_B = carry
         logits_BV = logits_BV.astype(jnp.float32) / temperature
-        token_B = categorical(key_t, logits_BV)
+        token_B = categorical(u_B, logits_BV)
         logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), token_B[:, None], axis=-1)[:, 0]
         token_B = jnp.where(done_B, model.pad_id, token_B)
         logp_B = jnp.where(done_B, 0.0, logp_B)
@@ -80,9 +95,8 @@ def sample(
         logits_BV, cache = model.decode(params, token_B, cache)
         return (logits_BV, cache, done_B), (token_B, logp_B, alive_B)
 
-    keys = jax.random.split(key, max_new_tokens)
     carry = (logits_BV, cache, jnp.zeros((B,), bool))
-    _, (tokens_TB, logp_TB, alive_TB) = jax.lax.scan(step, carry, keys)
+    _, (tokens_TB, logp_TB, alive_TB) = jax.lax.scan(step, carry, u_TB)
     return Samples(tokens_TB.T, alive_TB.sum(0).astype(jnp.int32), logp_TB.T, logp_TB.sum(0))
 
 
