@@ -128,3 +128,77 @@ def any_of(*constraints: Constraint) -> Constraint:
     for c in constraints[1:]:
         out = out | c
     return out
+
+
+# ---- text-level constraints: decode the tokens, then test the string (host-side, as the paper does) ----
+
+
+def decode_texts(tokenizer, tokens_BT, lengths_B) -> list[str]:
+    """Decode each row up to its length with a Hugging Face tokenizer (special tokens dropped)."""
+    tokens_BT, lengths_B = np.asarray(tokens_BT), np.asarray(lengths_B)
+    return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(tokens_BT, lengths_B)], skip_special_tokens=True)
+
+
+def text(tokenizer, test: Callable[[list[str]], np.ndarray], name: str, prefix: str = "") -> Constraint:
+    """b(y) = test(prefix + decode(y)) for a vectorized `test(texts) -> bool array`.
+
+    `prefix` is prepended to each decoded text (the paper's sentiment task judges opening + continuation).
+    """
+
+    def fn(tokens_BT, lengths_B):
+        texts = [prefix + t for t in decode_texts(tokenizer, tokens_BT, lengths_B)]
+        return np.asarray(test(texts), bool)
+
+    return Constraint(fn, name)
+
+
+def text_regex(tokenizer, pattern: str, flags: int = 0, prefix: str = "") -> Constraint:
+    """`re.search(pattern, text)` on the decoded text."""
+    compiled = re.compile(pattern, flags)
+    return text(tokenizer, lambda texts: np.fromiter((compiled.search(t) is not None for t in texts), bool, len(texts)),
+                f"text_regex({pattern!r})", prefix)
+
+
+def keyword(tokenizer, word: str, case_sensitive: bool = True) -> Constraint:
+    """The word occurs with word boundaries on both sides (the paper's `\\bamazing\\b`)."""
+    if not word or not word.strip():
+        raise ValueError("word must be a non-empty string")
+    c = text_regex(tokenizer, rf"\b{re.escape(word)}\b", 0 if case_sensitive else re.IGNORECASE)
+    c.name = f"keyword({word!r})"
+    return c
+
+
+def last_sentence(text_: str) -> str:
+    """The paper's rule: cut at <|endoftext|>, split on '. ' and keep the last non-empty piece."""
+    text_ = text_.split("<|endoftext|>")[0]
+    pieces = [p for p in text_.split(". ") if p.strip()]
+    return pieces[-1] if pieces else ""
+
+
+def classifier_threshold(tokenizer, score: Callable[[list[str]], np.ndarray], threshold: float, *, on_last_sentence: bool = True,
+                         prefix: str = "", name: str = "classifier") -> Constraint:
+    """b(y) = score(text) > threshold, with `score(texts) -> float array` (e.g. a sentiment classifier).
+
+    With `on_last_sentence`, the score is taken on the last sentence of prefix + continuation, as in the
+    paper's sentiment-reversal task.
+    """
+
+    def test(texts):
+        inputs = [last_sentence(t) for t in texts] if on_last_sentence else texts
+        s = np.asarray(score(inputs), np.float64)
+        if s.shape != (len(texts),):
+            raise TypeError(f"score must return one float per text, got shape {s.shape} for {len(texts)} texts")
+        return s > threshold
+
+    return text(tokenizer, test, f"{name}>{threshold}", prefix)
+
+
+def vader_positive(texts: list[str]) -> np.ndarray:
+    """VADER compound sentiment in [-1, 1] (an offline, lexicon-based scorer shipped with vaderSentiment)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = _vader_cache.setdefault("analyzer", SentimentIntensityAnalyzer())
+    return np.asarray([analyzer.polarity_scores(t)["compound"] for t in texts], np.float64)
+
+
+_vader_cache: dict = {}
