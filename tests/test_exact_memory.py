@@ -13,9 +13,10 @@ from guard_jax.exact import exact_log_prob
 from guard_jax.models.toy import TinyTransformerARM
 model = TinyTransformerARM(10, 8, d_model=8, num_heads=1)
 logp = exact_log_prob(model, model.init(jax.random.PRNGKey(0)), 8)
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 assert logp.size == 10**8
-total = float(np.exp(logp.astype(np.float64)).sum())
-print("total", total, "peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+total = sum(float(np.exp(logp[i : i + 10**7].astype(np.float64)).sum()) for i in range(0, logp.size, 10**7))
+print("total", total, "peak_rss_mb", peak_mb)
 """
 
 
