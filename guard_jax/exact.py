@@ -222,3 +222,16 @@ def arm_from_law(space: SequenceSpace, log_p) -> tuple[TabularARM, dict]:
         rows.append(np.where(np.isfinite(parent), cond, 0.0))
     model = TabularARM(V, T, space.eos_id)
     return model, {"logits_NV": jnp.asarray(np.concatenate(rows, axis=0))}
+
+
+def log_rl_ideal(log_a, b, beta: float) -> np.ndarray:
+    """The ideal law of KL-regularized RL with reward b and KL coefficient beta: a(y) exp(b(y)/beta) / Z_beta.
+
+    It keeps mass (1 - AR) > 0 on b = 0 for every beta > 0; GUARD's g keeps none. On b = 1 it is
+    proportional to a, so rejection sampling with it as proposal returns g exactly.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (the KL coefficient), got {beta}")
+    log_a = np.asarray(log_a, np.float64)
+    log_tilted = log_a + np.where(np.asarray(b, bool), 1.0 / beta, 0.0)
+    return log_tilted - _logsumexp(log_tilted)

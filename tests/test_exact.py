@@ -161,3 +161,22 @@ def test_mismatched_grids_and_empty_constraint_raise():
         exact_quantities(np.zeros(8), np.zeros(9), np.ones(8, bool))
     with pytest.raises(ValueError, match="zero probability"):
         exact_quantities(np.zeros(8), np.zeros(8), np.zeros(8, bool))
+
+
+def test_rl_ideal_keeps_mass_off_the_constraint(x64):
+    from guard_jax.exact import log_rl_ideal
+
+    model = TabularARM(3, 3, eos_id=0)
+    log_a = exact_log_prob(model, model.init(jax.random.PRNGKey(4)), 3)
+    b = exact_constraint(SequenceSpace.of(model, 3), C.contains_token(1))
+    z = np.exp(log_a[b]).sum()
+    previous = 0.0
+    for beta in (2.0, 1.0, 0.5, 0.2, 0.1):
+        q = exact_quantities(log_a, log_rl_ideal(log_a, b, beta), b)
+        expected_ar = z * np.exp(1 / beta) / (z * np.exp(1 / beta) + 1 - z)
+        assert abs(q.ar - expected_ar) < 1e-12 and 1 - q.ar > 0  # mass on b = 0 never vanishes
+        assert abs(q.kl_g_g2) < 1e-12  # proportional to a on b = 1: rejection with it returns g exactly
+        assert abs(q.kl_g_a2 + q.log_ar) < 1e-12 and q.ar > previous  # Theorem 2; AR rises as beta falls
+        previous = q.ar
+    with pytest.raises(ValueError, match="beta"):
+        log_rl_ideal(log_a, b, 0.0)
