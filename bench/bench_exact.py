@@ -6,14 +6,12 @@ Goal (issue 3): >= 1e6 sequences/s for a tabular ARM with V=8, T=7 on a 2-core C
 """
 
 import argparse
-import json
-import os
-import platform
 import time
 
 import jax
 import numpy as np
 
+from bench.common import emit, timed
 from guard_jax.exact import exact_log_prob
 from guard_jax.models.toy import TabularARM, TinyTransformerARM
 
@@ -23,19 +21,13 @@ def bench(model, max_len: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     logp = exact_log_prob(model, params, max_len)  # first call: compile + run
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        logp = exact_log_prob(model, params, max_len)
-        times.append(time.perf_counter() - t0)
-    run = float(np.median(times))
+    run = timed(lambda: exact_log_prob(model, params, max_len), repeats)
     total = float(np.exp(logp[np.isfinite(logp)].astype(np.float64)).sum())
     return {
         "bench": "exact_log_prob", "model": type(model).__name__, "V": model.vocab_size, "T": max_len,
         "eos": model.eos_id, "sequences": int(logp.size), "seconds": round(run, 4),
         "sequences_per_s": round(logp.size / run), "compile_plus_first_run_s": round(first, 3),
         "total_probability": round(total, 6), "goal_sequences_per_s": 1e6,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}",
     }
 
 
@@ -44,7 +36,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     for model, T in ((TabularARM(8, 7), 7), (TabularARM(8, 7, eos_id=0), 7), (TinyTransformerARM(8, 6, eos_id=0), 6)):
-        print(json.dumps(bench(model, T, args.repeats)), flush=True)
+        emit(bench(model, T, args.repeats))
 
 
 if __name__ == "__main__":

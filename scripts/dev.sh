@@ -26,6 +26,6 @@ case "$job" in
   main) exec guard-jax toy "$@" ;;
   test) exec python -m pytest -m "not slow" -n 2 "$@" ;;
   test-slow) exec python -m pytest -m slow "$@" ;;
-  bench) for f in bench/bench_*.py; do python "$f" "$@"; done ;;
+  bench) for f in bench/bench_*.py; do python -m "bench.$(basename "$f" .py)" "$@"; done ;;
   *) echo "unknown job '$job': use main, test, test-slow or bench" >&2; exit 2 ;;
 esac
