@@ -130,6 +130,17 @@ def exact_log_prob(model: ARM, params: Params, max_len: int, prompt_P=None, budg
     return out
 
 
+def grid_log_prob(model: ARM, params: Params, max_len: int, prompt_P=None) -> jax.Array:
+    """log a(y) over the whole grid in one jitted, differentiable call (small spaces: exact objectives).
+
+    The same values as `exact_log_prob`, as a jax array that `jax.grad` can go through.
+    """
+    space = SequenceSpace.of(model, max_len)
+    prompt_P = jnp.asarray([model.bos_id] if prompt_P is None else prompt_P, jnp.int32)
+    start = jnp.asarray(0, jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+    return _log_prob_chunk(model, params, space, prompt_P, start, space.size // space.vocab_size)
+
+
 def exact_constraint(space: SequenceSpace, constraint, chunk: int = 1 << 16) -> np.ndarray:
     """b(y) on every grid point (False on invalid points) -> bool numpy array of V^T."""
     out = np.zeros(space.size, bool)
@@ -200,6 +211,19 @@ def exact_quantities(log_a, log_a2, b) -> ExactQuantities:
     )
 
 
+def prefix_log_marginals(space: SequenceSpace, log_p) -> list[np.ndarray]:
+    """Log mass of every prefix under a law over the grid: element t has shape [V^t], t = 0..T."""
+    V, T = space.vocab_size, space.max_len
+    levels = [np.asarray(log_p, np.float64).reshape((V,) * T)]
+    for _ in range(T):
+        levels.append(np.asarray(jax.scipy.special.logsumexp(jnp.asarray(levels[-1]), axis=-1)))
+    return [levels[T - t].reshape(V**t) for t in range(T + 1)]
+
+
+def _tabular(space: SequenceSpace, rows: list[np.ndarray]) -> tuple[TabularARM, dict]:
+    return TabularARM(space.vocab_size, space.max_len, space.eos_id), {"logits_NV": jnp.asarray(np.concatenate(rows, axis=0))}
+
+
 def arm_from_law(space: SequenceSpace, log_p) -> tuple[TabularARM, dict]:
     """The tabular ARM whose law is exactly `log_p` (a law over the grid): p(x_t | x_<t) by summing over
     all completions.
@@ -209,19 +233,32 @@ def arm_from_law(space: SequenceSpace, log_p) -> tuple[TabularARM, dict]:
     conditionals. -> (TabularARM, params).
     """
     V, T = space.vocab_size, space.max_len
-    log_p = np.asarray(log_p, np.float64).reshape((V,) * T)
-    marginals = [log_p]  # marginals[k] = log mass of each prefix of length T - k
-    for _ in range(T):
-        marginals.append(np.asarray(jax.scipy.special.logsumexp(jnp.asarray(marginals[-1]), axis=-1)))
+    m = prefix_log_marginals(space, log_p)
     rows = []
     for t in range(T):  # prefixes of length t
-        child = marginals[T - t - 1].reshape(V**t, V)
-        parent = marginals[T - t].reshape(V**t, 1)
+        child, parent = m[t + 1].reshape(V**t, V), m[t].reshape(V**t, 1)
         with np.errstate(invalid="ignore"):
-            cond = child - parent
-        rows.append(np.where(np.isfinite(parent), cond, 0.0))
-    model = TabularARM(V, T, space.eos_id)
-    return model, {"logits_NV": jnp.asarray(np.concatenate(rows, axis=0))}
+            rows.append(np.where(np.isfinite(parent), child - parent, 0.0))
+    return _tabular(space, rows)
+
+
+def exact_prefix_values(space: SequenceSpace, log_a, b) -> tuple[TabularARM, dict]:
+    """The exact prefix values V(x_<=t) = P_a(b = 1 | x_<=t) as a tabular value head.
+
+    Row u of the head holds logit V(u v) for each next token v (the "R(x_<t)_v" of an auxiliary model);
+    with them, log a(v | u) + log sigmoid(logit V(uv)) normalised is exactly g(v | u).
+    Prefixes of zero a-mass get logit 0. -> (TabularARM, params) used as a head, not as an ARM.
+    """
+    V, T = space.vocab_size, space.max_len
+    m_ab = prefix_log_marginals(space, np.where(np.asarray(b, bool), np.asarray(log_a, np.float64), -np.inf))
+    m_a = prefix_log_marginals(space, log_a)
+    rows = []
+    for t in range(T):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            log_v = np.minimum(m_ab[t + 1] - m_a[t + 1], 0.0)  # log V(child) <= 0
+            logit = log_v - np.log1p(-np.exp(log_v))
+        rows.append(np.where(np.isfinite(m_a[t + 1]), logit, 0.0).reshape(V**t, V))
+    return _tabular(space, rows)
 
 
 def log_rl_ideal(log_a, b, beta: float) -> np.ndarray:
