@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from guard_jax.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from guard_jax.io import atomic_write_json, atomic_write_text
 
 
 def cells(grid: dict[str, list]) -> list[dict]:
@@ -101,12 +101,9 @@ def summarise(spec: dict, out: pathlib.Path) -> dict:
 
 
 def _plot(rows: list[dict], x: str, metrics: list[str], out: pathlib.Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from guard_jax.plots import save_figure
 
     xs = sorted({r[x] for r in rows})
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
@@ -116,12 +113,7 @@ def _plot(rows: list[dict], x: str, metrics: list[str], out: pathlib.Path) -> No
         ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3)
         ax.set_xlabel(x)
         ax.set_title(m, fontsize=9)
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=120)
-        atomic_write_bytes(out / f"summary.{ext}", buf.getvalue())
-    plt.close(fig)
+    save_figure(fig, out / "summary")
 
 
 def main(argv: list[str] | None = None) -> int:
