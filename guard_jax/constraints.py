@@ -202,3 +202,23 @@ def vader_positive(texts: list[str]) -> np.ndarray:
 
 
 _vader_cache: dict = {}
+
+
+def from_spec(spec: str, tokenizer) -> Constraint:
+    """A text constraint from a short spec, for command lines and configs.
+
+    `keyword:WORD` (word boundaries), `regex:PATTERN`, `sentiment:THRESHOLD` (VADER compound score of the
+    last sentence > THRESHOLD); join several with ` & `.
+    """
+    if " & " in spec:
+        return all_of(*(from_spec(part, tokenizer) for part in spec.split(" & ")))
+    kind, sep, arg = spec.partition(":")
+    if not sep or not arg:
+        raise ValueError(f"constraint spec {spec!r} must look like keyword:WORD, regex:PATTERN or sentiment:THRESHOLD")
+    if kind == "keyword":
+        return keyword(tokenizer, arg)
+    if kind == "regex":
+        return text_regex(tokenizer, arg)
+    if kind == "sentiment":
+        return classifier_threshold(tokenizer, vader_positive, float(arg), name="vader")
+    raise ValueError(f"unknown constraint kind {kind!r} in {spec!r}: use keyword, regex or sentiment")

@@ -35,6 +35,13 @@ class LM(NamedTuple):
         prompt = jnp.asarray([[model.bos_id]], jnp.int32)
         return cls(model, params, prompt, jnp.ones_like(prompt))
 
+    @classmethod
+    def from_text(cls, model: ARM, params: Params, tokenizer, text: str = "") -> "LM":
+        """Condition on BOS followed by the tokens of `text` (a context, or a CAP prompt plus context)."""
+        ids = [model.bos_id] + (tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
+        prompt = jnp.asarray([ids], jnp.int32)
+        return cls(model, params, prompt, jnp.ones_like(prompt))
+
     def prompt(self, batch_size: int) -> tuple[jax.Array, jax.Array]:
         return jnp.repeat(self.prompt_1P, batch_size, 0), jnp.repeat(self.mask_1P, batch_size, 0)
 

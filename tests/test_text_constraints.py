@@ -58,3 +58,12 @@ def test_classifier_shape_errors_are_reported(tok):
         c(tokens, lengths)
     with pytest.raises(ValueError, match="word"):
         C.keyword(tok, " ")
+
+
+def test_specs(tok):
+    tokens, lengths = batch(tok, ["the film was amazing", "I loved it . happy"])
+    np.testing.assert_array_equal(C.from_spec("keyword:amazing", tok)(tokens, lengths), [True, False])
+    np.testing.assert_array_equal(C.from_spec("regex:lo+ved & sentiment:0.2", tok)(tokens, lengths), [False, True])
+    for bad in ("amazing", "keyword:", "colour:red"):
+        with pytest.raises(ValueError, match="spec|kind"):
+            C.from_spec(bad, tok)
