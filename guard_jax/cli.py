@@ -53,6 +53,62 @@ def _toy(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _load(path: str):
+    from guard_jax.models import hf
+
+    return hf.load(path)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from guard_jax.constraints import decode_texts, from_spec
+    from guard_jax.evaluate import LM
+    from guard_jax.io import atomic_write_text
+    from guard_jax.rejection import guard_sample
+
+    model, params, tokenizer = _load(args.model)
+    constraint = from_spec(args.constraint, tokenizer)
+    lm = LM.from_text(model, params, tokenizer, args.prompt)
+    r = guard_sample(jax.random.PRNGKey(args.seed), model, params, constraint, args.num, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, max_draws=args.max_draws, prompt=(lm.prompt_1P, lm.mask_1P), progress=not args.quiet)
+    texts = decode_texts(tokenizer, r.tokens_NT, r.lengths_N)
+    lines = [json.dumps({"text": t, "logp": float(lp)}) for t, lp in zip(texts, r.logp_N)]
+    if args.out:
+        atomic_write_text(args.out, "\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines))
+    print(f"{len(texts)} samples satisfying {constraint.name}; {r.draws:,} draws, AR {r.ar}", file=sys.stderr)
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from guard_jax.constraints import from_spec
+    from guard_jax.evaluate import LM, monte_carlo
+    from guard_jax.io import atomic_write_json
+
+    model, params, tokenizer = _load(args.model)
+    constraint = from_spec(args.constraint, tokenizer)
+    a = LM.from_text(model, params, tokenizer, args.context)
+    if args.proposal:
+        model2, params2, _ = _load(args.proposal)
+        a2 = LM.from_text(model2, params2, tokenizer, args.context)
+    else:  # CAP: the same model with a constraint-aware prompt before the context
+        a2 = LM.from_text(model, params, tokenizer, args.cap_prompt + args.context)
+    mc = monte_carlo(jax.random.PRNGKey(args.seed), a, a2, constraint, args.max_new_tokens, args.n_a, args.n_a2,
+                     args.batch_size, progress=not args.quiet)
+    table = Table(title=f"{constraint.name}: a = {args.model}, a' = {args.proposal or repr(args.cap_prompt)}")
+    for col in ("quantity", "estimate", "95% CI"):
+        table.add_column(col, justify="right")
+    for name, est in mc.items():
+        table.add_row(name.replace("a2", "a'").replace("g2", "g'"), f"{est.value:.5g}", f"[{est.lo:.4g}, {est.hi:.4g}]")
+    Console().print(table)
+    if args.out:
+        atomic_write_json(args.out, {k: v._asdict() for k, v in mc.items()})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard-jax", description="GUARD: guaranteed generation from language models, in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", help="write the results as JSON here (atomically)")
     toy.add_argument("--quiet", action="store_true", help="no progress bars")
     toy.set_defaults(func=_toy)
+
+    def common(p):
+        p.add_argument("--model", required=True, help="a local Hugging Face folder (gpt2, gemma, gemma2)")
+        p.add_argument("--constraint", required=True, help="keyword:WORD, regex:PATTERN or sentiment:THRESHOLD (join with ' & ')")
+        p.add_argument("--max-new-tokens", type=int, default=30)
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", help="output file (written atomically)")
+        p.add_argument("--quiet", action="store_true")
+
+    smp = sub.add_parser("sample", help="GUARD sampler: samples of a model that all satisfy a constraint")
+    common(smp)
+    smp.add_argument("--prompt", default="", help="context the samples continue (after BOS)")
+    smp.add_argument("--num", type=int, default=100, help="accepted samples to return")
+    smp.add_argument("--max-draws", type=int, default=10**6)
+    smp.set_defaults(func=_sample)
+
+    est = sub.add_parser("estimate", help="Z, AR_a', KL(g||a'), KL(g||g'), KL(g'||g) with CIs for a proposal")
+    common(est)
+    est.add_argument("--proposal", help="Hugging Face folder of a fine-tuned proposal a' (default: CAP with --cap-prompt)")
+    est.add_argument("--cap-prompt", default="", help="constraint-aware prompt prepended to the context for a'")
+    est.add_argument("--context", default="", help="context shared by a and a'")
+    est.add_argument("--n-a", type=int, default=100_000)
+    est.add_argument("--n-a2", type=int, default=20_000)
+    est.set_defaults(func=_estimate)
     return parser
 
 
