@@ -119,7 +119,7 @@ class TabularARM(_BufferCache):
 
 class _TinyTransformer(nn.Module):
     vocab_size: int
-    max_len: int
+    num_positions: int
     d_model: int
     num_heads: int
 
@@ -127,8 +127,9 @@ class _TinyTransformer(nn.Module):
     def __call__(self, tokens_BT, mask_BT):
         B, T = tokens_BT.shape
         x_BTD = nn.Embed(self.vocab_size + 1, self.d_model, name="embed")(tokens_BT)
+        pos_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)  # left padding does not shift positions
+        x_BTD = x_BTD + nn.Embed(self.num_positions, self.d_model, name="pos_embed")(pos_BT)
         pos_T = jnp.arange(T)
-        x_BTD = x_BTD + nn.Embed(self.max_len + 1, self.d_model, name="pos_embed")(pos_T)[None]
         causal_TT = pos_T[:, None] >= pos_T[None, :]
         attn_mask_B1TT = (causal_TT[None] & (mask_BT[:, None, :] > 0))[:, None]
         h_BTD = nn.LayerNorm(name="ln_attn")(x_BTD)
@@ -141,13 +142,18 @@ class _TinyTransformer(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class TinyTransformerARM(_BufferCache):
-    """A one-layer causal transformer ARM over V tokens (+ BOS as input), sequences up to max_len."""
+    """A one-layer causal transformer ARM over V tokens (+ BOS as input), sequences up to max_len.
+
+    Its input is a prompt of up to `context_len` tokens (BOS, or BOS and a context such as a CAP prompt, with
+    tokens in [0, V]) followed by the sequence; prompts may be left-padded.
+    """
 
     vocab_size: int
     max_len: int
     eos_id: int | None = None
     d_model: int = 32
     num_heads: int = 2
+    context_len: int = 1
 
     def __post_init__(self):
         _check_space(self.vocab_size, self.max_len, self.eos_id)
@@ -162,14 +168,14 @@ class TinyTransformerARM(_BufferCache):
 
     @property
     def _module(self) -> _TinyTransformer:
-        return _TinyTransformer(self.vocab_size, self.max_len, self.d_model, self.num_heads)
+        return _TinyTransformer(self.vocab_size, self.context_len + self.max_len, self.d_model, self.num_heads)
 
     def init(self, key: jax.Array) -> dict:
-        tokens_BT = jnp.full((1, self.max_len + 1), self.bos_id, jnp.int32)
+        tokens_BT = jnp.full((1, self.context_len + self.max_len), self.bos_id, jnp.int32)
         return self._module.init(key, tokens_BT, jnp.ones_like(tokens_BT))["params"]
 
     def apply(self, params: dict, tokens_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
-        """tokens_BT: [B, T<=max_len+1] starting with BOS -> logits_BTV (float32)."""
+        """tokens_BT: [B, T <= context_len + max_len], a prompt then the sequence -> logits_BTV (float32 or wider)."""
         if mask_BT is None:
             mask_BT = jnp.ones_like(tokens_BT)
         logits_BTV = self._module.apply({"params": params}, tokens_BT, mask_BT)

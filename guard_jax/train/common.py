@@ -1,0 +1,75 @@
+"""Pieces the trainers share: prompts as fixed arrays, minibatched sampling, teacher-forced log-probs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from guard_jax.models.base import ARM
+from guard_jax.sampling import log_prob, sample
+
+
+def left_pad_prompts(*prompts: list[int], pad_id: int) -> list[tuple[jax.Array, jax.Array]]:
+    """Token lists -> [(tokens_1P, mask_1P)] left-padded to one length P, so swapping prompts never recompiles."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (BOS for an unconditional model)")
+    P = max(len(p) for p in prompts)
+    out = []
+    for p in prompts:
+        tokens = jnp.asarray([[pad_id] * (P - len(p)) + list(p)], jnp.int32)
+        mask = jnp.asarray([[0] * (P - len(p)) + [1] * len(p)], jnp.int32)
+        out.append((tokens, mask))
+    return out
+
+
+def adam(learning_rate: float, warmup_steps: int = 0, clip_norm: float | None = None) -> optax.GradientTransformation:
+    """Adam with an optional linear warm-up and gradient clipping; refuses a non-positive learning rate."""
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
+    parts = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [optax.adam(schedule)]
+    return optax.chain(*parts)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_batches", "batch_size", "max_new_tokens"))
+def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, batch_size: int, max_new_tokens: int):
+    """num_batches * batch_size samples, one batch at a time (memory bounded by the batch).
+
+    -> (tokens_NT, lengths_N, logp_N), N = num_batches * batch_size.
+    """
+    prompt_BP, mask_BP = jnp.repeat(prompt_1P, batch_size, 0), jnp.repeat(mask_1P, batch_size, 0)
+
+    def one(_, k):
+        s = sample(k, model, params, prompt_BP, mask_BP, max_new_tokens)
+        return None, (s.tokens_BT, s.lengths_B, s.logp_B)
+
+    _, (tok, length, logp) = jax.lax.scan(one, None, jax.random.split(key, num_batches))
+    return tok.reshape(-1, max_new_tokens), length.reshape(-1), logp.reshape(-1)
+
+
+def minibatched_log_prob(model: ARM, params, prompt_1P, mask_1P, tokens_MBT, lengths_MB):
+    """Teacher-forced log-probs of [M, B, T] samples, one minibatch of B at a time -> logp_MB."""
+    B = tokens_MBT.shape[1]
+    prompt_BP, mask_BP = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
+
+    def one(_, xs):
+        return None, log_prob(model, params, prompt_BP, mask_BP, *xs)[0]
+
+    return jax.lax.scan(one, None, (tokens_MBT, lengths_MB))[1]
+
+
+def check_split(n_samples: int, minibatch: int) -> int:
+    if n_samples <= 0 or minibatch <= 0:
+        raise ValueError(f"n_samples and minibatch must be > 0, got {n_samples} and {minibatch}")
+    if n_samples % minibatch:
+        raise ValueError(f"n_samples ({n_samples}) must be divisible by minibatch ({minibatch}); e.g. n_samples={n_samples - n_samples % minibatch or minibatch}")
+    return n_samples // minibatch
+
+
+def host_constraint(constraint, tokens_NT, lengths_N) -> np.ndarray:
+    """b on the host (text constraints decode there), as a bool numpy array."""
+    return np.asarray(constraint(np.asarray(tokens_NT), np.asarray(lengths_N)), bool)

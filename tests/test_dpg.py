@@ -1,0 +1,125 @@
+"""DPG on toy neural ARMs: unbiased gradients (vs exact enumeration), convergence to g, warm starts, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from guard_jax import constraints as C
+from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_quantities, grid_log_prob, log_gold
+from guard_jax.models.toy import TinyTransformerARM
+from guard_jax.sampling import bos_prompt, log_prob, sample
+from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
+from guard_jax.train.loop import LoopConfig, run
+from guard_jax.train.sft import SFT
+
+MODEL = TinyTransformerARM(4, 4, eos_id=0, d_model=32)
+B = C.contains_ngram([2, 3])
+SPACE = SequenceSpace.of(MODEL, 4)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    a_params = MODEL.init(jax.random.PRNGKey(0))
+    b = exact_constraint(SPACE, B)
+    with jax.enable_x64(True):
+        log_a = exact_log_prob(MODEL, a_params, 4)
+    return a_params, b, log_a
+
+
+def exact_kl(params, log_a, b):
+    with jax.enable_x64(True):
+        return exact_quantities(log_a, exact_log_prob(MODEL, params, 4), b)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_gradient_is_unbiased(toy, on_policy):
+    a_params, b, log_a = toy
+    pi_params = MODEL.init(jax.random.PRNGKey(1))  # a policy different from a
+    q_params = pi_params if on_policy else a_params
+    log_g = jnp.asarray(log_gold(log_a, b), jnp.float32)
+    exact = _flat(jax.grad(lambda p: -jnp.sum(jnp.where(jnp.isfinite(log_g), jnp.exp(log_g) * grid_log_prob(MODEL, p, 4), 0.0)))(pi_params))
+    log_z = jnp.asarray(np.log(np.exp(log_a[b]).sum()), jnp.float32)
+    prompt, mask = bos_prompt(MODEL, 2000)
+
+    @jax.jit
+    def estimate(key):
+        s = sample(key, MODEL, q_params, prompt, mask, 4)
+        log_a_B = log_prob(MODEL, a_params, prompt, mask, s.tokens_BT, s.lengths_B)[0]
+        logP = jnp.where(B.fn(s.tokens_BT, s.lengths_B), log_a_B, -jnp.inf)
+        return jax.grad(lambda p: dpg_loss(p, MODEL, prompt, mask, s.tokens_BT, s.lengths_B, s.logp_B, logP, log_z)[0])(pi_params)
+
+    grads = np.stack([_flat(estimate(jax.random.PRNGKey(100 + i))) for i in range(60)])
+    mean, se = grads.mean(0), grads.std(0, ddof=1) / np.sqrt(len(grads))
+    # unbiased: the squared error matches the estimated variance (E||mean - exact||^2 = sum se^2) ...
+    ratio = np.sum((mean - exact) ** 2) / np.sum(se**2)
+    assert 0.5 < ratio < 2.0, ratio
+    # ... no coordinate is off by more than its CI allows (se floored at float32 round-off) ...
+    z = (mean - exact) / np.maximum(se, 1e-3 * np.median(se))
+    assert np.all(np.abs(z) < 6), np.abs(z).max()
+    # ... and the signal is real
+    assert np.linalg.norm(mean - exact) < 0.2 * np.linalg.norm(exact)
+
+
+def test_dpg_converges_to_g_and_theorem2_holds(toy):
+    a_params, b, log_a = toy
+    start = exact_kl(a_params, log_a, b)
+    assert start.kl_g_a2 >= 1.0
+    trainer = DPG(MODEL, a_params, B, DPGConfig(n_samples=512, minibatch=128, max_new_tokens=4, learning_rate=3e-3))
+    state, history = run(trainer, trainer.init_state(a_params), LoopConfig(steps=150, progress=False))
+    end = exact_kl(state.params, log_a, b)
+    assert end.kl_g_a2 < 0.05, end
+    assert end.ar > 0.9 > start.ar
+    assert abs(end.kl_g_a2 - (-end.log_ar + end.kl_g_g2)) < 1e-9
+    assert abs(history[-1]["z"] - start.z) < 0.1 * start.z  # the running Z-hat estimates Z
+    assert history[-1]["ar_pi"] > 0.9
+
+
+def test_off_policy_dpg_swaps_the_proposal_and_converges(toy):
+    a_params, b, log_a = toy
+    cfg = DPGConfig(n_samples=512, minibatch=128, max_new_tokens=4, learning_rate=3e-3, on_policy=False, swap_every=5)
+    trainer = DPG(MODEL, a_params, B, cfg)
+    state, history = run(trainer, trainer.init_state(a_params), LoopConfig(steps=150, progress=False))
+    assert sum(h["swapped"] for h in history) >= 2
+    assert exact_kl(state.params, log_a, b).kl_g_a2 < 0.1
+
+
+def test_warm_start_from_sft_needs_fewer_steps(toy):
+    a_params, b, log_a = toy
+    prompt, mask = bos_prompt(MODEL, 4096)
+    s = sample(jax.random.PRNGKey(7), MODEL, a_params, prompt, mask, 4)
+    keep = np.asarray(B(s.tokens_BT, s.lengths_B))
+    sft = SFT(MODEL, np.asarray(s.tokens_BT)[keep], np.asarray(s.lengths_B)[keep], batch_size=64, learning_rate=3e-3)
+    sft_state, _ = run(sft, sft.init_state(a_params), LoopConfig(steps=2 * sft.steps_per_epoch, progress=False))
+    cfg = DPGConfig(n_samples=256, minibatch=128, max_new_tokens=4, learning_rate=3e-3)
+
+    def steps_to(params, target=0.1, max_steps=200):
+        trainer = DPG(MODEL, a_params, B, cfg)
+        state = trainer.init_state(params)
+        for k in range(10, max_steps + 1, 10):
+            state, _ = run(trainer, state, LoopConfig(steps=k, progress=False))
+            if exact_kl(state.params, log_a, b).kl_g_a2 < target:
+                return k
+        return max_steps + 1
+
+    cold, warm = steps_to(a_params), steps_to(sft_state.params)
+    assert exact_kl(sft_state.params, log_a, b).kl_g_a2 < exact_kl(a_params, log_a, b).kl_g_a2
+    assert warm < cold, (warm, cold)
+
+
+def test_bad_configs_are_refused(toy):
+    a_params = toy[0]
+    with pytest.raises(ValueError, match="divisible by minibatch"):
+        DPGConfig(n_samples=100, minibatch=30)
+    with pytest.raises(ValueError, match="learning_rate"):
+        DPGConfig(learning_rate=0.0)
+    with pytest.raises(ValueError, match="off-policy"):
+        DPG(MODEL, a_params, B, DPGConfig(), proposal_params=a_params)
+    never = C.predicate(lambda t, n: np.zeros(len(n), bool), "never")
+    trainer = DPG(MODEL, a_params, never, DPGConfig(n_samples=64, minibatch=32, max_new_tokens=4, learning_rate=1e-3))
+    with pytest.raises(ValueError, match="no sample of the proposal satisfied the constraint"):
+        run(trainer, trainer.init_state(a_params), LoopConfig(steps=1, progress=False))
