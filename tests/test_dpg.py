@@ -12,6 +12,7 @@ from guard_jax.sampling import bos_prompt, log_prob, sample
 from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
 from guard_jax.train.loop import LoopConfig, run
 from guard_jax.train.sft import SFT
+from guard_jax.train.warm import load_params
 
 MODEL = TinyTransformerARM(4, 4, eos_id=0, d_model=32)
 B = C.contains_ngram([2, 3])
@@ -88,13 +89,15 @@ def test_off_policy_dpg_swaps_the_proposal_and_converges(toy):
     assert exact_kl(state.params, log_a, b).kl_g_a2 < 0.1
 
 
-def test_warm_start_from_sft_needs_fewer_steps(toy):
+def test_warm_start_from_sft_needs_fewer_steps(toy, tmp_path):
     a_params, b, log_a = toy
     prompt, mask = bos_prompt(MODEL, 4096)
     s = sample(jax.random.PRNGKey(7), MODEL, a_params, prompt, mask, 4)
     keep = np.asarray(B(s.tokens_BT, s.lengths_B))
     sft = SFT(MODEL, np.asarray(s.tokens_BT)[keep], np.asarray(s.lengths_B)[keep], batch_size=64, learning_rate=3e-3)
-    sft_state, _ = run(sft, sft.init_state(a_params), LoopConfig(steps=2 * sft.steps_per_epoch, progress=False))
+    sft_state, _ = run(sft, sft.init_state(a_params), LoopConfig(steps=2 * sft.steps_per_epoch, out_dir=tmp_path, progress=False, tensorboard=False))
+    warm_params = load_params(tmp_path, like=a_params)  # SFT -> DPG through the Orbax checkpoint
+    jax.tree.map(np.testing.assert_array_equal, warm_params, sft_state.params)
     cfg = DPGConfig(n_samples=256, minibatch=128, max_new_tokens=4, learning_rate=3e-3)
 
     def steps_to(params, target=0.1, max_steps=200):
@@ -106,7 +109,7 @@ def test_warm_start_from_sft_needs_fewer_steps(toy):
                 return k
         return max_steps + 1
 
-    cold, warm = steps_to(a_params), steps_to(sft_state.params)
+    cold, warm = steps_to(a_params), steps_to(warm_params)
     assert exact_kl(sft_state.params, log_a, b).kl_g_a2 < exact_kl(a_params, log_a, b).kl_g_a2
     assert warm < cold, (warm, cold)
 
