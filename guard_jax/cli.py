@@ -56,7 +56,11 @@ def _toy(args: argparse.Namespace) -> int:
 def _load(path: str):
     from guard_jax.models import hf
 
-    return hf.load(path)
+    model, params, tokenizer = hf.load(path)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json): this command decodes "
+                         f"text; save the tokenizer into the folder with tokenizer.save_pretrained({path!r})")
+    return model, params, tokenizer
 
 
 def _sample(args: argparse.Namespace) -> int:
