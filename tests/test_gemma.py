@@ -1,0 +1,211 @@
+"""Gemma 1 / Gemma 2 against transformers' PyTorch models on small random checkpoints.
+
+The reference models get large random weights (std 0.3, norm weights too) so that attention is far from
+uniform and both soft-caps bite; Gemma 2 has a sliding window (4) shorter than the test sequences.
+"""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from guard_jax.models import gemma  # noqa: E402
+from guard_jax.sampling import log_prob, sample  # noqa: E402
+
+V = 128
+COMMON = dict(
+    vocab_size=V, hidden_size=32, intermediate_size=64, num_attention_heads=4, head_dim=8,
+    max_position_embeddings=64, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+)
+CONFIGS = {
+    # multi-query attention and a head_dim that is not hidden_size / heads
+    "gemma": (transformers.GemmaConfig, dict(COMMON, num_hidden_layers=2, num_key_value_heads=1, head_dim=16)),
+    # grouped-query attention, sliding / global alternation, soft-caps that bite, query_pre_attn_scalar != head_dim
+    "gemma2": (transformers.Gemma2Config, dict(
+        COMMON, num_hidden_layers=2, num_key_value_heads=2, sliding_window=4, query_pre_attn_scalar=16,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+    )),
+}
+
+
+def load_local(path, dtype=jnp.float32):
+    """A minimal one-file loader (guard_jax.models.hf does the general job): -> (model, params)."""
+    model = gemma.from_hf_config(json.loads((path / "config.json").read_text()), dtype, dtype)
+    with safe_open(str(path / "model.safetensors"), "np") as f:
+        params = gemma.params_from_hf(model, f.get_tensor, set(f.keys()))
+    return model, params
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    path: object
+    hf: object
+    model: gemma.Gemma
+    params: dict
+
+    def hf_logits(self, tokens_BT, mask_BT=None, hf=None):
+        """Reference logits; left-padded rows get positions cumsum(mask) - 1 like ours."""
+        mask_BT = np.ones_like(tokens_BT) if mask_BT is None else mask_BT
+        pos_BT = np.maximum(np.cumsum(mask_BT, axis=1) - 1, 0)
+        with torch.no_grad():
+            out = (hf or self.hf)(
+                torch.tensor(tokens_BT), attention_mask=torch.tensor(mask_BT), position_ids=torch.tensor(pos_BT)
+            )
+        return out.logits.numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def case(request, tmp_path_factory):
+    cls, kwargs = CONFIGS[request.param]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**kwargs), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    model, params = load_local(path)
+    return Case(request.param, path, hf, model, params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(model, params, tokens_BT, mask_BT):
+    return model.apply(params, tokens_BT, mask_BT)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def prefill(model, params, tokens_BP, mask_BP, max_len):
+    return model.prefill(params, tokens_BP, mask_BP, model.init_cache(tokens_BP.shape[0], max_len))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode(model, params, token_B, cache):
+    return model.decode(params, token_B, cache)
+
+
+def random_tokens(seed, shape):
+    return np.random.default_rng(seed).integers(0, V, shape).astype(np.int32)
+
+
+def left_pad_mask(pads, T):
+    return (np.arange(T)[None, :] >= np.asarray(pads)[:, None]).astype(np.int32)
+
+
+def test_logits_match_transformers(case):
+    tokens_BT = random_tokens(1, (2, 12))
+    ours = np.asarray(apply(case.model, case.params, tokens_BT, np.ones_like(tokens_BT)))
+    np.testing.assert_allclose(ours, case.hf_logits(tokens_BT), atol=1e-4, rtol=0)
+
+
+def test_left_padded_batch_matches_transformers_and_unpadded_rows(case):
+    tokens_BT, mask_BT = random_tokens(2, (3, 12)), left_pad_mask([0, 3, 7], 12)
+    ours = np.asarray(apply(case.model, case.params, tokens_BT, mask_BT))
+    assert np.isfinite(ours).all()
+    real = mask_BT > 0
+    np.testing.assert_allclose(ours[real], case.hf_logits(tokens_BT, mask_BT)[real], atol=1e-4, rtol=0)
+    # padding changes nothing: the padded row equals the same tokens alone
+    alone = np.asarray(apply(case.model, case.params, tokens_BT[2:, 7:], np.ones((1, 5), np.int32)))
+    np.testing.assert_allclose(ours[2, 7:], alone[0], atol=1e-5, rtol=0)
+
+
+def test_kv_cache_decode_equals_teacher_forced(case):
+    """Prefill a left-padded prompt, then decode 9 tokens one by one (past the sliding window of 4)."""
+    P, S = 5, 9
+    prompt_BP, mask_BP = random_tokens(3, (3, P)), left_pad_mask([0, 2, 4], P)
+    new_BS = random_tokens(4, (3, S))
+    full_BT = np.concatenate([prompt_BP, new_BS], axis=1)
+    full_mask_BT = np.concatenate([mask_BP, np.ones_like(new_BS)], axis=1)
+    want_BTV = np.asarray(apply(case.model, case.params, full_BT, full_mask_BT))
+    logits_BV, cache = prefill(case.model, case.params, prompt_BP, mask_BP, P + S)
+    np.testing.assert_allclose(np.asarray(logits_BV), want_BTV[:, P - 1], atol=1e-5, rtol=0)
+    for s in range(S):
+        logits_BV, cache = decode(case.model, case.params, jnp.asarray(new_BS[:, s]), cache)
+        np.testing.assert_allclose(np.asarray(logits_BV), want_BTV[:, P + s], atol=1e-5, rtol=0, err_msg=f"step {s}")
+
+
+@pytest.mark.parametrize("case", ["gemma2"], indirect=True)
+def test_gemma2_window_and_soft_caps_change_the_logits(case):
+    """The parity tests above would catch a missing sliding window or soft-cap: each changes the logits."""
+    tokens_BT = random_tokens(5, (2, 12))
+    ones = np.ones_like(tokens_BT)
+    base = np.asarray(apply(case.model, case.params, tokens_BT, ones))
+    for change in (dict(sliding_window=64), dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None)):
+        other = np.asarray(apply(dataclasses.replace(case.model, **change), case.params, tokens_BT, ones))
+        assert np.abs(other - base).max() > 1e-2, change
+
+
+def test_round_trip_is_exact(case):
+    exported = dict(gemma.params_to_hf(case.model, case.params))
+    with safe_open(str(case.path / "model.safetensors"), "np") as f:
+        assert set(exported) == set(f.keys())
+        for name in f.keys():
+            np.testing.assert_array_equal(exported[name], f.get_tensor(name), err_msg=name)
+    again = gemma.params_from_hf(case.model, exported.__getitem__, set(exported))
+    jax.tree.map(np.testing.assert_array_equal, again, case.params)
+    assert gemma.from_hf_config(gemma.to_hf_config(case.model)) == case.model
+
+
+def test_export_loads_in_transformers_with_identical_logits(case, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(gemma.to_hf_config(case.model)))
+    save_file(dict(gemma.params_to_hf(case.model, case.params)), str(tmp_path / "model.safetensors"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(hf) is type(case.hf)
+    tokens_BT, mask_BT = random_tokens(6, (2, 10)), left_pad_mask([0, 4], 10)
+    np.testing.assert_array_equal(case.hf_logits(tokens_BT, mask_BT, hf=hf), case.hf_logits(tokens_BT, mask_BT))
+
+
+def test_sampler_log_probs_equal_log_prob(case):
+    prompt_BP, mask_BP = jnp.asarray(random_tokens(7, (4, 3))), jnp.asarray(left_pad_mask([0, 1, 2, 0], 3))
+    out = sample(jax.random.PRNGKey(0), case.model, case.params, prompt_BP, mask_BP, max_new_tokens=8)
+    assert out.tokens_BT.shape == (4, 8)
+    logp_B, logp_BT = log_prob(case.model, case.params, prompt_BP, mask_BP, out.tokens_BT, out.lengths_B)
+    np.testing.assert_allclose(np.asarray(logp_BT), np.asarray(out.logp_BT), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(logp_B), np.asarray(out.logp_B), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_runs_and_is_close(case):
+    model, params = load_local(case.path, jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    P, S = 6, 6
+    tokens_BT, mask_BT = random_tokens(8, (2, P + S)), left_pad_mask([0, 2], P + S)
+    want = np.asarray(apply(case.model, case.params, tokens_BT, mask_BT))
+    got = np.asarray(apply(model, params, tokens_BT, mask_BT))
+    assert got.dtype == np.float32
+    real = mask_BT > 0
+    err = np.abs(got - want)[real]
+    assert err.max() < 0.5 and err.mean() < 0.1, (err.max(), err.mean())
+    logits_BV, cache = prefill(model, params, tokens_BT[:, :P], mask_BT[:, :P], P + S)
+    assert cache["k"][0].dtype == jnp.bfloat16
+    for s in range(S):
+        np.testing.assert_allclose(np.asarray(logits_BV), got[:, P - 1 + s], atol=0.1, rtol=0, err_msg=f"step {s}")
+        logits_BV, cache = decode(model, params, jnp.asarray(tokens_BT[:, P + s]), cache)
+
+
+def test_clear_errors(case):
+    names = {name for name, _ in gemma.params_to_hf(case.model, case.params)}
+    tensors = dict(gemma.params_to_hf(case.model, case.params))
+    missing = "model.layers.1.self_attn.k_proj.weight"
+    with pytest.raises(ValueError, match=missing.replace(".", r"\.")):
+        gemma.params_from_hf(case.model, tensors.__getitem__, names - {missing})
+    wrong = dict(tensors, **{missing: tensors[missing][:, :-1]})
+    with pytest.raises(ValueError, match="k_proj.*shape"):
+        gemma.params_from_hf(case.model, wrong.__getitem__, names)
+    with pytest.raises(ValueError, match="model.extra.weight"):
+        gemma.params_from_hf(case.model, tensors.__getitem__, names | {"model.extra.weight"})
+    config = gemma.to_hf_config(case.model)
+    with pytest.raises(ValueError, match="gemma2"):
+        gemma.from_hf_config(dict(config, model_type="llama"))
+    with pytest.raises(ValueError, match="linear"):
+        gemma.from_hf_config(dict(config, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}))
+    with pytest.raises(ValueError, match="param_dtype"):
+        gemma.from_hf_config(config, param_dtype=jnp.float16)
