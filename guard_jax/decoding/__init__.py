@@ -23,3 +23,7 @@ __all__ = [
     "regex_automaton",
     "unconstrained_automaton",
 ]
+
+from guard_jax.decoding.asap import Asap, AsapSamples  # noqa: E402
+
+__all__ += ["Asap", "AsapSamples"]
