@@ -63,7 +63,78 @@ plt.xlabel("beta"); plt.legend(); plt.tight_layout(); plt.show()
 assert max(abs(q.kl_g_a2 - (-q.log_ar + q.kl_g_g2)) for q in qs) < 1e-9"""),
 ]
 
-NOTEBOOKS = {"theorem2_toy.ipynb": THEOREM2}
+THEOREM1 = [
+    new_markdown_cell("""# Theorem 1 on a toy ARM: masking and small ARMs cannot reach g, the sampler does
+
+The gold distribution is $g(y) = a(y)\\,b(y)/Z$. Theorem 1 of GUARD: no polynomial-time ARM equals $g$ for
+every $(a, b)$ (unless P = NP), and a softmax ARM never puts zero mass on $b = 0$. On a toy ARM we can
+compute everything exactly by enumerating $V^T$ and see the three ways out:
+
+- **masking** (constrained decoding) guarantees $b$ but samples a distorted law;
+- **the best ARM of a small family** (here: the exact $\\mathrm{KL}(g\\|\\pi)$ minimiser among ARMs that see
+  only the last $k$ tokens) is neither $g$ nor safe: it keeps mass on $b = 0$;
+- **the GUARD rejection sampler** with proposal $a$ returns exactly $g$, at an expected cost of $1/Z$ draws;
+- **ASAp** converges to $g$, by exploring (and calling the model on) the prefix tree."""),
+    new_code_cell(INSTALL),
+    new_code_cell("""import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+from guard_jax.toy_demo import toy_problem
+from guard_jax.exact import exact_log_prob, exact_constraint, exact_quantities, log_gold
+from guard_jax.decoding import Asap, exact_masked_log_prob, reachability_automaton
+from guard_jax.limited_context import best_limited_context_arm
+
+p = toy_problem(seed=0, vocab_size=4, max_len=5)  # b: the bigram (1, 2) occurs and the first token is not 3
+space, T = p.space, 5
+params = jax.tree.map(lambda x: np.asarray(x, np.float64), p.a.params)
+log_a = np.asarray(exact_log_prob(p.a.model, params, T))
+b = exact_constraint(space, p.constraint)
+log_g = log_gold(log_a, b)
+ex = exact_quantities(log_a, log_a, b)
+print(f"{space.size} sequences; Z = AR_a = {ex.z:.4f}; KL(g||a) = -log Z = {ex.kl_g_a:.4f}")"""),
+    new_code_cell("""def row(name, log_q, draws=1.0):
+    q = exact_quantities(log_a, log_q, b)
+    return name, q.kl_g_a2, 1 - q.ar, q.kl_g_g2, draws / q.ar
+
+rows = [row("a (plain sampling)", log_a)]
+rows.append(row("masking (exact reachability masks)", exact_masked_log_prob(space, log_a, b)))
+for k in (0, 1, 2):
+    m, pk = best_limited_context_arm(space, log_g, k)
+    rows.append(row(f"best ARM seeing the last {k} tokens", np.asarray(exact_log_prob(m, pk, T))))
+print("{:40s} {:>11s} {:>9s} {:>11s} {:>13s}".format("law sampled", "KL(g||law)", "mass b=0", "KL(g||g')", "draws/sample"))
+for name, kl, bad, klgg, cost in rows:
+    print(f"{name:40s} {kl:11.4f} {bad:9.4f} {klgg:11.4f} {cost:13.2f}")
+print("\\nGUARD with a' = a: output law g' = g exactly, KL(g||g') =", f"{rows[0][3]:.2e}", f"at {rows[0][4]:.1f} draws per sample;")
+print("GUARD with a' = a limited-context ARM: KL(g||g') is the last column, at fewer draws.")
+assert rows[1][1] > 1e-2 and rows[1][2] < 1e-12          # masking: always b, never g
+assert all(r[1] > 1e-3 and r[2] > 0 for r in rows[2:])   # small ARMs: not g, and mass on b = 0
+assert abs(rows[0][3]) < 1e-9                            # rejection from a: exactly g"""),
+    new_markdown_cell("""## The rejection sampler, by Monte Carlo
+
+Draw from $a$ until $b = 1$: the empirical law of the accepted samples approaches $g$ (total variation
+shrinking like $1/\\sqrt{N}$) and every sample satisfies $b$."""),
+    new_code_cell("""from guard_jax.rejection import guard_sample
+r = guard_sample(jax.random.PRNGKey(0), p.a.model, p.a.params, p.constraint, 5_000, max_new_tokens=T, batch_size=1 << 16, progress=False)
+idx = space.index(r.tokens_NT)
+emp = np.bincount(idx, minlength=space.size) / len(idx)
+print(f"accepted {r.accepted} of {r.draws} draws (AR {r.ar.value:.4f}, 95% CI [{r.ar.lo:.4f}, {r.ar.hi:.4f}], exact Z = {ex.z:.4f})")
+print(f"all satisfy b: {bool(b[idx].all())};  TV(empirical, g) = {0.5 * np.abs(emp - np.exp(log_g)).sum():.4f}")
+assert b[idx].all() and r.ar.lo <= ex.z <= r.ar.hi"""),
+    new_markdown_cell("""## ASAp: exact, but only after exploring the tree
+
+The exact law of ASAp's next sample, computed from its trie, approaches $g$; the number of trie nodes
+(each one a model call) is the price."""),
+    new_code_cell("""asap = Asap(p.a.model, p.a.params, reachability_automaton(space, b), T)
+done = 0
+print(f"{'samples':>8s} {'trie nodes':>10s} {'root theta~':>12s} {'KL(g||ASAp)':>12s}")
+for n in (0, 10, 100, 400):
+    if n > done:
+        asap.sample(jax.random.PRNGKey(n), n - done, batch_size=32); done = n
+    kl = exact_quantities(log_a, exact_masked_log_prob(space, log_a, b, asap.log_theta_levels(space)), b).kl_g_a2
+    print(f"{n:8d} {len(asap.nodes):10d} {np.exp(asap.root_log_theta):12.4f} {kl:12.5f}")
+print(f"Z = {ex.z:.4f}; prefixes in the full tree: {(4**T - 1) // 3}")"""),
+]
+
+NOTEBOOKS = {"theorem2_toy.ipynb": THEOREM2, "theorem1.ipynb": THEOREM1}
 
 
 def write_all() -> None:

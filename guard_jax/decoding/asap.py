@@ -1,0 +1,184 @@
+"""ASAp (Park et al. 2024, grammar-aligned decoding): masked decoding that learns to stop distorting g.
+
+A host-side trie holds every explored prefix u. Its node keeps, for the tokens v the mask allows after u,
+the unmasked log P(v | u) and log theta~(uv), an upper bound on P_a(b = 1 | uv) that starts at 0 (theta~ = 1,
+the masking over-approximation). The next token is drawn with logits log P(v | u) + log theta~(uv) on the
+allowed tokens. After each sample, the leaf gets log b(y) (0 or -inf) and every node on the path is
+recomputed up to the root: log theta~(u) = logsumexp_v [log P(v | u) + log theta~(uv)]. The bounds only
+fall, the root's toward Z = P_a(b = 1), and once a subtree is fully explored its conditionals are g's.
+
+Model calls are batched and jitted (one call per step for a round of rows); the trie stays on the host.
+Rows of one round are drawn from the same trie snapshot and the trie is updated after the round, so
+`batch_size=1` is the original one-sample-at-a-time algorithm. The law of a sample given the trie is
+q(y) = prod_t P(y_t | u) theta~(u y_t) / theta~(u); `log_theta_levels` exposes the trie to
+`guard_jax.decoding.gcd.exact_masked_log_prob`, which gives q exactly on a toy grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from guard_jax.decoding.gcd import TokenAutomaton, check_feasible
+from guard_jax.exact import SequenceSpace
+from guard_jax.models.base import ARM, Params
+
+
+@dataclasses.dataclass
+class Node:
+    """One explored prefix: allowed token ids, their unmasked log P(v|u) and log theta~(uv) (float64)."""
+
+    allowed: np.ndarray
+    logp: np.ndarray
+    log_theta: np.ndarray
+
+    def log_value(self) -> float:
+        """log theta~(u) = logsumexp(logp + log_theta) (-inf for a dead end)."""
+        return float(np.logaddexp.reduce(self.logp + self.log_theta)) if len(self.allowed) else -np.inf
+
+
+class AsapSamples(NamedTuple):
+    """tokens_NT (pad after the end), lengths_N, logq_N: log-prob under the proposal each sample was drawn
+    from, base_logp_N: under a, accepted_N: b(y) (always True with exact masks). log w = base_logp - logq
+    is the importance weight a(y) b(y) / q(y) of an accepted sample."""
+
+    tokens_NT: np.ndarray
+    lengths_N: np.ndarray
+    logq_N: np.ndarray
+    base_logp_N: np.ndarray
+    accepted_N: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _next_log_probs(model: ARM, params: Params, tokens_BL, mask_BL, position):
+    """log softmax of a's logits at `position` of a left-padded buffer -> logp_BV (float32)."""
+    logits_BLV = model.apply(params, tokens_BL, mask_BL)
+    logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, position, axis=1, keepdims=False)
+    return jax.nn.log_softmax(logits_BV.astype(jnp.float32))
+
+
+class Asap:
+    """The ASAp sampler for a model, a mask (a `TokenAutomaton` whose accepting states define b) and a length.
+
+    `prompt_1P` (one row, default [BOS]) is what a conditions on. The trie persists across `sample` calls.
+    """
+
+    def __init__(self, model: ARM, params: Params, mask: TokenAutomaton, max_new_tokens: int, prompt_1P=None):
+        check_feasible(mask, max_new_tokens)
+        self.model, self.params, self.max_new_tokens = model, params, int(max_new_tokens)
+        self.prompt_P = np.asarray([model.bos_id] if prompt_1P is None else np.asarray(prompt_1P).reshape(-1), np.int32)
+        self._next = np.asarray(mask.next_state_SV, np.int64)
+        self._steps = np.asarray(mask.steps_to_accept_S, np.int64)
+        self._accepting = np.asarray(mask.accepting_S, bool)
+        self._initial = int(mask.initial_state)
+        self.nodes: dict[tuple[int, ...], Node] = {}
+        self.history: list[float] = [self.root_log_theta]  # log theta~(root) after each sample
+
+    @property
+    def root_log_theta(self) -> float:
+        """log theta~ at the root: an upper bound on log Z that never increases (0 before any sample)."""
+        root = self.nodes.get(())
+        return 0.0 if root is None else root.log_value()
+
+    def _allowed(self, state: int, remaining: int) -> np.ndarray:
+        nxt = self._next[state]
+        ok = nxt >= 0
+        ok[ok] = self._steps[nxt[ok]] <= remaining
+        return np.flatnonzero(ok)
+
+    def sample(self, key: jax.Array, num_samples: int, batch_size: int = 1) -> AsapSamples:
+        """Draw `num_samples` sequences, updating the trie after every round of `batch_size` rows."""
+        if num_samples <= 0 or batch_size <= 0:
+            raise ValueError(f"num_samples and batch_size must be > 0, got {num_samples} and {batch_size}")
+        out = []
+        for r, start in enumerate(range(0, num_samples, batch_size)):
+            out.append(self._round(jax.random.fold_in(key, r), min(batch_size, num_samples - start)))
+        return AsapSamples(*(np.concatenate(parts) for parts in zip(*out)))
+
+    def _round(self, key: jax.Array, B: int) -> AsapSamples:
+        model, T, P = self.model, self.max_new_tokens, len(self.prompt_P)
+        u_TB = np.asarray(1.0 - jax.random.uniform(key, (T, B)), np.float64)
+        buf_BL = np.full((B, P + T), model.pad_id, np.int32)
+        buf_BL[:, :P] = self.prompt_P
+        mask_BL = np.zeros((B, P + T), np.int32)
+        mask_BL[:, :P] = 1
+        tokens_BT = np.full((B, T), model.pad_id, np.int32)
+        state_B = np.full(B, self._initial, np.int64)
+        lengths_B = np.zeros(B, np.int32)
+        logq_B, loga_B = np.zeros(B), np.zeros(B)
+        done_B = np.zeros(B, bool)
+        dead_B = np.zeros(B, bool)
+        for t in range(T):
+            rows = np.flatnonzero(~done_B)
+            if not len(rows):
+                break
+            prefixes = {b: tuple(tokens_BT[b, :t].tolist()) for b in rows}
+            if any(p not in self.nodes for p in prefixes.values()):
+                logp_BV = np.asarray(_next_log_probs(model, self.params, jnp.asarray(buf_BL), jnp.asarray(mask_BL), P - 1 + t), np.float64)
+                for b in rows:
+                    if prefixes[b] not in self.nodes:
+                        allowed = self._allowed(state_B[b], T - t - 1)
+                        self.nodes[prefixes[b]] = Node(allowed, logp_BV[b, allowed], np.zeros(len(allowed)))
+            for b in rows:
+                node = self.nodes[prefixes[b]]
+                if not len(node.allowed):  # only with a mask that is not length-exact: a dead end, b = 0
+                    done_B[b] = dead_B[b] = True
+                    continue
+                w = node.logp + node.log_theta
+                logq = w - np.logaddexp.reduce(w)
+                cdf = np.cumsum(np.exp(logq))
+                k = min(int(np.sum(cdf < u_TB[t, b] * cdf[-1])), len(cdf) - 1)
+                v = int(node.allowed[k])
+                tokens_BT[b, t], buf_BL[b, P + t], mask_BL[b, P + t] = v, v, 1
+                logq_B[b] += logq[k]
+                loga_B[b] += node.logp[k]
+                lengths_B[b] = t + 1
+                state_B[b] = self._next[state_B[b], v]
+                if model.eos_id is not None and v == model.eos_id:
+                    done_B[b] = True
+        accepted_B = ~dead_B & (state_B >= 0) & self._accepting[np.maximum(state_B, 0)]
+        for b in range(B):
+            self._update(tokens_BT[b, : lengths_B[b]], bool(accepted_B[b]), dead=bool(dead_B[b]))
+        return AsapSamples(tokens_BT, lengths_B, logq_B, loga_B, accepted_B)
+
+    def _update(self, path: np.ndarray, accepted: bool, dead: bool) -> None:
+        """Set the leaf to log b(y) and recompute theta~ along the path up to the root."""
+        path = tuple(path.tolist())
+        if dead:  # the last prefix itself has no allowed token: its value is already -inf
+            value = -np.inf
+            n = len(path)
+        else:
+            value = 0.0 if accepted else -np.inf
+            n = len(path) - 1
+            if n < 0:
+                return
+            node = self.nodes[path[:n]]
+            k = int(np.searchsorted(node.allowed, path[n]))
+            node.log_theta[k] = min(node.log_theta[k], value)
+            value = node.log_value()
+        for t in range(n - 1, -1, -1):
+            node = self.nodes[path[:t]]
+            k = int(np.searchsorted(node.allowed, path[t]))
+            node.log_theta[k] = min(node.log_theta[k], value)  # bounds only fall (guards against rounding)
+            value = node.log_value()
+        self.history.append(self.root_log_theta)
+
+    def log_theta_levels(self, space: SequenceSpace) -> list[np.ndarray]:
+        """The trie as dense log theta~(uv) arrays: element t has shape [V^t, V] (0 where unexplored).
+
+        With `exact_masked_log_prob(space, log_a, b, asap.log_theta_levels(space))` this is the exact law of the
+        next ASAp sample on a toy grid (when the mask is the exact reachability mask of b).
+        """
+        V, T = space.vocab_size, space.max_len
+        if T != self.max_new_tokens:
+            raise ValueError(f"space.max_len={T} must equal the sampler's max_new_tokens={self.max_new_tokens}")
+        levels = [np.zeros((V**t, V)) for t in range(T)]
+        for prefix, node in self.nodes.items():
+            code = int(np.dot(prefix, V ** np.arange(len(prefix) - 1, -1, -1))) if prefix else 0
+            levels[len(prefix)][code, node.allowed] = node.log_theta
+        return levels

@@ -1,0 +1,328 @@
+"""Masked (grammar/locally constrained) decoding: sample only tokens that can still lead to b = 1.
+
+A mask provider is a `TokenAutomaton`: a dense deterministic automaton over token ids, held as device
+arrays so the whole decode stays under `jax.jit` (its state is carried in the scan):
+
+- `next_state_SV[s, v]`: the state after token v in state s, or -1 when v is forbidden there;
+- `steps_to_accept_S[s]`: the fewest tokens that take s to an accepting state (0 when s accepts;
+  `UNREACHABLE` when none does);
+- `accepting_S[s]`: b holds for a sequence that ends in state s.
+
+Token v is allowed in state s with `r` tokens left after it iff `next_state_SV[s, v] >= 0` and
+`steps_to_accept_S[next] <= r`, so masks are length-aware: every masked sample of `max_new_tokens` tokens
+satisfies b. Two builders:
+
+- `reachability_automaton`: toy ARMs, exact reachability from the enumerated b (the prefix tree of V^T);
+- `regex_automaton`: a regex over a real tokenizer's vocabulary (interegular's DFA walked by each token).
+
+Masking guarantees b but samples q(y) = prod_t a(y_t | u) 1[allowed] / a(allowed | u), not
+g(y) = a(y) b(y) / Z: `exact_masked_log_prob` gives that law on the grid.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from guard_jax.constraints import Constraint
+from guard_jax.exact import SequenceSpace, prefix_log_marginals
+from guard_jax.models.base import ARM, Params
+from guard_jax.sampling import categorical, uniforms
+
+UNREACHABLE = 2**30
+
+
+class MaskProvider(Protocol):
+    """What the masked sampler needs: a pytree with these three pure methods."""
+
+    def init_state(self, batch_size: int) -> jax.Array: ...
+
+    def allowed(self, state_B: jax.Array, remaining: jax.Array) -> jax.Array: ...
+
+    def advance(self, state_B: jax.Array, token_B: jax.Array) -> jax.Array: ...
+
+
+class TokenAutomaton(NamedTuple):
+    """A dense token automaton (a pytree of arrays; pass it to jitted functions as an argument)."""
+
+    next_state_SV: jax.Array  # int32 [S, V], -1 = forbidden
+    steps_to_accept_S: jax.Array  # int32 [S]
+    accepting_S: jax.Array  # bool [S]
+    initial_state: jax.Array  # int32 []
+
+    @property
+    def num_states(self) -> int:
+        return self.next_state_SV.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.next_state_SV.shape[1]
+
+    def init_state(self, batch_size: int) -> jax.Array:
+        """-> state_B (int32), every row at the initial state."""
+        return jnp.full((batch_size,), self.initial_state, jnp.int32)
+
+    def allowed(self, state_B: jax.Array, remaining) -> jax.Array:
+        """allowed_BV: tokens that keep b reachable with `remaining` tokens left after this one."""
+        next_BV = self.next_state_SV[state_B]
+        steps_BV = self.steps_to_accept_S[jnp.maximum(next_BV, 0)]
+        return (next_BV >= 0) & (steps_BV <= remaining)
+
+    def advance(self, state_B: jax.Array, token_B: jax.Array) -> jax.Array:
+        """-> the next state_B (-1 where token_B was forbidden)."""
+        return jnp.take_along_axis(self.next_state_SV[state_B], token_B[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+    def accepts(self, tokens_BT, lengths_B) -> jax.Array:
+        """b(y) as the automaton defines it: the first `lengths_B` tokens are all allowed transitions and end
+        in an accepting state -> bool_B."""
+        tokens_BT, lengths_B = jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(lengths_B)
+
+        def step(state_B, xs):
+            t, token_B = xs
+            inside_B = t < lengths_B
+            nxt_B = self.advance(jnp.maximum(state_B, 0), token_B)
+            return jnp.where(inside_B & (state_B >= 0), nxt_B, state_B), None
+
+        T = tokens_BT.shape[1]
+        state_B, _ = jax.lax.scan(step, self.init_state(tokens_BT.shape[0]), (jnp.arange(T), tokens_BT.T))
+        return (state_B >= 0) & self.accepting_S[jnp.maximum(state_B, 0)]
+
+    def constraint(self, name: str = "automaton") -> Constraint:
+        """The automaton's b as a `Constraint` (jit-able; usable by GUARD and the estimators)."""
+        return Constraint(lambda t, n: self.accepts(t, n), name)
+
+
+def _steps_to_accept(next_state_SV: np.ndarray, accepting_S: np.ndarray) -> np.ndarray:
+    """Breadth-first search backwards from the accepting states -> steps_S (UNREACHABLE where none)."""
+    S, V = next_state_SV.shape
+    src, tok = np.nonzero(next_state_SV >= 0)
+    dst = next_state_SV[src, tok]
+    order = np.argsort(dst, kind="stable")
+    src_sorted, starts = src[order], np.searchsorted(dst[order], np.arange(S + 1))
+    steps = np.full(S, UNREACHABLE, np.int64)
+    queue = deque(np.nonzero(accepting_S)[0].tolist())
+    steps[accepting_S] = 0
+    while queue:
+        s = queue.popleft()
+        for p in src_sorted[starts[s] : starts[s + 1]]:
+            if steps[p] == UNREACHABLE:
+                steps[p] = steps[s] + 1
+                queue.append(p)
+    return steps.astype(np.int32)
+
+
+def _automaton(next_state_SV: np.ndarray, accepting_S: np.ndarray, initial: int) -> TokenAutomaton:
+    next_state_SV = np.asarray(next_state_SV, np.int32)
+    accepting_S = np.asarray(accepting_S, bool)
+    return TokenAutomaton(
+        jnp.asarray(next_state_SV),
+        jnp.asarray(_steps_to_accept(next_state_SV, accepting_S)),
+        jnp.asarray(accepting_S),
+        jnp.asarray(initial, jnp.int32),
+    )
+
+
+# ---- toy ARMs: exact reachability over the enumerated grid ----
+
+
+def _prefix_any(space: SequenceSpace, b) -> list[np.ndarray]:
+    """reach[t][u] = some grid point with prefix u (of length t) satisfies b; element t has shape [V^t]."""
+    V, T = space.vocab_size, space.max_len
+    levels = [np.asarray(b, bool).reshape((V,) * T)]
+    for _ in range(T):
+        levels.append(levels[-1].any(axis=-1))
+    return [levels[T - t].reshape(V**t) for t in range(T + 1)]
+
+
+def _level_offsets(V: int, T: int) -> list[int]:
+    return [(V**t - 1) // (V - 1) for t in range(T + 2)]
+
+
+def reachability_automaton(space: SequenceSpace, b) -> TokenAutomaton:
+    """The exact mask for a toy space: token v is allowed after prefix u iff some valid completion of uv
+    satisfies b. `b` is the bool grid of `guard_jax.exact.exact_constraint`.
+
+    States are the prefixes of length 0..T in level order (the prefix of length t with base-V code c is
+    state (V^t - 1)/(V - 1) + c, as in `TabularARM`): S = (V^(T+1) - 1)/(V - 1) states.
+    """
+    b = np.asarray(b, bool)
+    if b.shape != (space.size,):
+        raise ValueError(f"b must be the bool grid of {space.size} points (exact_constraint), got shape {b.shape}")
+    if not b.any():
+        raise ValueError("b is never satisfied on this space: there is nothing to mask toward (Z = 0)")
+    V, T = space.vocab_size, space.max_len
+    reach = _prefix_any(space, b)
+    offset = _level_offsets(V, T)
+    next_state = np.full((offset[T + 1], V), -1, np.int64)
+    accepting = np.zeros(offset[T + 1], bool)
+    for t in range(T):
+        child = np.arange(V ** (t + 1))
+        next_state[offset[t] : offset[t + 1]] = np.where(reach[t + 1], offset[t + 1] + child, -1).reshape(V**t, V)
+    accepting[offset[T] :] = reach[T]
+    if space.eos_id is not None:  # a sequence that ends with EOS before position T accepts iff its padding does
+        for t in range(1, T):
+            codes = np.arange(V**t)
+            ends = codes % V == space.eos_id
+            accepting[offset[t] + codes[ends]] = reach[t][ends]
+    return _automaton(next_state, accepting, 0)
+
+
+# ---- regex over a tokenizer's vocabulary: interegular's DFA, walked by every token string ----
+
+
+def regex_automaton(pattern: str, token_strings: Mapping[int, str] | Sequence[str], eos_id: int, vocab_size: int | None = None) -> TokenAutomaton:
+    """A length-aware mask for `re.fullmatch(pattern, text)`, text = the concatenated token strings before EOS.
+
+    `token_strings` maps token id -> its decoded string (a list or a dict; special tokens left out); `eos_id`
+    ends a sequence and is allowed only where the text so far matches; `vocab_size` (default: one more than
+    the largest id) is the model's output size: ids absent from `token_strings` are never allowed.
+
+    The regex is compiled to a character DFA by `interegular` (the engine outlines 0.x used); every token
+    string is then walked through it for all states at once (vectorized), giving [states, vocab_size].
+    outlines-core's `Index` (0.2.10-0.2.14) would be the direct route, but it drops transitions that loop
+    back through accepting states (its index for `(ab)*` accepts only the empty string), so it is not used.
+    """
+    import interegular
+
+    items = dict(enumerate(token_strings)) if not isinstance(token_strings, Mapping) else dict(token_strings)
+    items.pop(eos_id, None)
+    if not items:
+        raise ValueError("token_strings must hold at least one non-EOS token")
+    V = vocab_size if vocab_size is not None else max(max(items), eos_id) + 1
+    if max(max(items), eos_id) >= V:
+        raise ValueError(f"vocab_size={V} is smaller than the largest token id {max(max(items), eos_id)}")
+    if any(not s for s in items.values()):
+        raise ValueError("every non-special token needs its (non-empty) text in token_strings; leave special tokens out")
+    try:
+        fsm = interegular.parse_pattern(pattern).to_fsm()
+    except Exception as e:  # interegular raises several types for unsupported syntax
+        raise ValueError(f"pattern {pattern!r} is not a regex interegular can compile to a DFA: {e}") from e
+    states = sorted(fsm.states)
+    sid = {s: k for k, s in enumerate(states)}
+    S, K = len(states), max(fsm.alphabet.by_transition) + 1
+    char_next_SK = np.full((S + 1, K + 1), S, np.int64)  # row S: the dead state; column K: a character outside the regex
+    for s, row in fsm.map.items():
+        for sym, s2 in row.items():
+            char_next_SK[sid[s], sym] = sid[s2]
+    ids = np.fromiter(items, np.int64, len(items))
+    L = max(len(t) for t in items.values())
+    sym_NL = np.full((len(ids), L), -1, np.int64)
+    for n, i in enumerate(ids):
+        sym_NL[n, : len(items[i])] = [K if fsm.alphabet[c] is None else fsm.alphabet[c] for c in items[i]]
+    state_SN = np.broadcast_to(np.arange(S)[:, None], (S, len(ids))).copy()
+    for k in range(L):
+        sym_N = sym_NL[:, k]
+        state_SN = np.where(sym_N[None] >= 0, char_next_SK[state_SN, np.maximum(sym_N, 0)[None]], state_SN)
+    accepting = np.zeros(S, bool)
+    accepting[[sid[s] for s in fsm.finals]] = True
+    next_state = np.full((S, V), -1, np.int64)
+    next_state[:, ids] = np.where(state_SN < S, state_SN, -1)
+    next_state[accepting, eos_id] = np.flatnonzero(accepting)  # EOS ends a matching text where it is
+    return _automaton(next_state, accepting, sid[fsm.initial])
+
+
+def unconstrained_automaton(vocab_size: int) -> TokenAutomaton:
+    """One accepting state that allows every token: masked sampling with it is plain sampling."""
+    return _automaton(np.zeros((1, vocab_size), np.int64), np.ones(1, bool), 0)
+
+
+# ---- masked sampling ----
+
+
+class MaskedSamples(NamedTuple):
+    """The fields of `guard_jax.sampling.Samples` (log-probs under the masked law q) plus the same sequences'
+    log-probs under the unmasked model a (base_logp_BT, base_logp_B)."""
+
+    tokens_BT: jax.Array
+    lengths_B: jax.Array
+    logp_BT: jax.Array
+    logp_B: jax.Array
+    base_logp_BT: jax.Array
+    base_logp_B: jax.Array
+
+
+def check_feasible(mask: TokenAutomaton, max_new_tokens: int) -> None:
+    """Raise if no sequence of at most `max_new_tokens` tokens satisfies the automaton's b."""
+    steps = int(mask.steps_to_accept_S[int(mask.initial_state)])
+    if steps > max_new_tokens:
+        need = "no length does" if steps >= UNREACHABLE else f"the shortest needs {steps} tokens"
+        raise ValueError(f"the constraint cannot be met within max_new_tokens={max_new_tokens} ({need}); raise max_new_tokens or relax b")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP, prompt_mask_BP, mask: MaskProvider, max_new_tokens: int) -> MaskedSamples:
+    """Masked ancestral sampling (temperature 1): at each step, a's logits with forbidden tokens at -inf.
+
+    Same uniforms and inverse-CDF draw as `guard_jax.sampling.sample`, so with an all-allowing mask it returns
+    exactly the same samples. Call `check_feasible` first: an infeasible constraint has no allowed token.
+    """
+    u_TB = uniforms(key, prompt_BP.shape[0], max_new_tokens)
+    return masked_sample_from_uniforms(u_TB, model, params, prompt_BP, prompt_mask_BP, mask)
+
+
+def masked_sample_from_uniforms(u_TB, model: ARM, params: Params, prompt_BP, prompt_mask_BP, mask: MaskProvider) -> MaskedSamples:
+    """`masked_sample` given its uniforms u_TB [T, B] in (0, 1]. Traceable, not jitted."""
+    B, P = prompt_BP.shape
+    T = u_TB.shape[0]
+    cache = model.init_cache(B, P + T)
+    logits_BV, cache = model.prefill(params, prompt_BP, prompt_mask_BP, cache)
+
+    def step(carry, xs):
+        logits_BV, cache, state_B, done_B = carry
+        t, u_B = xs
+        base_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32))
+        allowed_BV = mask.allowed(state_B, T - t - 1)
+        masked_BV = jnp.where(allowed_BV, base_BV, -jnp.inf)
+        token_B = categorical(u_B, masked_BV)
+        logq_B = jnp.take_along_axis(jax.nn.log_softmax(masked_BV), token_B[:, None], axis=-1)[:, 0]
+        loga_B = jnp.take_along_axis(base_BV, token_B[:, None], axis=-1)[:, 0]
+        token_B = jnp.where(done_B, model.pad_id, token_B)
+        logq_B, loga_B = jnp.where(done_B, 0.0, logq_B), jnp.where(done_B, 0.0, loga_B)
+        state_B = jnp.where(done_B, state_B, mask.advance(state_B, token_B))
+        alive_B = ~done_B
+        if model.eos_id is not None:
+            done_B = done_B | (token_B == model.eos_id)
+        logits_BV, cache = model.decode(params, token_B, cache)
+        return (logits_BV, cache, state_B, done_B), (token_B, logq_B, loga_B, alive_B)
+
+    carry = (logits_BV, cache, mask.init_state(B), jnp.zeros((B,), bool))
+    _, (tokens_TB, logq_TB, loga_TB, alive_TB) = jax.lax.scan(step, carry, (jnp.arange(T), u_TB))
+    return MaskedSamples(tokens_TB.T, alive_TB.sum(0).astype(jnp.int32), logq_TB.T, logq_TB.sum(0), loga_TB.T, loga_TB.sum(0))
+
+
+# ---- the exact law of masking on a toy grid ----
+
+
+def exact_masked_log_prob(space: SequenceSpace, log_a, b, log_bias_levels: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """log q(y) over the grid for masking with exact reachability masks (-inf where b = 0) -> float64 [V^T].
+
+    q(y) = prod_t a(y_t | y_<t) w(y_<=t) 1[allowed] / sum_{v allowed} a(v | y_<t) w(y_<t v). Without
+    `log_bias_levels` the weights w are 1 (masking); element t of `log_bias_levels`, shape [V^t, V], gives
+    log w(uv) for the prefixes u of length t (ASAp's log theta~).
+    """
+    V, T = space.vocab_size, space.max_len
+    b = np.asarray(b, bool)
+    log_a = np.asarray(log_a, np.float64)
+    if b.shape != (space.size,) or log_a.shape != (space.size,):
+        raise ValueError(f"log_a {log_a.shape} and b {b.shape} must both be grids of {space.size} points")
+    m = prefix_log_marginals(space, log_a)
+    reach = _prefix_any(space, b)
+    log_q = np.zeros(1)
+    for t in range(T):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cond = m[t + 1].reshape(V**t, V) - m[t][:, None]
+        cond = np.where(np.isfinite(m[t])[:, None], cond, -np.inf)
+        if log_bias_levels is not None:
+            cond = cond + np.asarray(log_bias_levels[t], np.float64).reshape(V**t, V)
+        cond = np.where(reach[t + 1].reshape(V**t, V), cond, -np.inf)
+        norm = np.logaddexp.reduce(cond, axis=1, keepdims=True)
+        with np.errstate(invalid="ignore"):
+            step = np.where(np.isfinite(norm), cond - norm, -np.inf)
+        log_q = (log_q[:, None] + step).reshape(-1)
+    return log_q

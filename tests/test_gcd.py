@@ -1,0 +1,176 @@
+"""Masked decoding: every sample satisfies b, the sampler's law is the exact masked law, masking distorts g
+unless the constraint does not reweight, and regex masks from outlines-core work on a real tokenizer."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guard_jax import constraints as C
+from guard_jax.decoding import (
+    check_feasible,
+    exact_masked_log_prob,
+    masked_sample,
+    reachability_automaton,
+    regex_automaton,
+    unconstrained_automaton,
+)
+from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_quantities, log_gold
+from guard_jax.models.toy import TabularARM
+from guard_jax.sampling import bos_prompt, sample
+from tests.test_exact import _chi_square_ok
+
+MODEL = TabularARM(4, 3, eos_id=0)
+B = C.contains_token(2) & ~C.token_at(0, 3)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    params = MODEL.init(jax.random.PRNGKey(7), scale=1.5)
+    space = SequenceSpace.of(MODEL, 3)
+    with jax.enable_x64(True):
+        log_a = exact_log_prob(MODEL, params, 3)
+    b = exact_constraint(space, B)
+    return params, space, log_a, b
+
+
+def _masked(model, params, mask, n, key=0, max_len=None):
+    prompt, pmask = bos_prompt(model, n)
+    return masked_sample(jax.random.PRNGKey(key), model, params, prompt, pmask, mask, max_len or model.max_len)
+
+
+def test_masked_law_matches_sampler_exactly_and_by_chi_square(toy):
+    params, space, log_a, b = toy
+    mask = reachability_automaton(space, b)
+    s = _masked(MODEL, params, mask, 20_000)
+    index = space.index(np.asarray(s.tokens_BT))
+    assert np.all(b[index])
+    log_q = exact_masked_log_prob(space, log_a, b)
+    assert np.isclose(np.exp(log_q).sum(), 1.0) and np.all(np.isneginf(log_q[~b]))
+    np.testing.assert_allclose(np.asarray(s.logp_B), log_q[index], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(s.base_logp_B), log_a[index], atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(mask.accepts(s.tokens_BT, s.lengths_B)), True)
+    _chi_square_ok(index, np.exp(log_q))
+
+
+def test_unconstrained_mask_is_plain_sampling(toy):
+    params = toy[0]
+    prompt, pmask = bos_prompt(MODEL, 256)
+    plain = sample(jax.random.PRNGKey(3), MODEL, params, prompt, pmask, 3)
+    masked = masked_sample(jax.random.PRNGKey(3), MODEL, params, prompt, pmask, unconstrained_automaton(4), 3)
+    np.testing.assert_array_equal(plain.tokens_BT, masked.tokens_BT)
+    np.testing.assert_array_equal(plain.lengths_B, masked.lengths_B)
+    np.testing.assert_allclose(plain.logp_B, masked.logp_B, atol=1e-6)
+    np.testing.assert_allclose(masked.base_logp_B, masked.logp_B, atol=1e-6)
+
+
+def test_masking_distorts_g_on_a_concrete_case(toy):
+    _, space, log_a, b = toy
+    q = exact_quantities(log_a, exact_masked_log_prob(space, log_a, b), b)
+    assert q.ar == pytest.approx(1.0)  # masking always satisfies b ...
+    assert q.kl_g_a2 > 1e-3  # ... but it does not sample g
+    assert q.kl_g_a2 == pytest.approx(q.kl_g_g2)
+
+
+def test_no_distortion_when_b_constrains_only_the_first_token(toy):
+    params, space, log_a, _ = toy
+    b = exact_constraint(space, C.token_at(0, 1) | C.token_at(0, 2))
+    log_q = exact_masked_log_prob(space, log_a, b)
+    np.testing.assert_allclose(np.exp(log_q), np.exp(log_gold(log_a, b)), rtol=1e-5, atol=1e-12)  # log_a is float32
+    assert abs(exact_quantities(log_a, log_q, b).kl_g_a2) < 1e-8
+
+
+@settings(max_examples=12)
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from([(2, 3, None), (3, 2, 0), (3, 3, 0), (3, 3, None)]), density=st.floats(0.05, 0.6))
+def test_every_masked_sample_satisfies_b(seed, shape, density):
+    V, T, eos = shape
+    model = TabularARM(V, T, eos_id=eos)
+    space = SequenceSpace.of(model, T)
+    rng = np.random.default_rng(seed)
+    _, _, valid = space.tokens(jnp.arange(space.size)), None, space.lengths_and_valid(space.tokens(jnp.arange(space.size)))[1]
+    b = (rng.random(space.size) < density) & np.asarray(valid)
+    b[rng.choice(np.flatnonzero(np.asarray(valid)))] = True
+    params = model.init(jax.random.PRNGKey(seed), scale=2.0)
+    s = _masked(model, params, reachability_automaton(space, b), 256, key=seed)
+    assert np.all(b[space.index(np.asarray(s.tokens_BT))])
+    assert np.all(np.isfinite(np.asarray(s.logp_B)))
+
+
+def test_infeasible_constraint_is_refused():
+    with pytest.raises(ValueError, match="never satisfied"):
+        reachability_automaton(SequenceSpace(3, 2), np.zeros(9, bool))
+    mask = regex_automaton("(ab){3}", ["a", "b"], eos_id=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        check_feasible(mask, 5)
+    check_feasible(mask, 6)
+
+
+# ---- regex masks on a real tokenizer (outlines-core) ----
+
+PATTERN = r"(ab|01)+a?"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {"a": 0, "b": 1, "0": 2, "1": 3, "ab": 4, "01": 5, "b0": 6, "<eos>": 7}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("0", "1"), ("b", "0")]))
+    tok.add_special_tokens(["<eos>"])
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+def _oracle(tok, tokens_BT, lengths_B, eos_id):
+    out = []
+    for row, n in zip(np.asarray(tokens_BT), np.asarray(lengths_B)):
+        ended = n > 0 and row[n - 1] == eos_id
+        ids = row[: n - 1 if ended else n].tolist()
+        known = all(tok.id_to_token(i) not in (None, "<eos>") for i in ids)  # an id outside the vocabulary has no text
+        out.append(known and re.fullmatch(PATTERN, tok.decode(ids, skip_special_tokens=True)) is not None)
+    return np.asarray(out)
+
+
+def test_regex_mask_on_a_bpe_tokenizer(tokenizer):
+    eos = tokenizer.token_to_id("<eos>")
+    strings = {i: s for s, i in tokenizer.get_vocab().items() if i != eos}
+    V, T = 9, 6  # one id (8) the tokenizer never produces: never allowed
+    mask = regex_automaton(PATTERN, strings, eos_id=eos, vocab_size=V)
+    check_feasible(mask, T)
+    assert tokenizer.decode(tokenizer.encode("ab01a").ids) == "ab01a"
+    model = TabularARM(V, T, eos_id=eos)
+    params = model.init(jax.random.PRNGKey(0), scale=2.0)
+    s = _masked(model, params, mask, 2000, key=1)
+    tokens, lengths = np.asarray(s.tokens_BT), np.asarray(s.lengths_B)
+    assert np.all(_oracle(tokenizer, tokens, lengths, eos))
+    assert not np.any(tokens == 8)
+    # the automaton's own b agrees with the regex oracle on unconstrained samples too (both outcomes occur)
+    prompt, pmask = bos_prompt(model, 2000)
+    plain = sample(jax.random.PRNGKey(2), model, params, prompt, pmask, T)
+    ours = np.asarray(mask.constraint()(plain.tokens_BT, plain.lengths_B))
+    np.testing.assert_array_equal(ours, _oracle(tokenizer, plain.tokens_BT, plain.lengths_B, eos))
+    assert 0 < ours.mean() < 1
+
+
+@pytest.mark.parametrize("pattern", [r"(ab)*", r"(ab|01){1,3}", r"a(ba)*b?", r"[ab]+0|1"])
+def test_regex_automaton_is_fullmatch_and_its_masks_are_exact_reachability(pattern):
+    strings = ["a", "b", "0", "1", "ab", "01"]
+    eos, V, T = 6, 7, 4
+    model = TabularARM(V, T, eos_id=eos)
+    space = SequenceSpace.of(model, T)
+    tokens = np.asarray(space.tokens(jnp.arange(space.size)))
+    lengths, valid = (np.asarray(x) for x in space.lengths_and_valid(jnp.asarray(tokens)))
+    texts = ["".join(strings[v] for v in row[:n] if v != eos) for row, n in zip(tokens, lengths)]
+    ended = tokens[np.arange(len(tokens)), lengths - 1] == eos
+    b = valid & np.array([re.fullmatch(pattern, t) is not None for t in texts])
+    mask = regex_automaton(pattern, strings, eos_id=eos)
+    np.testing.assert_array_equal(np.asarray(mask.accepts(tokens, lengths)) & valid, b)
+    assert b[ended].any() and b[~ended].any() if pattern != r"(ab)*" else b[ended].any()
+    params = model.init(jax.random.PRNGKey(5), scale=2.0)
+    ours, exact = (_masked(model, params, m, 512, key=4) for m in (mask, reachability_automaton(space, b)))
+    np.testing.assert_array_equal(ours.tokens_BT, exact.tokens_BT)
+    np.testing.assert_allclose(ours.logp_B, exact.logp_B, atol=1e-5)
