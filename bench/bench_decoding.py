@@ -6,9 +6,9 @@
 - `mask_only`: time per token of the mask alone (allowed_BV + state update, jitted scan), no model;
 - `asap`: ASAp samples/s (host trie, jitted model calls), one sample per trie update and rounds of 32.
 
-Configs: a toy tabular ARM (V=8, T=6) with exact reachability masks for "contains (1, 2)", and a tiny
-transformer with V=1000 (d=64, batch 32, 32 tokens; the stand-in for tiny GPT-2 until guard_jax.models.gpt2
-exists) with a regex mask over a random vocabulary of letter/digit strings.
+Configs: a toy tabular ARM (V=8, T=6) with exact reachability masks for "contains (1, 2)"; random-weight
+GPT-2s, tiny (2 layers, 64 dims, V=1000, batch 32, 32 tokens) and small (6 layers, 384 dims, V=8192, batch
+64, 128 tokens), with a regex mask over a random vocabulary of letter/digit strings.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from bench.common import emit, timed
 from guard_jax import constraints as C
 from guard_jax.decoding import Asap, masked_sample, reachability_automaton, regex_automaton
 from guard_jax.exact import SequenceSpace, exact_constraint
-from guard_jax.models.toy import TabularARM, TinyTransformerARM
+from guard_jax.models.gpt2 import GPT2
+from guard_jax.models.toy import TabularARM
 from guard_jax.sampling import bos_prompt, sample
 
 REGEX = r"([a-z]+ )+[0-9]+"
@@ -37,13 +38,17 @@ def toy_config():
     return "tabular V=8 T=6", model, model.init(jax.random.PRNGKey(0), scale=1.5), reachability_automaton(space, exact_constraint(space, C.contains_ngram([1, 2]))), 6
 
 
-def tiny_config():
-    V, T = 1000, 32
+def gpt2_config(name, n_layer, n_embd, n_head, V, T):
     rng = np.random.default_rng(0)
     letters = "abcdefghijklmnopqrstuvwxyz"
     strings = {i: "".join(rng.choice(list(letters + "0123456789 "), size=rng.integers(1, 5))) for i in range(1, V)}
-    model = TinyTransformerARM(V, T, eos_id=0, d_model=64, num_heads=2)
-    return "tiny transformer V=1000 d=64", model, model.init(jax.random.PRNGKey(0)), regex_automaton(REGEX, strings, eos_id=0, vocab_size=V), T
+    model = GPT2(vocab_size=V, n_positions=T + 1, n_embd=n_embd, n_layer=n_layer, n_head=n_head, bos_id=0, eos_id=0)
+    return (f"{name} GPT-2 {n_layer}x{n_embd} V={V}", model, model.init(jax.random.PRNGKey(0)),
+            regex_automaton(REGEX, strings, eos_id=0, vocab_size=V), T)
+
+
+tiny_config = functools.partial(gpt2_config, "tiny", 2, 64, 2, 1000, 32)
+small_config = functools.partial(gpt2_config, "small", 6, 384, 6, 8192, 128)
 
 
 def bench_masked(name, model, params, mask, T, B, repeats):
@@ -92,8 +97,10 @@ def bench_asap(name, model, params, mask, T, num_samples, batch_size):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="toy and tiny configs only")
     args = parser.parse_args(argv)
-    for make, B, asap_n in ((toy_config, 256, 256), (tiny_config, 32, 64)):
+    configs = [(toy_config, 256, 256), (tiny_config, 32, 64)] + ([] if args.quick else [(small_config, 64, 64)])
+    for make, B, asap_n in configs:
         name, model, params, mask, T = make()
         bench_masked(name, model, params, mask, T, B, args.repeats)
         bench_mask_only(name, mask, T, B, args.repeats)
