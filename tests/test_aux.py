@@ -1,16 +1,17 @@
-"""Auxiliary prefix-value model: exact values give g exactly; a learned head moves the proposal toward g."""
+"""Auxiliary prefix-value model: exact values give g exactly; the AuxTrainer (shared loop) moves the proposal and the
+distilled policy toward g."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from guard_jax import constraints as C
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_prefix_values, exact_quantities, log_gold
 from guard_jax.models.toy import TabularARM, TinyTransformerARM
 from guard_jax.sampling import bos_prompt, sample
-from guard_jax.train.aux import AuxProposal, token_kl_loss, value_bce_loss
+from guard_jax.train.aux import AuxConfig, AuxProposal, AuxTrainer, token_kl_loss
+from guard_jax.train.loop import LoopConfig, run
 
 B = C.contains_token(2) & ~C.token_at(0, 1)
 
@@ -28,39 +29,42 @@ def test_exact_prefix_values_give_g_exactly(eos, x64):
     np.testing.assert_allclose(np.exp(log_q), np.exp(log_gold(log_a, b)), atol=1e-12)
 
 
-def test_learned_head_moves_the_proposal_toward_g(x64):
+def test_aux_trainer_moves_the_proposal_and_the_policy_toward_g():
     a = TabularARM(3, 4, eos_id=0)
     a_params = a.init(jax.random.PRNGKey(1), scale=1.0)
     space = SequenceSpace.of(a, 4)
-    log_a = exact_log_prob(a, a_params, 4)
+    with jax.enable_x64(True):
+        log_a = exact_log_prob(a, a_params, 4)
     b = exact_constraint(space, B)
     head = TinyTransformerARM(3, 4, eos_id=0, d_model=16)
     head_params = head.init(jax.random.PRNGKey(2))
     head_params["head"]["kernel"] = jnp.zeros_like(head_params["head"]["kernel"])  # R = 0: q = a at the start
-    q = AuxProposal(a, head)
-    prompt, mask = bos_prompt(a, 512)
-    opt = optax.adam(3e-2)
-    state = opt.init(head_params)
+    trainer = AuxTrainer(a, a_params, head, B, AuxConfig(n_samples=512, max_new_tokens=4, learning_rate=3e-2, kl_weight=1.0))
+    state = trainer.init_state({"head": head_params, "policy": a_params})
 
-    @jax.jit
-    def step(head_params, state, key):
-        s = sample(key, a, a_params, prompt, mask, 4)
-        labels = B.fn(s.tokens_BT, s.lengths_B)
-        loss, grads = jax.value_and_grad(value_bce_loss, argnums=1)(head, head_params, prompt, mask, s.tokens_BT, s.lengths_B, labels)
-        updates, state = opt.update(grads, state)
-        return optax.apply_updates(head_params, updates), state, loss
+    def kls():
+        q, q_params = trainer.proposal(state)
+        with jax.enable_x64(True):
+            return (exact_quantities(log_a, exact_log_prob(q, q_params, 4), b).kl_g_a2,
+                    exact_quantities(log_a, exact_log_prob(a, state.params["policy"], 4), b).kl_g_a2)
 
-    def kl():
-        return exact_quantities(log_a, exact_log_prob(q, {"base": a_params, "head": head_params}, 4), b).kl_g_a2
+    history = [kls()]
+    for steps in (50, 100, 150):
+        state, metrics = run(trainer, state, LoopConfig(steps=steps, progress=False))
+        history.append(kls())
+    q_kl, policy_kl = np.array(history).T
+    assert abs(q_kl[0] - exact_quantities(log_a, log_a, b).kl_g_a2) < 1e-5  # starts at a
+    assert q_kl[-1] < 0.5 * q_kl[0], q_kl
+    assert all(later < earlier + 0.05 for earlier, later in zip(q_kl, q_kl[1:])), q_kl  # decreases as training proceeds
+    assert policy_kl[-1] < 0.7 * policy_kl[0], policy_kl  # the policy distilled from q by the token KL follows
+    assert {"loss", "bce", "token_kl", "ar", "samples"} <= set(metrics[-1])
 
-    history = [kl()]
-    for i in range(150):
-        head_params, state, _ = step(head_params, state, jax.random.PRNGKey(100 + i))
-        if i % 50 == 49:
-            history.append(kl())
-    assert abs(history[0] - exact_quantities(log_a, log_a, b).kl_g_a2) < 1e-5  # starts at a
-    assert history[-1] < 0.5 * history[0], history
-    assert all(later < earlier + 0.05 for earlier, later in zip(history, history[1:])), history
+
+def test_aux_trainer_checks_its_params():
+    a = TabularARM(3, 3, eos_id=0)
+    trainer = AuxTrainer(a, a.init(jax.random.PRNGKey(0)), TabularARM(3, 3, eos_id=0), B, AuxConfig(kl_weight=0.0))
+    with pytest.raises(ValueError, match="params must be"):
+        trainer.init_state({"head": {}, "policy": {}})
 
 
 def test_token_kl_is_zero_at_q_and_positive_elsewhere():

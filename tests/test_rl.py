@@ -1,4 +1,5 @@
-"""KL-regularized RL on a toy ARM: exact and sampled training reach a·exp(b/beta)/Z, which keeps mass on b = 0."""
+"""KL-regularized RL on toy ARMs: exact training and the RL trainer (shared loop) reach a·exp(b/beta)/Z, which keeps
+mass on b = 0."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,9 @@ import pytest
 
 from guard_jax import constraints as C
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_quantities, grid_log_prob, log_rl_ideal
-from guard_jax.models.toy import TabularARM
-from guard_jax.sampling import bos_prompt, log_prob, sample
-from guard_jax.train.rl import exact_objective, sampled_loss
+from guard_jax.models.toy import TabularARM, TinyTransformerARM
+from guard_jax.train.loop import LoopConfig, run
+from guard_jax.train.rl import RL, RLConfig, exact_objective, sampled_loss
 
 CONSTRAINT = C.token_at(1, 2)
 BETA = 0.5
@@ -48,35 +49,46 @@ def test_exact_training_reaches_the_ideal_distribution(toy, x64):
     assert q.kl_g_g2 < 1e-3  # ... but rejection with it as proposal returns (almost) g
 
 
-def test_sampled_training_approaches_the_ideal_distribution(toy):
+def test_rl_trainer_approaches_the_ideal_distribution(toy):
     model, params, b, log_a = toy
-    opt = optax.adam(0.05)
-    prompt, mask = bos_prompt(model, 1024)
-
-    @jax.jit
-    def step(p, s, key):
-        smp = sample(key, model, p, prompt, mask, 3)
-        r = CONSTRAINT.fn(smp.tokens_BT, smp.lengths_B)
-        lp_a, _ = log_prob(model, params, prompt, mask, smp.tokens_BT, smp.lengths_B)
-
-        def loss(p):
-            lp, _ = log_prob(model, p, prompt, mask, smp.tokens_BT, smp.lengths_B)
-            return sampled_loss(lp, lp_a, r, BETA)
-
-        (value, aux), g = jax.value_and_grad(loss, has_aux=True)(p)
-        u, s = opt.update(g, s)
-        return optax.apply_updates(p, u), s, aux
-
-    p, s = params, opt.init(params)
+    trainer = RL(model, params, CONSTRAINT, RLConfig(beta=BETA, n_samples=1024, max_new_tokens=3, learning_rate=0.05))
+    state, history = run(trainer, trainer.init_state(params), LoopConfig(steps=400, progress=False))
     with jax.enable_x64(True):
         ideal = np.exp(log_rl_ideal(log_a, b, BETA))
         start = 0.5 * np.abs(np.exp(log_a) - ideal).sum()
-    for i in range(400):
-        p, s, aux = step(p, s, jax.random.PRNGKey(i))
-    with jax.enable_x64(True):
-        pi = np.exp(exact_log_prob(model, jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), p), 3))
+        pi = np.exp(exact_log_prob(model, jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), state.params), 3))
     tv = 0.5 * np.abs(pi - ideal).sum()
     assert tv < 0.05 and tv < 0.2 * start, (tv, start)
+    assert abs(history[-1]["reward"] - ideal[b].sum()) < 0.05  # E_pi[b] on the last samples ~ the ideal's AR
+    assert {"loss", "reward", "kl_pi_a", "objective", "grad_norm", "samples"} <= set(history[-1])
+
+
+def test_rl_trainer_on_a_tiny_transformer_moves_toward_its_ideal():
+    model = TinyTransformerARM(4, 4, eos_id=0, d_model=16)
+    constraint = C.contains_ngram([2, 3])
+    params = model.init(jax.random.PRNGKey(0))
+    b = exact_constraint(SequenceSpace.of(model, 4), constraint)
+    with jax.enable_x64(True):
+        log_a = exact_log_prob(model, params, 4)
+        log_ideal = log_rl_ideal(log_a, b, 0.25)
+
+    def kl_to_ideal(p):  # J(pi) = beta log Z_beta - beta KL(pi || pi_beta): the RL objective, exactly
+        with jax.enable_x64(True):
+            log_pi = exact_log_prob(model, p, 4)
+        support = np.isfinite(log_pi)
+        return float(np.sum(np.where(support, np.exp(log_pi) * (np.where(support, log_pi, 0.0) - np.where(support, log_ideal, 0.0)), 0.0)))
+
+    trainer = RL(model, params, constraint, RLConfig(beta=0.25, n_samples=256, max_new_tokens=4, learning_rate=1e-2))
+    state, _ = run(trainer, trainer.init_state(params), LoopConfig(steps=40, progress=False))
+    before, after = kl_to_ideal(params), kl_to_ideal(state.params)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_rl_config_errors():
+    with pytest.raises(ValueError, match="beta"):
+        RLConfig(beta=0.0)
+    with pytest.raises(ValueError, match="n_samples"):
+        RLConfig(beta=1.0, n_samples=1)
 
 
 def test_bad_beta():

@@ -9,16 +9,21 @@ which equals g(v | x_<t) exactly when sigmoid(R) is the true prefix value (see
 `guard_jax.exact.exact_prefix_values`): the ARM of Theorem 1's "exists but intractable". The head is trained
 by binary cross-entropy on the sequence labels b(y) of base samples, at every position in parallel; a
 policy p_theta can then be fine-tuned toward q with the per-token closed-form KL(q(.|x_<t) || p_theta(.|x_<t)).
+`AuxTrainer` does both, on the same base samples, in the shared training loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from guard_jax.models.base import ARM
+from guard_jax.train.common import adam, host_constraint, left_pad_prompts, sample_many
+from guard_jax.train.loop import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,3 +107,80 @@ def token_kl_loss(policy: ARM, policy_params, aux: AuxProposal, aux_params, prom
     kl_BT = jnp.sum(jnp.exp(logq_BTV) * jnp.where(jnp.isfinite(logq_BTV), logq_BTV - logp_BTV, 0.0), axis=-1)
     w_BT = _positions_BT(tokens_BT, lengths_B)
     return jnp.sum(kl_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxConfig:
+    """n_samples: base samples per step (labelled by b); kl_weight: weight of the per-token KL that distils
+    q into the policy (0: train the value head only)."""
+
+    n_samples: int = 256
+    max_new_tokens: int = 30
+    learning_rate: float = 1e-4
+    kl_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.n_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"n_samples and max_new_tokens must be >= 1, got {self.n_samples}, {self.max_new_tokens}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.kl_weight >= 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+
+
+class AuxTrainer:
+    """Value head R by BCE on labels b(y) of base samples, plus a policy p_theta pulled toward
+    q = a · sigmoid(R) by the per-token closed-form KL(q || p_theta) on the same samples.
+
+    State params: {"head": R's params, "policy": p_theta's params} ({"head"} alone when kl_weight = 0); the
+    base a stays frozen. Both the head and the policy are proposals: q (`proposal(state)`, two forward
+    passes per token) and p_theta (one model). Metrics: loss, bce, token_kl, ar (fraction of the step's
+    base samples with b = 1), grad_norm, samples (= n_samples base samples drawn).
+    """
+
+    def __init__(self, base: ARM, base_params, head: ARM, constraint, config: AuxConfig, *, policy: ARM | None = None,
+                 context: list[int] | None = None):
+        self.aux = AuxProposal(base, head)
+        self.base_params, self.constraint, self.config = base_params, constraint, config
+        self.policy = base if policy is None else policy
+        if self.policy.vocab_size != base.vocab_size:
+            raise ValueError(f"policy must share the base vocabulary ({base.vocab_size}), got {self.policy.vocab_size}")
+        ((self.prompt, self.mask),) = left_pad_prompts([base.bos_id] if context is None else list(context), pad_id=base.pad_id)
+        self.optimizer = adam(config.learning_rate)
+
+    def init_state(self, params) -> TrainState:
+        if "head" not in params or (self.config.kl_weight > 0) != ("policy" in params):
+            need = '{"head": ..., "policy": ...}' if self.config.kl_weight > 0 else '{"head": ...}'
+            raise ValueError(f"params must be {need} (kl_weight={self.config.kl_weight}), got keys {sorted(params)}")
+        return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {})
+
+    def proposal(self, state: TrainState) -> tuple[AuxProposal, dict]:
+        """The ARM q = a · sigmoid(R) and its params, for the GUARD sampler or exact evaluation."""
+        return self.aux, {"base": self.base_params, "head": state.params["head"]}
+
+    def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
+        c = self.config
+        tokens, lengths, _ = sample_many(key, self.aux.base, self.base_params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens)
+        labels = jnp.asarray(host_constraint(self.constraint, tokens, lengths))
+        state, metrics = _aux_update(state, self.base_params, self.prompt, self.mask, tokens, lengths, labels,
+                                     jnp.asarray(c.kl_weight, jnp.float32), aux=self.aux, policy=self.policy, optimizer=self.optimizer)
+        return state, metrics | {"ar": jnp.mean(labels.astype(jnp.float32)), "samples": c.n_samples}
+
+
+@functools.partial(jax.jit, static_argnames=("aux", "policy", "optimizer"))
+def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_NT, lengths_N, labels_N, kl_weight, *, aux, policy, optimizer):
+    N = tokens_NT.shape[0]
+    prompt_N, mask_N = jnp.repeat(prompt_1P, N, 0), jnp.repeat(mask_1P, N, 0)
+
+    def loss_fn(params):
+        bce = value_bce_loss(aux.head, params["head"], prompt_N, mask_N, tokens_NT, lengths_N, labels_N)
+        if "policy" not in params:
+            return bce, {"bce": bce, "token_kl": jnp.zeros_like(bce)}
+        aux_params = {"base": base_params, "head": params["head"]}
+        kl = token_kl_loss(policy, params["policy"], aux, aux_params, prompt_N, mask_N, tokens_NT, lengths_N)
+        return bce + kl_weight * kl, {"bce": bce, "token_kl": kl}
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state, state.extra), parts | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

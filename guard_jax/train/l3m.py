@@ -8,15 +8,25 @@ with the relaxed (C^1, linearly extended) log barrier B_{mu,s}(z) = -mu log(-z) 
 (mu/s) z + mu - mu log s beyond, s = mu^2, and mu annealed from 1 to 0.01. The barrier's slope
 B'(C_i) = mu / (-C_i) acts as the Lagrange multiplier lambda_i (logged). Rewards are b for GUARD's
 constraints or a classifier score; E_pi[r_i] and its gradient come from samples of pi (score function
-with a mean baseline), or exactly on toy ARMs.
+with a mean baseline), or exactly on toy ARMs. `L3M` is the trainer for the shared loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+
+from guard_jax.data.packing import batch_indices
+from guard_jax.models.base import ARM
+from guard_jax.sampling import log_prob
+from guard_jax.train.common import adam, left_pad_prompts, sample_many
+from guard_jax.train.loop import TrainState
 
 
 def _check_mu(mu) -> None:
@@ -75,3 +85,95 @@ def sampled_loss(logp_sft_N, logp_pi_B, rewards_KB, thresholds_K, mu):
     grad_c_surrogate_K = -jnp.mean(advantage_KB * logp_pi_B[None], axis=1)
     loss = nll + jnp.mean(lam_K * grad_c_surrogate_K)
     return loss, {"nll": nll, "C": c_K, "lambda": lam_K, "barrier": jnp.mean(relaxed_log_barrier(c_K, mu))}
+
+
+@dataclasses.dataclass(frozen=True)
+class L3MConfig:
+    """thresholds: the c_i of E_pi[r_i] >= c_i, one per reward; total_steps: the length of the mu schedule
+    (mu_start at step 0 to mu_end at step total_steps - 1, then held); n_samples: policy samples per step
+    (the expected rewards and their gradient); batch_size: SFT rows per step."""
+
+    thresholds: tuple[float, ...]
+    total_steps: int
+    n_samples: int = 256
+    batch_size: int = 64
+    max_new_tokens: int = 30
+    learning_rate: float = 1e-4
+    mu_start: float = 1.0
+    mu_end: float = 0.01
+
+    def __post_init__(self):
+        object.__setattr__(self, "thresholds", tuple(float(c) for c in self.thresholds))
+        if not self.thresholds:
+            raise ValueError("thresholds must hold one c_i per reward (E[r_i] >= c_i), got none")
+        mu_schedule(0, self.total_steps, self.mu_start, self.mu_end)  # validates the schedule
+        if self.n_samples < 2 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"need n_samples >= 2 (the baseline), batch_size >= 1 and max_new_tokens >= 1, "
+                             f"got {self.n_samples}, {self.batch_size}, {self.max_new_tokens}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+class L3M:
+    """L3M trainer for the shared loop (`guard_jax.train.loop.run`).
+
+    sft_tokens_NT / sft_lengths_N: the SFT data (e.g. b-filtered samples of a); `rewards`: one callable
+    r_i(tokens_NT, lengths_N) -> values_N per constraint (a GUARD `Constraint` gives r = b), evaluated on the
+    host. Each step takes `batch_size` SFT rows (epoch-wise permutations by (seed, step)) and draws
+    `n_samples` fresh samples of the current policy; mu follows `mu_schedule`. Metrics: loss, nll, mu,
+    barrier, and per constraint i: reward_i (E_pi[r_i] on the samples), C_i = c_i - E_pi[r_i] and the
+    multiplier lambda_i = mu / (-C_i) (1/mu on the linear branch); `samples` = policy samples drawn.
+    """
+
+    def __init__(self, model: ARM, sft_tokens_NT, sft_lengths_N, rewards, config: L3MConfig, *,
+                 context: list[int] | None = None, seed: int = 0):
+        tokens_NT, lengths_N = np.asarray(sft_tokens_NT, np.int32), np.asarray(sft_lengths_N, np.int32)
+        if tokens_NT.ndim != 2 or lengths_N.shape != tokens_NT.shape[:1]:
+            raise ValueError(f"sft_tokens_NT must be [N, T] and sft_lengths_N [N], got {tokens_NT.shape} and {lengths_N.shape}")
+        if not 0 < config.batch_size <= len(tokens_NT):
+            raise ValueError(f"config.batch_size must be in [1, N={len(tokens_NT)}] (the SFT rows), got {config.batch_size}")
+        rewards = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]
+        if len(rewards) != len(config.thresholds) or not all(callable(r) for r in rewards):
+            raise ValueError(f"rewards must be {len(config.thresholds)} callables (one per threshold), got {rewards!r}")
+        self.model, self.tokens, self.lengths, self.rewards, self.config, self.seed = model, tokens_NT, lengths_N, rewards, config, seed
+        ((prompt, mask),) = left_pad_prompts([model.bos_id] if context is None else list(context), pad_id=model.pad_id)
+        self.prompt, self.mask = prompt, mask
+        self.optimizer = adam(config.learning_rate)
+
+    def init_state(self, params) -> TrainState:
+        return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {})
+
+    def mu(self, step: int) -> float:
+        c = self.config
+        return mu_schedule(step, c.total_steps, c.mu_start, c.mu_end)
+
+    def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
+        c, s = self.config, int(state.step)
+        idx = batch_indices(len(self.tokens), c.batch_size, self.seed, s)
+        tokens, lengths, _ = sample_many(key, self.model, state.params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens)
+        tokens_np, lengths_np = np.asarray(tokens), np.asarray(lengths)
+        r_KN = np.stack([np.asarray(r(tokens_np, lengths_np), np.float32) for r in self.rewards])
+        mu = self.mu(s)
+        state, aux = _l3m_update(state, self.prompt, self.mask, jnp.asarray(self.tokens[idx]), jnp.asarray(self.lengths[idx]),
+                                 tokens, lengths, jnp.asarray(r_KN), jnp.asarray(c.thresholds, jnp.float32),
+                                 jnp.asarray(mu, jnp.float32), model=self.model, optimizer=self.optimizer)
+        metrics = {k: aux[k] for k in ("loss", "nll", "barrier", "grad_norm")} | {"mu": mu, "samples": c.n_samples}
+        for i in range(len(c.thresholds)):
+            metrics |= {f"reward_{i}": r_KN[i].mean(), f"C_{i}": aux["C"][i], f"lambda_{i}": aux["lambda"][i]}
+        return state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("model", "optimizer"))
+def _l3m_update(state, prompt_1P, mask_1P, sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N, r_KN, thresholds_K, mu,
+                *, model, optimizer):
+    B, N = sft_tokens_BT.shape[0], tokens_NT.shape[0]
+
+    def loss_fn(params):
+        logp_sft_B = log_prob(model, params, jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0), sft_tokens_BT, sft_lengths_B)[0]
+        logp_pi_N = log_prob(model, params, jnp.repeat(prompt_1P, N, 0), jnp.repeat(mask_1P, N, 0), tokens_NT, lengths_N)[0]
+        return sampled_loss(logp_sft_B, logp_pi_N, r_KN, thresholds_K, mu)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state, state.extra), aux | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

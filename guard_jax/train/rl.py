@@ -2,13 +2,24 @@
 
 The objective J(pi) = E_pi[r] - beta KL(pi || a) has the ideal solution pi_beta(y) = a(y) exp(r(y)/beta) / Z_beta
 (`guard_jax.exact.log_rl_ideal`), which keeps mass on b = 0 for every beta > 0, where GUARD's g keeps none.
-Its policy gradient is E_pi[(r - beta (log pi - log a) - baseline) grad log pi].
+Its policy gradient is E_pi[(r - beta (log pi - log a) - baseline) grad log pi]. `RL` is the REINFORCE
+trainer for the shared loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+
+from guard_jax.models.base import ARM
+from guard_jax.sampling import log_prob
+from guard_jax.train.common import adam, left_pad_prompts, sample_many
+from guard_jax.train.loop import TrainState
 
 
 def _check_beta(beta) -> None:
@@ -36,3 +47,62 @@ def sampled_loss(logp_pi_B, logp_a_B, rewards_B, beta):
     advantage_B = jax.lax.stop_gradient(ret_B - ret_B.mean())
     loss = -jnp.mean(advantage_B * logp_pi_B)
     return loss, {"reward": jnp.mean(rewards_B), "kl_pi_a": jnp.mean(kl_B), "objective": jnp.mean(ret_B)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """beta: the KL coefficient; n_samples: policy samples per update (the baseline is their mean return)."""
+
+    beta: float
+    n_samples: int = 256
+    max_new_tokens: int = 30
+    learning_rate: float = 1e-4
+
+    def __post_init__(self):
+        _check_beta(self.beta)
+        if self.n_samples < 2 or self.max_new_tokens < 1:
+            raise ValueError(f"need n_samples >= 2 (the baseline) and max_new_tokens >= 1, got {self.n_samples}, {self.max_new_tokens}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+class RL:
+    """REINFORCE with a KL penalty to the frozen base a, for the shared loop.
+
+    `reward(tokens_NT, lengths_N) -> values_N` runs on the host (a GUARD `Constraint` gives r = b). Each step
+    draws `n_samples` of the current policy. Metrics: loss, reward (E_pi[r] on the samples), kl_pi_a (the
+    sample mean of log pi - log a), objective (E[r] - beta KL), grad_norm, samples (= n_samples drawn).
+    """
+
+    def __init__(self, model: ARM, base_params, reward, config: RLConfig, *, context: list[int] | None = None):
+        if not callable(reward):
+            raise TypeError(f"reward must be callable (tokens_NT, lengths_N) -> values_N, got {type(reward).__name__}")
+        self.model, self.base_params, self.reward, self.config = model, base_params, reward, config
+        ((self.prompt, self.mask),) = left_pad_prompts([model.bos_id] if context is None else list(context), pad_id=model.pad_id)
+        self.optimizer = adam(config.learning_rate)
+
+    def init_state(self, params) -> TrainState:
+        return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {})
+
+    def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
+        c = self.config
+        tokens, lengths, _ = sample_many(key, self.model, state.params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens)
+        r_N = jnp.asarray(np.asarray(self.reward(np.asarray(tokens), np.asarray(lengths)), np.float32))
+        state, metrics = _rl_update(state, self.base_params, self.prompt, self.mask, tokens, lengths, r_N, jnp.asarray(c.beta, jnp.float32),
+                                    model=self.model, optimizer=self.optimizer)
+        return state, metrics | {"samples": c.n_samples}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "optimizer"))
+def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_NT, lengths_N, r_N, beta, *, model, optimizer):
+    N = tokens_NT.shape[0]
+    prompt_N, mask_N = jnp.repeat(prompt_1P, N, 0), jnp.repeat(mask_1P, N, 0)
+    logp_a_N = log_prob(model, base_params, prompt_N, mask_N, tokens_NT, lengths_N)[0]
+
+    def loss_fn(params):
+        return sampled_loss(log_prob(model, params, prompt_N, mask_N, tokens_NT, lengths_N)[0], logp_a_N, r_N, beta)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state, state.extra), aux | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

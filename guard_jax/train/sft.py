@@ -19,10 +19,12 @@ from guard_jax.train.loop import TrainState
 
 class SFT:
     """Trainer for the shared loop. tokens_NT/lengths_N: the continuations; `context`: their prompt tokens
-    (default [BOS]); one step = one minibatch of `batch_size` rows (an epoch is N // batch_size steps)."""
+    (default [BOS]); one step = one minibatch of `batch_size` rows (an epoch is N // batch_size steps).
+    `optimizer` (default Adam at `learning_rate`): pass one shared instance to several SFT trainers over
+    same-shaped batches and they share one compiled step."""
 
     def __init__(self, model: ARM, tokens_NT, lengths_N, *, batch_size: int, learning_rate: float, context: list[int] | None = None,
-                 seed: int = 0, warmup_steps: int = 0):
+                 seed: int = 0, warmup_steps: int = 0, optimizer: optax.GradientTransformation | None = None):
         tokens_NT, lengths_N = np.asarray(tokens_NT, np.int32), np.asarray(lengths_N, np.int32)
         if tokens_NT.ndim != 2 or lengths_N.shape != tokens_NT.shape[:1]:
             raise ValueError(f"tokens_NT must be [N, T] and lengths_N [N], got {tokens_NT.shape} and {lengths_N.shape}")
@@ -31,7 +33,7 @@ class SFT:
         self.model, self.tokens, self.lengths, self.batch_size, self.seed = model, tokens_NT, lengths_N, batch_size, seed
         ((prompt, mask),) = left_pad_prompts([model.bos_id] if context is None else list(context), pad_id=model.pad_id)
         self.prompt_B, self.mask_B = jnp.repeat(prompt, batch_size, 0), jnp.repeat(mask, batch_size, 0)
-        self.optimizer = adam(learning_rate, warmup_steps)
+        self.optimizer = adam(learning_rate, warmup_steps) if optimizer is None else optimizer
 
     @property
     def steps_per_epoch(self) -> int:
