@@ -61,7 +61,7 @@ class Case:
             out = (hf or self.hf)(
                 torch.tensor(tokens_BT), attention_mask=torch.tensor(mask_BT), position_ids=torch.tensor(pos_BT)
             )
-        return out.logits.numpy()
+        return out.logits.float().numpy()
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -183,7 +183,11 @@ def test_bfloat16_runs_and_is_close(case):
     assert got.dtype == np.float32
     real = mask_BT > 0
     err = np.abs(got - want)[real]
-    assert err.max() < 0.5 and err.mean() < 0.1, (err.max(), err.mean())
+    assert err.max() < 0.3 and err.mean() < 0.05, (err.max(), err.mean())
+    # no further from float32 than transformers' own bfloat16 model is (typical logit ~1.3, errors ~0.02)
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(case.path, attn_implementation="eager", dtype=torch.bfloat16)
+    hf_err = np.abs(case.hf_logits(tokens_BT, mask_BT, hf=hf16.eval()).astype(np.float32) - want)[real]
+    assert err.mean() < 1.5 * hf_err.mean(), (err.mean(), hf_err.mean())
     logits_BV, cache = prefill(model, params, tokens_BT[:, :P], mask_BT[:, :P], P + S)
     assert cache["k"][0].dtype == jnp.bfloat16
     for s in range(S):
@@ -207,5 +211,7 @@ def test_clear_errors(case):
         gemma.from_hf_config(dict(config, model_type="llama"))
     with pytest.raises(ValueError, match="linear"):
         gemma.from_hf_config(dict(config, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}))
+    with pytest.raises(ValueError, match="max_len=3"):
+        case.model.prefill(case.params, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32), case.model.init_cache(1, 3))
     with pytest.raises(ValueError, match="param_dtype"):
         gemma.from_hf_config(config, param_dtype=jnp.float16)
