@@ -195,6 +195,20 @@ def test_bfloat16_runs_and_is_close(case):
         logits_BV, cache = decode(model, params, jnp.asarray(tokens_BT[:, P + s]), cache)
 
 
+def test_bfloat16_checkpoint_round_trip(case, tmp_path):
+    """bfloat16 params -> safetensors -> bfloat16 params is exact; into float32 it is the exact upcast."""
+    model16 = dataclasses.replace(case.model, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), case.params)
+    save_file(dict(gemma.params_to_hf(model16, params16)), str(tmp_path / "model.safetensors"))
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+        assert f.get_tensor("model.norm.weight").dtype.name == "bfloat16"
+        again16 = gemma.params_from_hf(model16, f.get_tensor, set(f.keys()))
+        again32 = gemma.params_from_hf(case.model, f.get_tensor, set(f.keys()))
+    jax.tree.map(np.testing.assert_array_equal, again16, params16)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.float32)), again32, params16)
+    assert {x.dtype for x in jax.tree.leaves(again32)} == {jnp.dtype(jnp.float32)}
+
+
 def test_clear_errors(case):
     names = {name for name, _ in gemma.params_to_hf(case.model, case.params)}
     tensors = dict(gemma.params_to_hf(case.model, case.params))
