@@ -18,8 +18,10 @@ from safetensors.numpy import save_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from guard_jax.constraints import contains_token  # noqa: E402
 from guard_jax.models import gemma  # noqa: E402
-from guard_jax.sampling import log_prob, sample  # noqa: E402
+from guard_jax.rejection import guard_sample  # noqa: E402
+from guard_jax.sampling import bos_prompt, log_prob, sample  # noqa: E402
 
 V = 128
 COMMON = dict(
@@ -171,6 +173,20 @@ def test_sampler_log_probs_equal_log_prob(case):
     logp_B, logp_BT = log_prob(case.model, case.params, prompt_BP, mask_BP, out.tokens_BT, out.lengths_B)
     np.testing.assert_allclose(np.asarray(logp_BT), np.asarray(out.logp_BT), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(logp_B), np.asarray(out.logp_B), atol=1e-5, rtol=0)
+
+
+def test_guard_sampler_runs_unchanged(case):
+    """GUARD's rejection sampler on a Gemma: every sample satisfies b, and its log-probs are the model's."""
+    bos_B1, ones_B1 = bos_prompt(case.model, 1)
+    likely = int(jnp.argmax(apply(case.model, case.params, bos_B1, ones_B1)[0, 0]))
+    b = contains_token(likely)
+    out = guard_sample(
+        jax.random.PRNGKey(3), case.model, case.params, b, 8, max_new_tokens=6, batch_size=16, progress=False
+    )
+    assert out.tokens_NT.shape == (8, 6) and np.all(b(out.tokens_NT, out.lengths_N))
+    prompt_BP, mask_BP = bos_prompt(case.model, 8)
+    logp_B, _ = log_prob(case.model, case.params, prompt_BP, mask_BP, jnp.asarray(out.tokens_NT), jnp.asarray(out.lengths_N))
+    np.testing.assert_allclose(np.asarray(logp_B), out.logp_N, atol=1e-5, rtol=0)
 
 
 def test_bfloat16_runs_and_is_close(case):
