@@ -175,6 +175,7 @@ def test_sampler_log_probs_equal_log_prob(case):
     np.testing.assert_allclose(np.asarray(logp_B), np.asarray(out.logp_B), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["gemma2"], indirect=True)
 def test_guard_sampler_runs_unchanged(case):
     """GUARD's rejection sampler on a Gemma: every sample satisfies b, and its log-probs are the model's."""
     bos_B1, ones_B1 = bos_prompt(case.model, 1)
