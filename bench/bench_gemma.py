@@ -146,6 +146,9 @@ def bench(shape: dict, batch: int, prompt_len: int, new_tokens: int, repeats: in
         "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
         "achieved_GBps": round(bytes_per_token / decode_s / 1e9, 2),
         "roofline_fraction": round(bytes_per_token / decode_s / bandwidth, 3),
+        # the same fraction from whole `sample` calls (prefill included, so a lower bound); inside its scan XLA
+        # may hoist per-call work (e.g. CPU's bfloat16 -> float32 weight conversions) that a lone step repeats
+        "sample_roofline_fraction": round(bytes_per_token * new_tokens / sample_s / bandwidth, 3),
         "peak_host_GiB": round(peak_host_gib(), 2),
     }
 
