@@ -135,7 +135,9 @@ class Gemma:
 
     def prefill(self, params: dict, tokens_BP: jax.Array, mask_BP: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """Consume a left-padded prompt [B, P] in one pass into an empty cache -> (logits_BV of the next token, cache)."""
-        P = tokens_BP.shape[1]
+        P, L = tokens_BP.shape[1], cache["pos_BL"].shape[1]
+        if P > L:
+            raise ValueError(f"prompt of {P} tokens does not fit a cache of max_len={L}: size init_cache for prompt + new tokens")
         pos_BP = positions(mask_BP)
         x_BPD, kv = self._module.apply({"params": params}, tokens_BP, pos_BP)
         write = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, 0, 0))
