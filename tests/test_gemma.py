@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from guard_jax.constraints import contains_token  # noqa: E402
-from guard_jax.models import gemma  # noqa: E402
+from guard_jax.models import gemma, hf  # noqa: E402
 from guard_jax.rejection import guard_sample  # noqa: E402
 from guard_jax.sampling import bos_prompt, log_prob, sample  # noqa: E402
 
@@ -40,10 +40,9 @@ CONFIGS = {
 
 
 def load_local(path, dtype=jnp.float32):
-    """A minimal one-file loader (guard_jax.models.hf does the general job): -> (model, params)."""
-    model = gemma.from_hf_config(json.loads((path / "config.json").read_text()), dtype, dtype)
-    with safe_open(str(path / "model.safetensors"), "np") as f:
-        params = gemma.params_from_hf(model, f.get_tensor, set(f.keys()))
+    """Through the general loader (registry by model_type): -> (model, params)."""
+    model, params, _ = hf.load(path, dtype=dtype, tokenizer=False)
+    assert isinstance(model, gemma.Gemma)
     return model, params
 
 
