@@ -12,6 +12,9 @@ turns so that both see the same machine load).
 torch runs with OMP_WAIT_POLICY=PASSIVE unless the variable is already set: on a loaded machine the
 default (spinning) OpenMP threads make `generate` up to 10x slower, which would flatter guard_jax.
 
+Each sampling line also carries the machine's float32 matmul peak measured in the same run and the
+fraction of it guard_jax reaches (`decode_flops`): on a shared, loaded machine both move together.
+
 Goals (issue 4, 2-core CPU): >= 3x transformers' tokens/s on tiny and small; per-token time at T=512
 within 1.5x of T=32.
 """
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import emit
+from bench.common import emit, matmul_peak_flops
 from guard_jax.models import gpt2
 from guard_jax.sampling import log_prob, sample
 
@@ -51,6 +54,14 @@ def build(n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_positions: 
     state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
     params = gpt2.params_from_hf(model, state.__getitem__, set(state))
     return torch_model, model, params
+
+
+def decode_flops(model, new_tokens: int) -> float:
+    """Matmul FLOPs per generated token: the weights (QKV, projection, MLP, head) plus attention over the
+    average number of cached positions (what a decoder that reads only the filled cache would do)."""
+    D, F = model.n_embd, model.inner
+    weights = 2 * model.n_layer * (4 * D * D + 2 * D * F) + 2 * D * model.vocab_size
+    return weights + 4 * model.n_layer * D * (1 + new_tokens) / 2
 
 
 def _prompt(batch: int):
@@ -122,12 +133,15 @@ def bench_config(name: str, repeats: int, per_token_lengths=(32, 128, 512)) -> l
     torch_model, model, params = build(c["n_layer"], c["n_embd"], c["n_head"], c["vocab_size"])
     B, T = c["batch"], c["new_tokens"]
     common = {"config": name, **{k: c[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "batch": B}
+    peak = matmul_peak_flops()
     r = interleaved({"jax": jax_sampler(model, params, B, T), "torch": torch_sampler(torch_model, B, T)}, repeats)
     jax_s, torch_s = r["median"]["jax"], r["median"]["torch"]
     records = [{
         "bench": "sampling", **common, "new_tokens": T,
         "jax_tokens_per_s": round(B * T / jax_s), "torch_tokens_per_s": round(B * T / torch_s),
         "ratio": round(torch_s / jax_s, 2), "jax_compile_s": round(max(r["first"]["jax"] - jax_s, 0.0), 3), "goal_ratio": 3.0,
+        "jax_fraction_of_matmul_peak": round(B * T * decode_flops(model, T) / jax_s / peak, 3),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
     }]
     if name == "tiny":
         first_ms = None

@@ -77,8 +77,7 @@ class _Block(nn.Module):
             v_BHSK = jax.lax.dynamic_update_slice(v_BHLK, v_BHTK.astype(v_BHLK.dtype), (zero, zero, index, zero))
             new_kv = (k_BHSK, v_BHSK)
         a_BTHK = _attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, self.scale)
-        x_BTD = x_BTD + nn.Dense(D, dtype=self.dtype, param_dtype=self.param_dtype, name="c_proj",
-                                 kernel_init=nn.initializers.normal(0.02))(a_BTHK.reshape(B, T, D))
+        x_BTD = x_BTD + dense(D, "c_proj")(a_BTHK.reshape(B, T, D))
         h_BTF = _ACTIVATIONS[self.activation](dense(self.n_inner, "c_fc")(norm("ln_2")(x_BTD)))
         x_BTD = x_BTD + dense(D, "mlp_c_proj")(h_BTF)
         return x_BTD, new_kv
