@@ -134,7 +134,7 @@ def test_round_trip_is_exact_and_transformers_loads_the_export(ref, loaded, tmp_
 
 
 def test_untied_head_and_bare_gpt2model_names(tmp_path):
-    torch_model = _hf_gpt2(1, tie_word_embeddings=False, n_layer=1, activation_function="gelu")
+    torch_model = _hf_gpt2(1, tie_word_embeddings=False, activation_function="gelu", scale_attn_by_inverse_layer_idx=True)
     torch_model.save_pretrained(tmp_path / "untied")
     model, params, _ = hf.load(tmp_path / "untied")
     assert not model.tie_word_embeddings and "lm_head" in params

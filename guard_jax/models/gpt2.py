@@ -5,7 +5,7 @@ final LayerNorm and a head tied to the token embedding. Parameters keep Hugging 
 (`Conv1D` weights are [in, out], like Flax `Dense` kernels), so checkpoint conversion is a renaming.
 
 Left-padded batches: positions are `cumsum(mask) - 1`, so padding never shifts a row, and padded keys are
-masked out. The decoding cache holds fixed-size key/value buffers [B, L, H, K] per layer, the key mask,
+masked out. The decoding cache holds fixed-size key/value buffers [B, H, L, K] per layer, the key mask,
 each row's next position and the next write slot (shared by all rows: prompts are left-padded).
 
 Shapes: B batch, T query positions, L cache slots, D model width, H heads, K head width, V vocabulary.
@@ -35,12 +35,16 @@ _ACTIVATIONS = {
 _NEG = -1e30  # masked attention score (finite: a fully masked padding row stays finite)
 
 
-def _attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, scale: float):
-    """Softmax attention of T queries over S keys (scores and softmax in float32) -> out_BTHK."""
-    s_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32) * scale
+def _attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, scale: float):
+    """Softmax attention of T queries over S keys (scores and softmax in float32) -> out_BTHK.
+
+    Keys and values are head-major ([B, H, S, K], the cache layout): both products are then plain batched
+    matmuls and XLA never transposes the cache (a [B, S, H, K] cache was copied whole at every step).
+    """
+    s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK, preferred_element_type=jnp.float32) * scale
     s_BHTS = jnp.where(mask_BTS[:, None], s_BHTS, _NEG)
-    p_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(v_BSHK.dtype)
-    return jnp.einsum("bhts,bshk->bthk", p_BHTS, v_BSHK)
+    p_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(v_BHSK.dtype)
+    return jnp.einsum("bhts,bhsk->bthk", p_BHTS, v_BHSK)
 
 
 class _Block(nn.Module):
@@ -54,7 +58,7 @@ class _Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, mask_BTS, kv=None, index=None):
-        """kv = (k_BLHK, v_BLHK) cache buffers: the T new keys/values are written at slot `index` and the
+        """kv = (k_BHLK, v_BHLK) cache buffers: the T new keys/values are written at slot `index` and the
         queries attend over all L slots; without kv they attend over the T positions themselves."""
         B, T, D = x_BTD.shape
         H, K = self.n_head, D // self.n_head
@@ -62,19 +66,18 @@ class _Block(nn.Module):
                                          kernel_init=nn.initializers.normal(0.02))
         norm = lambda name: nn.LayerNorm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         qkv_BT3D = dense(3 * D, "c_attn")(norm("ln_1")(x_BTD))
-        q_BTHK, k_BTHK, v_BTHK = (t.reshape(B, T, H, K) for t in jnp.split(qkv_BT3D, 3, axis=-1))
+        q_BHTK, k_BHTK, v_BHTK = (t.reshape(B, T, H, K).transpose(0, 2, 1, 3) for t in jnp.split(qkv_BT3D, 3, axis=-1))
         if kv is None:
             new_kv = None
-            k_BSHK, v_BSHK = k_BTHK, v_BTHK
+            k_BHSK, v_BHSK = k_BHTK, v_BHTK
         else:
-            k_BLHK, v_BLHK = kv
+            k_BHLK, v_BHLK = kv
             zero = jnp.zeros((), jnp.int32)
-            k_BSHK = jax.lax.dynamic_update_slice(k_BLHK, k_BTHK.astype(k_BLHK.dtype), (zero, index, zero, zero))
-            v_BSHK = jax.lax.dynamic_update_slice(v_BLHK, v_BTHK.astype(v_BLHK.dtype), (zero, index, zero, zero))
-            new_kv = (k_BSHK, v_BSHK)
-        a_BTHK = _attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, self.scale)
-        x_BTD = x_BTD + nn.Dense(D, dtype=self.dtype, param_dtype=self.param_dtype, name="c_proj",
-                                 kernel_init=nn.initializers.normal(0.02))(a_BTHK.reshape(B, T, D))
+            k_BHSK = jax.lax.dynamic_update_slice(k_BHLK, k_BHTK.astype(k_BHLK.dtype), (zero, zero, index, zero))
+            v_BHSK = jax.lax.dynamic_update_slice(v_BHLK, v_BHTK.astype(v_BHLK.dtype), (zero, zero, index, zero))
+            new_kv = (k_BHSK, v_BHSK)
+        a_BTHK = _attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, self.scale)
+        x_BTD = x_BTD + dense(D, "c_proj")(a_BTHK.reshape(B, T, D))
         h_BTF = _ACTIVATIONS[self.activation](dense(self.n_inner, "c_fc")(norm("ln_2")(x_BTD)))
         x_BTD = x_BTD + dense(D, "mlp_c_proj")(h_BTF)
         return x_BTD, new_kv
@@ -183,9 +186,9 @@ class GPT2:
         return logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
-        """Empty cache for `max_len` positions (prompt + new tokens): k/v [B, L, H, K] per layer."""
+        """Empty cache for `max_len` positions (prompt + new tokens): k/v [B, H, L, K] per layer."""
         self._check_len(max_len, "max_len (prompt + new tokens)")
-        shape = (batch_size, max_len, self.n_head, self.n_embd // self.n_head)
+        shape = (batch_size, self.n_head, max_len, self.n_embd // self.n_head)
         zeros = lambda: jnp.zeros(shape, self.dtype)
         return {
             "kv": tuple((zeros(), zeros()) for _ in range(self.n_layer)),

@@ -1,0 +1,185 @@
+"""guard_jax sampling and scoring vs transformers PyTorch on the same random GPT-2. One JSON line per config.
+
+    python -m bench.bench_sampling [--quick] [--repeats 3] [--threads 2]
+
+Both sides get the same random weights (a transformers GPT2LMHeadModel converted with
+`gpt2.params_from_hf`), the same batch of [BOS] prompts, the same number of new tokens (no EOS, so every
+row generates exactly T tokens), temperature 1 ancestral sampling (transformers: `generate(do_sample=True,
+top_k=0)`) and the same thread count (torch.set_num_threads; XLA's CPU client uses the process's cores).
+Compile time is reported separately from the run time (median of `--repeats` runs, the two sides taking
+turns so that both see the same machine load).
+
+torch runs with OMP_WAIT_POLICY=PASSIVE unless the variable is already set: on a loaded machine the
+default (spinning) OpenMP threads make `generate` up to 10x slower, which would flatter guard_jax.
+
+Each sampling line also carries the machine's float32 matmul peak measured in the same run and the
+fraction of it guard_jax reaches (`decode_flops`): on a shared, loaded machine both move together.
+
+Goals (issue 4, 2-core CPU): >= 3x transformers' tokens/s on tiny and small; per-token time at T=512
+within 1.5x of T=32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see the docstring)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import emit, matmul_peak_flops
+from guard_jax.models import gpt2
+from guard_jax.sampling import log_prob, sample
+
+CONFIGS = {
+    "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, batch=32, new_tokens=32),
+    "small": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=8192, batch=64, new_tokens=128),
+}
+
+
+def build(n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_positions: int = 1024, seed: int = 0):
+    """A random transformers GPT2LMHeadModel (no EOS) and the same weights as guard_jax (model, params)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    torch_model = GPT2LMHeadModel(config).eval()
+    model = gpt2.from_hf_config(config.to_dict())
+    state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    params = gpt2.params_from_hf(model, state.__getitem__, set(state))
+    return torch_model, model, params
+
+
+def decode_flops(model, new_tokens: int) -> float:
+    """Matmul FLOPs per generated token: the weights (QKV, projection, MLP, head) plus attention over the
+    average number of cached positions (what a decoder that reads only the filled cache would do)."""
+    D, F = model.n_embd, model.inner
+    weights = 2 * model.n_layer * (4 * D * D + 2 * D * F) + 2 * D * model.vocab_size
+    return weights + 4 * model.n_layer * D * (1 + new_tokens) / 2
+
+
+def _prompt(batch: int):
+    prompt_B1 = jnp.zeros((batch, 1), jnp.int32)  # BOS = 0
+    return prompt_B1, jnp.ones_like(prompt_B1)
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each no-argument function, run in turns (A, B, A, B, ...) so that both see the
+    same machine load; each is called once first (compilation, warm-up), which is timed separately."""
+    first = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    return {"median": median, "first": first}
+
+
+def jax_sampler(model, params, batch: int, new_tokens: int):
+    prompt, mask = _prompt(batch)
+    return lambda: sample(jax.random.PRNGKey(0), model, params, prompt, mask, new_tokens).tokens_BT.block_until_ready()
+
+
+def torch_sampler(torch_model, batch: int, new_tokens: int):
+    """transformers `generate(do_sample=True, top_k=0)` of exactly `new_tokens` tokens per row."""
+    import torch
+
+    ids = torch.zeros((batch, 1), dtype=torch.long)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    def run():
+        with torch.no_grad():
+            out = torch_model.generate(ids, **kw)
+        assert out.shape == (batch, 1 + new_tokens), out.shape
+
+    return run
+
+
+def scorers(torch_model, model, params, batch: int, length: int):
+    """Teacher-forced sequence log-probs: guard_jax `log_prob` and a torch forward pass -> (jax_fn, torch_fn)."""
+    import torch
+
+    prompt, mask = _prompt(batch)
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(1), (batch, length), 0, model.vocab_size)
+    lengths_B = jnp.full((batch,), length, jnp.int32)
+    ids = torch.tensor(np.concatenate([np.zeros((batch, 1), np.int64), np.asarray(tokens_BT)], 1))
+
+    def jax_fn():
+        return np.asarray(log_prob(model, params, prompt, mask, tokens_BT, lengths_B)[0])
+
+    def torch_fn():
+        with torch.no_grad():
+            logits = torch_model(ids[:, :-1]).logits
+            return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].sum(-1).numpy()
+
+    return jax_fn, torch_fn
+
+
+def bench_config(name: str, repeats: int, per_token_lengths=(32, 128, 512)) -> list[dict]:
+    c = CONFIGS[name]
+    torch_model, model, params = build(c["n_layer"], c["n_embd"], c["n_head"], c["vocab_size"])
+    B, T = c["batch"], c["new_tokens"]
+    common = {"config": name, **{k: c[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "batch": B}
+    peak = matmul_peak_flops()
+    r = interleaved({"jax": jax_sampler(model, params, B, T), "torch": torch_sampler(torch_model, B, T)}, repeats)
+    jax_s, torch_s = r["median"]["jax"], r["median"]["torch"]
+    records = [{
+        "bench": "sampling", **common, "new_tokens": T,
+        "jax_tokens_per_s": round(B * T / jax_s), "torch_tokens_per_s": round(B * T / torch_s),
+        "ratio": round(torch_s / jax_s, 2), "jax_compile_s": round(max(r["first"]["jax"] - jax_s, 0.0), 3), "goal_ratio": 3.0,
+        "jax_fraction_of_matmul_peak": round(B * T * decode_flops(model, T) / jax_s / peak, 3),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+    }]
+    if name == "tiny":
+        first_ms = None
+        for L in per_token_lengths:
+            r = interleaved({"jax": jax_sampler(model, params, B, L), "torch": torch_sampler(torch_model, B, L)}, repeats)
+            jax_ms, torch_ms = 1e3 * r["median"]["jax"] / L, 1e3 * r["median"]["torch"] / L
+            first_ms = first_ms or jax_ms
+            records.append({"bench": "per_token", **common, "new_tokens": L, "jax_ms_per_step": round(jax_ms, 4),
+                            "torch_ms_per_step": round(torch_ms, 4), "ratio": round(torch_ms / jax_ms, 2),
+                            "jax_compile_s": round(max(r["first"]["jax"] - r["median"]["jax"], 0.0), 3),
+                            "jax_vs_first_T": round(jax_ms / first_ms, 2), "goal_vs_first_T": 1.5})
+    jax_fn, torch_fn = scorers(torch_model, model, params, B, T)
+    diff = float(np.abs(jax_fn() - torch_fn()).max())
+    r = interleaved({"jax": jax_fn, "torch": torch_fn}, repeats)
+    records.append({"bench": "scoring", **common, "length": T,
+                    "jax_sequences_per_s": round(B / r["median"]["jax"], 1), "torch_sequences_per_s": round(B / r["median"]["torch"], 1),
+                    "ratio": round(r["median"]["torch"] / r["median"]["jax"], 2), "max_abs_logp_diff_vs_torch": diff})
+    return records
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config only, one repeat, T in (32, 128)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (match the CPU cores XLA uses)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    configs, repeats, lengths = args.configs, args.repeats, (32, 128, 512)
+    if args.quick:
+        configs, repeats, lengths = ["tiny"], 1, (32, 128)
+    for name in configs:
+        for record in bench_config(name, repeats, lengths):
+            emit({**record, "torch_threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                  "load_average_1min": round(os.getloadavg()[0], 2)})
+
+
+if __name__ == "__main__":
+    main()
