@@ -14,8 +14,13 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import tempfile
 import time
+
+# torch's OpenMP threads spin-wait by default; beside JAX's threads on a 2-core machine that slows torch
+# several-fold, which would flatter our ratio. Passive waiting is torch's fair setting here (set before import).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax
 import numpy as np
@@ -122,6 +127,7 @@ def bench(name: str, repeats: int, threads: int, peak: float) -> dict:
         "speedup_vs_torch": round(ref_s / ours_s, 2), "goal_speedup": 3.0,
         "mfu": round(flops / ours_s / peak, 4), "torch_mfu": round(flops / ref_s / peak, 4), "peak_gflops": round(peak / 1e9, 1),
         "compile_plus_first_step_s": round(first, 2), "threads": threads,
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
     }
 
 
