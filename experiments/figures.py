@@ -52,7 +52,10 @@ def _series(runs: list[dict], ctx: int, name: str, quantity: str):
 
 
 def _methods(runs: list[dict], ctx: int) -> list[str]:
-    return [m for m in runs[0]["contexts"][ctx]["methods"] if all(m in r["contexts"][ctx]["methods"] for r in runs)]
+    """The proposals every run has, in the config's order (results.json stores them sorted by name)."""
+    have = runs[0]["contexts"][ctx]["methods"]
+    order = [m for m in runs[0]["config"].get("proposals", []) if m in have] + sorted(set(have) - set(runs[0]["config"].get("proposals", [])))
+    return [m for m in order if all(m in r["contexts"][ctx]["methods"] for r in runs)]
 
 
 def sample_efficiency(runs: list[dict], ctx: int, stem: pathlib.Path, quantity: str = "KL(g||a2)") -> list[pathlib.Path]:
@@ -66,7 +69,7 @@ def sample_efficiency(runs: list[dict], ctx: int, stem: pathlib.Path, quantity: 
         x, mid, lo, hi = s
         x = np.maximum(x, 1)  # CAP and the base point (0 samples) sit at the left edge of the log axis
         line, = ax.plot(x, mid, "o-", label=name, markersize=4)
-        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12)
     if quantity == "KL(g||a2)":
         ax.axhline(c0["gold"]["KL(g||a)"]["value"], color="k", ls="--", lw=1, label="KL(g||a) = -log Z")
         ax.set_ylabel("KL(g‖a')")
@@ -97,7 +100,8 @@ def pareto(runs: list[dict], ctx: int, stem: pathlib.Path) -> list[pathlib.Path]
     c = r["contexts"][ctx]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     allpts = []
-    for name, m in c["methods"].items():
+    for name in _methods(runs, ctx):
+        m = c["methods"][name]
         pts = [p for p in _points(m) if p["KL(g||g2)"] is not None and p["AR_a2"]["value"] > 0]
         if not pts:
             continue
@@ -124,7 +128,7 @@ def positions(run: dict, ctx: int, stem: pathlib.Path) -> list[pathlib.Path]:
     """The positional-bias histogram: g and each g' (relative position in the continuation, 10% bins)."""
     c = run["contexts"][ctx]
     series = {"g (gold)": np.asarray(c["gold"]["positions"])}
-    series |= {f"g' {name}": np.asarray(m["positions"]) for name, m in c["methods"].items() if m["positions"]}
+    series |= {f"g' {name}": np.asarray(c["methods"][name]["positions"]) for name in _methods([run], ctx) if c["methods"][name]["positions"]}
     what = run["config"].get("position_label", "relative position of the constraint in the continuation")
     return plot_positions(series, stem, xlabel=what, title=f"positional bias — {run['config']['name']} [{c['name']}]")
 

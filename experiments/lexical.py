@@ -36,9 +36,9 @@ def tasks(setup: pipeline.Setup) -> list[pipeline.Task]:
     filled in; positions of the keyword (or of `position_regex` when the constraint is another regex)."""
     cfg = setup.config
     word = cfg["keyword"]
-    constraint = C.from_spec(cfg.get("constraint", "keyword:{keyword}").format(keyword=word), setup.tokenizer)
+    constraint = C.from_spec(cfg.get("constraint", "keyword:{keyword}").format(keyword=word, Keyword=word.capitalize()), setup.tokenizer)
     pattern = re.compile(cfg["position_regex"]) if cfg.get("position_regex") else keyword_pattern(word)
-    return [pipeline.Task("bos", "", cfg["cap_prompt"].format(keyword=word), constraint,
+    return [pipeline.Task("bos", "", cfg["cap_prompt"].format(keyword=word, Keyword=word.capitalize()), constraint,
                           lambda texts: first_positions(texts, pattern, "relative"))]
 
 
