@@ -205,6 +205,7 @@ def run_task(setup: Setup, task: Task, proposals: list[str]) -> dict:
         t2 = time.perf_counter()
         estimates, g2_tokens, g2_lengths = evaluate(setup, task, gold, p.lm, int(ev["n_a2"]), name)
         ar = estimates["AR_a2"]["value"]
+        builder.finals[name] = {"samples": p.train_samples, "step": -1, **{q: estimates[q] for q in ("KL(g||a2)", "AR_a2", "KL(g||g2)")}}
         result["methods"][name] = {
             "train_samples": p.train_samples, "curve": p.curve, "metrics_jsonl": p.metrics_jsonl,
             "estimates": estimates, "guard_draws_per_sample": (1.0 / ar) if ar > 0 else None,

@@ -58,6 +58,7 @@ class Builder:
         self.setup, self.task, self.gold = setup, task, gold
         self.cache: dict[str, Proposal] = {}
         self.seconds: dict[str, float] = {}
+        self.finals: dict[str, dict] = {}  # name -> the curve point of its full evaluation (set by pipeline.run_task)
 
     def get(self, name: str) -> Proposal:
         if name not in self.cache:
@@ -67,6 +68,13 @@ class Builder:
             self.cache[name] = PROPOSALS[name](self, dict(self.setup.config.get("train", {}).get(name, {})))
             self.seconds[name] = time.perf_counter() - t0
         return self.cache[name]
+
+    def final(self, name: str) -> dict:
+        """The curve point of a built proposal at its full budget: its full evaluation if done, else a curve point."""
+        if name not in self.finals:
+            p = self.get(name)
+            self.finals[name] = self.point(p.lm, p.train_samples, -1, name)
+        return self.finals[name]
 
     def run_dir(self, name: str) -> pathlib.Path:
         return self.setup.run_dir / self.task.name / name
@@ -78,7 +86,8 @@ class Builder:
 
     def train(self, name: str, trainer, params, steps: int, eval_points: int, samples_at: Callable[[int], int],
               lm_of: Callable[[object], LM], start: dict | None = None, seed: int = 0) -> tuple[object, list[dict]]:
-        """Run `trainer` from `params` for `steps` updates in `eval_points` chunks, adding a curve point after each.
+        """Run `trainer` from `params` for `steps` updates in `eval_points` chunks, adding a curve point after each
+        but the last (the full evaluation of the trained proposal ends the curve, see `final`).
 
         `start`: the curve point before training (computed if None). Resumes from the run folder's checkpoints and
         curve.json. -> (final params, curve).
@@ -96,8 +105,8 @@ class Builder:
         loop = dict(out_dir=out, seed=seed, checkpoint_every=10**9, keep_last=1, progress=self.setup.progress, tensorboard=False)
         for target in targets:
             state, _ = run(trainer, state, LoopConfig(steps=target, **loop))
-            if any(p["step"] == target for p in curve):
-                continue
+            if target == steps or any(p["step"] == target for p in curve):
+                continue  # the final point is the proposal's full evaluation (pipeline.run_task)
             curve.append(self.point(lm_of(state.params), samples_at(target), target, name))
             atomic_write_json(curve_file, curve)
         return state.params, curve
@@ -183,8 +192,9 @@ def dpg(b: Builder, hp: dict) -> Proposal:
 @register("sft_dpg")
 def sft_dpg(b: Builder, hp: dict) -> Proposal:
     """Warm-start DPG: from the SFT-on-a model, off-policy with that model as the first proposal."""
-    src = b.get(hp.get("from", "sft_a"))
-    return _dpg(b, "sft_dpg", hp, src.lm.params, src.train_samples, src.curve[-1] if src.curve else None, proposal_params=src.lm.params)
+    name = hp.get("from", "sft_a")
+    src = b.get(name)
+    return _dpg(b, "sft_dpg", hp, src.lm.params, src.train_samples, b.final(name), proposal_params=src.lm.params)
 
 
 @register("cap_dpg")

@@ -84,8 +84,9 @@ def check_results(out: pathlib.Path, config: dict) -> dict:
             assert isinstance(m["train_samples"], int) and m["train_samples"] >= 0
             assert all(0 <= p < 1 for p in m["positions"])
             if m["train_samples"] > 0:  # trained: a curve from its start to its budget, and the trainer's log
-                samples = [p["samples"] for p in m["curve"]]
+                samples = [p["samples"] for p in figures._points(m)]  # the curve, then the full evaluation
                 assert len(samples) >= 2 and samples == sorted(samples) and samples[-1] == m["train_samples"]
+                assert all(p["samples"] < m["train_samples"] for p in m["curve"])
                 lines = pathlib.Path(m["metrics_jsonl"]).read_text().splitlines()
                 assert lines and all("loss" in json.loads(line) for line in lines)
     for f in results["figures"]:
@@ -101,7 +102,8 @@ def test_lexical_tiny_end_to_end(tiny_run):
     m = results["contexts"][0]["methods"]
     assert m["cap"]["train_samples"] == 0 and m["sft_a"]["train_samples"] == 1024
     assert m["sft_dpg"]["train_samples"] == 1024 + 2 * 512  # warm start: SFT's draws plus DPG's
-    assert m["sft_dpg"]["curve"][0] == m["sft_a"]["curve"][-1]  # DPG starts where SFT ended
+    sft_final = {q: m["sft_a"]["estimates"][q] for q in ("KL(g||a2)", "AR_a2", "KL(g||g2)")}
+    assert {q: m["sft_dpg"]["curve"][0][q] for q in sft_final} == sft_final  # DPG starts where SFT ended
 
 
 def test_figures_regenerate_from_saved_results(tiny_run):
