@@ -63,6 +63,7 @@ def find_keyword(setup: pipeline.Setup, candidates: list[str] | None, draws: int
 
 
 def build_setup(args, default_config: str) -> pipeline.Setup:
+    pipeline.enable_compilation_cache()
     config_path = args.config or str(CONFIGS / (f"{default_config}_quick.json" if args.quick else f"{default_config}_full.json"))
     config = pipeline.load_config(config_path, {"seed": args.seed, "model": args.model})
     model_path = config.get("model") or str(pipeline.DEFAULT_MODEL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import time
 import zlib
@@ -32,6 +33,14 @@ from guard_jax.io import atomic_write_json, atomic_write_text
 from guard_jax.metrics.diversity import self_bleu
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+XLA_CACHE = pathlib.Path(os.environ.get("GUARD_JAX_XLA_CACHE", pathlib.Path.home() / ".cache" / "guard_jax" / "xla"))
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk ($GUARD_JAX_XLA_CACHE) so that reruns skip most compilation."""
+    XLA_CACHE.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(XLA_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 DEFAULT_MODEL = ROOT / "guard_jax" / "assets" / "base_lm"
 
 
@@ -66,6 +75,11 @@ class Setup:
     @property
     def batch_size(self) -> int:
         return int(self.config.get("batch_size", 512))
+
+    @property
+    def score_batch_size(self) -> int:
+        """Teacher-forced scoring batch (gold sets are small: a smaller padded batch wastes less)."""
+        return int(self.config.get("score_batch_size", 128))
 
     def ids(self, text: str) -> list[int]:
         """BOS followed by the tokens of `text`."""
@@ -121,7 +135,7 @@ def kl_g_a2(gold: Gold, logp_a2_G: np.ndarray) -> E.Estimate:
 
 def curve_point(setup: Setup, task: Task, gold: Gold, a2: LM, n_draws: int, key: jax.Array) -> dict:
     """KL(g||a'), AR_a' (n_draws draws) and KL(g||g') = KL(g||a') + log AR_a' of one proposal, with CIs."""
-    kl = kl_g_a2(gold, score(a2, gold.tokens_NT, gold.lengths_N, setup.batch_size))
+    kl = kl_g_a2(gold, score(a2, gold.tokens_NT, gold.lengths_N, setup.score_batch_size))
     d = draw(key, a2, n_draws, setup.max_new_tokens, setup.batch_size, False)
     k = int(np.asarray(task.constraint(d.tokens_NT, d.lengths_N)).sum())
     ar = E.estimate_ar(k, n_draws)
@@ -143,7 +157,7 @@ def evaluate(setup: Setup, task: Task, gold: Gold, a2: LM, n_a2: int, name: str)
     b = np.asarray(task.constraint(d.tokens_NT, d.lengths_N))
     k = int(b.sum())
     a = setup.lm(setup.params, task.context)
-    logp_a2_G = score(a2, gold.tokens_NT, gold.lengths_N, setup.batch_size)
+    logp_a2_G = score(a2, gold.tokens_NT, gold.lengths_N, setup.score_batch_size)
     z, ar = gold.z, E.estimate_ar(k, n_a2)
     out = {"Z": _est(z), "AR_a2": _est(ar), "KL(g||a2)": _est(kl_g_a2(gold, logp_a2_G)),
            "AR_gain": None, "KL(g||g2)": None, "KL(g2||g)": None}
@@ -153,7 +167,7 @@ def evaluate(setup: Setup, task: Task, gold: Gold, a2: LM, n_a2: int, name: str)
         out["AR_gain"] = _est(E.Estimate(*(math.exp(x) for x in log_gain[:3]), 0.95, gold.draws + n_a2))
         out["KL(g||g2)"] = _est(E.estimate_kl_g_g2(gold.logp_a_N, logp_a2_G, gold.accepted, gold.draws, k, n_a2))
     if k >= 2:
-        logp_a_G2 = score(a, d.tokens_NT[b], d.lengths_N[b], setup.batch_size)
+        logp_a_G2 = score(a, d.tokens_NT[b], d.lengths_N[b], setup.score_batch_size)
         out["KL(g2||g)"] = _est(E.estimate_kl_g2_g(d.logp_N[b], logp_a_G2, k, n_a2, gold.accepted, gold.draws))
     return out, d.tokens_NT[b], d.lengths_N[b]
 
