@@ -134,7 +134,96 @@ for n in (0, 10, 100, 400):
 print(f"Z = {ex.z:.4f}; prefixes in the full tree: {(4**T - 1) // 3}")"""),
 ]
 
-NOTEBOOKS = {"theorem2_toy.ipynb": THEOREM2, "theorem1.ipynb": THEOREM1}
+SETUP = """import os, pathlib, sys, tempfile
+REPO = pathlib.Path(os.environ.get("GUARD_JAX_REPO", "..")).resolve()
+sys.path.insert(0, str(REPO))  # the experiments/ scripts live beside the package
+# The embedded base LM, or any local GPT-2/Gemma Hugging Face folder (set GUARD_JAX_MODEL or edit this line).
+MODEL = os.environ.get("GUARD_JAX_MODEL", str(REPO / "guard_jax" / "assets" / "base_lm"))
+OUT = pathlib.Path(os.environ.get("GUARD_JAX_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="guard_jax_notebook_"))  # results folder"""
+
+QUICKSTART = [
+    new_markdown_cell("""# GUARD in five minutes
+
+GUARD samples the gold distribution $g(y) = a(y)\\,b(y)/Z$ of a language model $a$ under a hard constraint
+$b$: draw $y \\sim a'$ until $b(y) = 1$. Every returned sample satisfies $b$; the cost is $1/\\mathrm{AR}_{a'}$
+draws per sample. This notebook loads the embedded base LM (a small GPT-2 trained on fortune cookies, shipped in
+the repository) or your own checkpoint, and runs the GUARD sampler with $a' = a$ and with a CAP proposal.
+
+Colab: Runtime → Change runtime type picks CPU, GPU or TPU; JAX uses whatever it finds."""),
+    new_code_cell(INSTALL),
+    new_code_cell("""import jax
+print("JAX backend:", jax.default_backend(), jax.devices())"""),
+    new_code_cell(SETUP),
+    new_code_cell("""from guard_jax.models import hf
+from guard_jax import constraints as C
+from guard_jax.rejection import guard_sample
+from guard_jax.constraints import decode_texts
+
+model, params, tokenizer = hf.load(MODEL)
+b = C.from_spec("keyword:nothing", tokenizer)  # the word 'nothing', with word boundaries
+res = guard_sample(jax.random.PRNGKey(0), model, params, b, 5, max_new_tokens=30, batch_size=256, max_draws=50_000)
+print(f"{res.accepted} accepted of {res.draws} draws: AR_a = {res.ar}")
+for t in decode_texts(tokenizer, res.tokens_NT, res.lengths_N):
+    print("-", t)"""),
+    new_markdown_cell("""A constraint-aware prompt (CAP) is a proposal $a'(y) = a(y \\mid \\text{prompt})$: GUARD with it is still
+exact for $g' \\propto a' b$, at a different acceptance rate. `guard_jax.evaluate.monte_carlo` estimates how far
+$g'$ is from $g$ (KL with confidence intervals); `experiments/lexical.py` trains better proposals (SFT, DPG)."""),
+    new_code_cell("""prompt = [model.bos_id] + tokenizer('The next fortune contains the word "nothing".\\n\\n', add_special_tokens=False)["input_ids"]
+import jax.numpy as jnp
+cap = (jnp.asarray([prompt]), jnp.ones((1, len(prompt)), jnp.int32))
+res2 = guard_sample(jax.random.PRNGKey(1), model, params, b, 5, max_new_tokens=30, batch_size=256, max_draws=50_000, prompt=cap)
+print(f"CAP: {res2.accepted} accepted of {res2.draws} draws: AR_a' = {res2.ar}")
+assert bool(b(res2.tokens_NT, res2.lengths_N).all())"""),
+]
+
+
+def _experiment_cells(module: str, config: str, overrides: str, figure: str) -> list:
+    return [
+        new_code_cell(INSTALL),
+        new_code_cell(SETUP),
+        new_code_cell(f"""from IPython.display import Image, Markdown, display
+from experiments import {module}, pipeline
+
+config = pipeline.load_config(REPO / "experiments" / "configs" / "{config}")
+# Small settings so that the notebook runs in a minute or two on a laptop CPU; raise them (or use the config as it
+# is) for real numbers.
+{overrides}
+model, params, tokenizer = pipeline.load_model(MODEL)
+out = pipeline.results_dir(config, OUT)
+setup = pipeline.Setup(model, params, tokenizer, config, out / "runs")
+results = pipeline.run(setup, {module}.tasks(setup), out, MODEL)
+display(Markdown((out / "results.md").read_text()))"""),
+        new_code_cell(f"""for name in ("{figure}", "pareto", "sample_efficiency"):
+    display(Image(filename=str(out / "figures" / f"{{name}}_{{results['contexts'][0]['name']}}.png")))"""),
+        new_markdown_cell("""Every figure regenerates from `results.json` alone: `python -m experiments.figures <results folder>`.
+Proposals are looked up by name in `experiments.proposals.PROPOSALS`; register your own with
+`@proposals.register("name")`."""),
+    ]
+
+
+LEXICAL = [
+    new_markdown_cell("""# The lexical experiment (GUARD §5.1) on the embedded model
+
+Unconditional generation of 30 tokens that must contain a keyword (word boundaries). We estimate $Z = \\mathrm{AR}_a$,
+build proposals (CAP, SFT on $b$-filtered samples, warm-start DPG), and evaluate each: $\\mathrm{AR}_{a'}$,
+$\\mathrm{KL}(g\\|a')$, $\\mathrm{KL}(g\\|g')$, $\\mathrm{KL}(g'\\|g)$ with 95% CIs, Self-BLEU, positional bias."""),
+    *_experiment_cells("lexical", "lexical_quick.json", """config.update(name="lexical_notebook", proposals=["cap", "sft_a", "sft_dpg"], semantic=False,
+              eval={"n_a": 4096, "n_a2": 1024, "n_diversity": 50, "n_curve": 512})
+config["train"] = {"sft_a": {**config["train"]["sft_a"], "draws": 4096, "epochs": 1},
+                   "sft_dpg": {**config["train"]["sft_dpg"], "steps": 2}}""", "positional_bias"),
+]
+
+SENTIMENT = [
+    new_markdown_cell("""# Sentiment reversal (GUARD §5.2) on the embedded model
+
+Contexts are negative openings from the corpus; the continuation's last sentence must be positive (VADER compound
+above a threshold). Same proposals and estimates as the lexical experiment, per context."""),
+    *_experiment_cells("sentiment", "sentiment_quick.json", """config.update(name="sentiment_notebook", proposals=["cap", "sft_a"], semantic=False, n_contexts=1,
+              eval={"n_a": 2048, "n_a2": 512, "n_diversity": 50, "n_curve": 256})
+config["train"] = {"sft_a": {**config["train"]["sft_a"], "draws": 2048, "epochs": 1}}""", "positional_bias"),
+]
+
+NOTEBOOKS = {"theorem2_toy.ipynb": THEOREM2, "theorem1.ipynb": THEOREM1, "quickstart.ipynb": QUICKSTART, "lexical.ipynb": LEXICAL, "sentiment.ipynb": SENTIMENT}
 
 
 def write_all() -> None:

@@ -15,7 +15,11 @@ def test_notebooks_are_generated_from_make_notebooks():
     assert {p.name for p in NOTEBOOKS} == set(make.NOTEBOOKS)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+SLOW = {"lexical.ipynb", "sentiment.ipynb"}  # they train proposals on the embedded model: minutes on 2 cores
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p for p in NOTEBOOKS],
+                         ids=lambda p: p.name)
 def test_notebook_executes(path):
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()

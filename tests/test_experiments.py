@@ -1,0 +1,154 @@
+"""The lexical and sentiment experiments end to end: results files complete and parsable, figures regenerated
+from the saved results alone, proposals looked up by name. The fast test runs lexical on a tiny random
+GPT-2 with the shipped tokenizer; the slow ones run both `--quick` configs on the embedded base LM."""
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import figures, lexical, pipeline, proposals, sentiment
+
+REQUIRED = {"Z", "AR_a2", "AR_gain", "KL(g||a)", "KL(g||a2)", "KL(g||g2)", "KL(g2||g)"} - {"KL(g||a)"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from guard_jax.data import tokenizer as tok_lib
+    from guard_jax.models import gpt2, hf
+
+    tok = tok_lib.load()
+    model = gpt2.GPT2(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_id=tok.bos_token_id,
+                      eos_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return hf.export(tmp_path_factory.mktemp("tiny_lm"), model, model.init(jax.random.PRNGKey(0)), tok)
+
+
+TINY = {
+    "name": "lexical_tiny",
+    "seed": 0,
+    "keyword": "wow",
+    "constraint": "regex:!",  # a random model writes '!' in about 1% of 10-token samples
+    "position_regex": "!",
+    "cap_prompt": "The next fortune contains the word \"{keyword}\"!\n\n",
+    "max_new_tokens": 10,
+    "batch_size": 256,
+    "semantic": False,
+    "proposals": ["cap", "sft_a", "sft_dpg"],
+    "eval": {"n_a": 4096, "n_a2": 512, "n_diversity": 30, "n_curve": 256},
+    "train": {
+        "sft_a": {"draws": 1024, "batch_size": 4, "learning_rate": 1e-2, "epochs": 1, "eval_points": 2},
+        "sft_dpg": {"steps": 2, "n_samples": 512, "minibatch": 256, "learning_rate": 1e-2, "eval_points": 1},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    results = lexical.main(["--config", str(config), "--model", str(tiny_model), "--out", str(root), "--quiet"])
+    return results, root / "lexical_tiny_seed0"
+
+
+def _check_estimate(e):
+    assert set(e) == {"value", "lo", "hi", "level", "n"}
+    assert e["lo"] <= e["value"] <= e["hi"] and e["level"] == 0.95 and e["n"] > 0
+
+
+def check_results(out: pathlib.Path, config: dict) -> dict:
+    """Everything the experiments promise to write, parsed and checked for completeness and sanity."""
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["name"] == config["name"] and results["seconds"] > 0
+    md = (out / "results.md").read_text()
+    for ctx in results["contexts"]:
+        g = ctx["gold"]
+        assert 2 <= g["accepted"] <= g["draws"] == config["eval"]["n_a"]
+        _check_estimate(g["Z"])
+        assert math.isclose(g["KL(g||a)"]["value"], -math.log(g["Z"]["value"]))
+        assert set(g["diversity"]["self_bleu"]) == {"2", "3", "4", "5"}
+        assert all(0 <= p < 1 for p in g["positions"]) and len(g["positions"]) >= 1
+        assert set(ctx["methods"]) == set(config["proposals"])
+        for name, m in ctx["methods"].items():
+            assert f"| {name} |" in md
+            assert REQUIRED <= set(m["estimates"])
+            for q in ("Z", "AR_a2", "KL(g||a2)"):
+                _check_estimate(m["estimates"][q])
+            for e in m["estimates"].values():
+                if e is not None:
+                    _check_estimate(e)
+            assert m["estimates"]["Z"] == g["Z"]  # one gold set for every proposal
+            assert isinstance(m["train_samples"], int) and m["train_samples"] >= 0
+            assert all(0 <= p < 1 for p in m["positions"])
+            if m["train_samples"] > 0:  # trained: a curve from its start to its budget, and the trainer's log
+                samples = [p["samples"] for p in figures._points(m)]  # the curve, then the full evaluation
+                assert len(samples) >= 2 and samples == sorted(samples) and samples[-1] == m["train_samples"]
+                assert all(p["samples"] < m["train_samples"] for p in m["curve"])
+                lines = pathlib.Path(m["metrics_jsonl"]).read_text().splitlines()
+                assert lines and all("loss" in json.loads(line) for line in lines)
+    for f in results["figures"]:
+        for ext in (".png", ".svg"):
+            assert (out / f).with_suffix(ext).stat().st_size > 1000
+    assert len(results["figures"]) == 4 * len(results["contexts"])
+    return results
+
+
+def test_lexical_tiny_end_to_end(tiny_run):
+    results, out = tiny_run
+    check_results(out, TINY)
+    m = results["contexts"][0]["methods"]
+    assert m["cap"]["train_samples"] == 0 and m["sft_a"]["train_samples"] == 1024
+    assert m["sft_dpg"]["train_samples"] == 1024 + 2 * 512  # warm start: SFT's draws plus DPG's
+    sft_final = {q: m["sft_a"]["estimates"][q] for q in ("KL(g||a2)", "AR_a2", "KL(g||g2)")}
+    assert {q: m["sft_dpg"]["curve"][0][q] for q in sft_final} == sft_final  # DPG starts where SFT ended
+
+
+def test_figures_regenerate_from_saved_results(tiny_run):
+    _, out = tiny_run
+    before = (out / "results.json").stat().st_mtime_ns
+    pngs = sorted((out / "figures").glob("*.png"))
+    for f in (out / "figures").iterdir():
+        f.unlink()
+    paths = figures.main([str(out)])
+    assert sorted(p for p in paths if p.suffix == ".png") == pngs
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert (out / "results.json").stat().st_mtime_ns == before  # nothing was rerun
+
+
+def test_figures_refuse_missing_results(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        figures.make_all(tmp_path)
+
+
+def test_pareto_front():
+    pts = [(0.0, 0.01), (0.5, 0.2), (1.0, 0.1), (0.2, 0.2), (0.3, 0.5)]
+    assert sorted(figures.pareto_front(pts)) == [0, 3, 4]
+
+
+def test_unknown_proposal_names_the_registry():
+    b = proposals.Builder(pipeline.Setup(None, None, None, {}, pathlib.Path(".")), None, None)
+    with pytest.raises(ValueError, match="unknown proposal 'nope'.*sft_dpg"):
+        b.get("nope")
+    assert {"cap", "sft_a", "sft_cap", "dpg", "sft_dpg", "cap_dpg"} <= set(proposals.PROPOSALS)
+
+
+def test_sentiment_contexts_and_positions():
+    openings = sentiment.negative_openings(3, -0.3)
+    assert len(openings) == 3 and len(set(openings)) == 3
+    from guard_jax.constraints import vader_positive
+
+    assert np.all(vader_positive(openings) < -0.3)
+    pos = sentiment.continuation_positions("It was bad.")([" Then it rained. But all was great!", " Great!", ""])
+    assert pos[0] == pytest.approx(len(" Then it rained. ") / len(" Then it rained. But all was great!"))
+    assert pos[1] == pytest.approx(1 / 7) and np.isnan(pos[2])  # after the leading space
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,name", [(lexical, "lexical_quick"), (sentiment, "sentiment_quick")])
+def test_quick_configs_on_the_embedded_model(module, name, tmp_path):
+    config = json.loads((lexical.CONFIGS / f"{name}.json").read_text())
+    module.main(["--quick", "--out", str(tmp_path), "--quiet"])
+    check_results(tmp_path / f"{name}_seed0", config)
