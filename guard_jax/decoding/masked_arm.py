@@ -1,0 +1,96 @@
+"""Masked decoding as an ARM: the law q of `gcd.masked_sample`, with the model contract (sample AND score).
+
+    q(y_t | y_<t) = a(y_t | y_<t) 1[y_t allowed] / sum_{v allowed} a(v | y_<t)
+
+where "allowed" is the length-aware mask of a `TokenAutomaton` (`gcd.TokenAutomaton.allowed`) after the
+generated tokens y_<t, with `max_new_tokens - t - 1` tokens left. Wrapping the mask as an ARM lets every
+tool that takes an LM (the plain sampler, teacher-forced scoring, the experiments' estimators of
+KL(g||q) and AR_q) use masking as a proposal a'. The wrapper is static (hashable, a `jax.jit` static
+argument); its params are {"base": a's params, "mask": the TokenAutomaton} (a pytree of arrays).
+
+A prefix where no token is allowed (only after the sequence has ended, or off the automaton) keeps a's
+conditionals instead of 0/0, as `train.aux.AuxProposal.combine` does, so log-probs stay finite there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from guard_jax.decoding.gcd import TokenAutomaton
+from guard_jax.models.base import ARM
+
+
+def mask_logits(logits_BV, allowed_BV):
+    """log a(v|u) on allowed v (-inf elsewhere), renormalised; rows with nothing allowed keep log a (float32+)."""
+    log_a = jax.nn.log_softmax(logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32)))
+    masked = jnp.where(allowed_BV, log_a, -jnp.inf)
+    return jnp.where(jnp.any(allowed_BV, axis=-1, keepdims=True), jax.nn.log_softmax(masked), log_a)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedARM:
+    """a masked by a token automaton. `prompt_len`: the width P of the (left-padded) prompt every call uses;
+    `max_new_tokens`: T, the length the masks are exact for (as in `masked_sample`)."""
+
+    base: ARM
+    prompt_len: int
+    max_new_tokens: int
+
+    def __post_init__(self):
+        if self.prompt_len < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"prompt_len and max_new_tokens must be >= 1, got {self.prompt_len}, {self.max_new_tokens}")
+
+    vocab_size = property(lambda self: self.base.vocab_size)
+    bos_id = property(lambda self: self.base.bos_id)
+    eos_id = property(lambda self: self.base.eos_id)
+    pad_id = property(lambda self: self.base.pad_id)
+
+    @staticmethod
+    def params_of(base_params, mask: TokenAutomaton) -> dict:
+        return {"base": base_params, "mask": mask}
+
+    def apply(self, params, tokens_BS, mask_BS=None):
+        """Teacher-forced: positions >= P - 1 (those that predict generated tokens) are masked -> logprobs_BSV."""
+        mask: TokenAutomaton = params["mask"]
+        P, T = self.prompt_len, self.max_new_tokens
+        B, S = tokens_BS.shape
+        if S < P:
+            raise ValueError(f"MaskedARM.apply got {S} positions, fewer than prompt_len={P}")
+        logits_BSV = self.base.apply(params["base"], tokens_BS, mask_BS)
+
+        def step(state_B, token_B):
+            return jnp.where(state_B >= 0, mask.advance(jnp.maximum(state_B, 0), token_B), state_B), state_B
+
+        gen_BG = tokens_BS[:, P:].astype(jnp.int32)  # generated tokens seen as inputs (G = S - P)
+        last_B, states_GB = jax.lax.scan(step, mask.init_state(B), gen_BG.T)
+        states_BG1 = jnp.concatenate([states_GB.T, last_B[:, None]], axis=1)  # state before generated token t
+        t_G1 = jnp.arange(S - P + 1)
+        allowed_BG1V = jax.vmap(lambda s_B, t: mask.allowed(jnp.maximum(s_B, 0), T - t - 1) & (s_B >= 0)[:, None],
+                                in_axes=(1, 0), out_axes=1)(states_BG1, t_G1)
+        head = jax.nn.log_softmax(logits_BSV[:, : P - 1].astype(jnp.promote_types(logits_BSV.dtype, jnp.float32)))
+        return jnp.concatenate([head, mask_logits(logits_BSV[:, P - 1 :], allowed_BG1V)], axis=1)
+
+    def init_cache(self, batch_size: int, max_len: int):
+        return {"base": self.base.init_cache(batch_size, max_len), "state": jnp.zeros((batch_size,), jnp.int32),
+                "t": jnp.zeros((), jnp.int32)}
+
+    def prefill(self, params, tokens_BP, mask_BP, cache):
+        if tokens_BP.shape[1] != self.prompt_len:
+            raise ValueError(f"MaskedARM was built for prompts of width {self.prompt_len}, got {tokens_BP.shape[1]}")
+        mask: TokenAutomaton = params["mask"]
+        logits_BV, base_cache = self.base.prefill(params["base"], tokens_BP, mask_BP, cache["base"])
+        state_B = mask.init_state(tokens_BP.shape[0])
+        out = mask_logits(logits_BV, mask.allowed(state_B, self.max_new_tokens - 1))
+        return out, {"base": base_cache, "state": state_B, "t": jnp.zeros((), jnp.int32)}
+
+    def decode(self, params, token_B, cache):
+        mask: TokenAutomaton = params["mask"]
+        logits_BV, base_cache = self.base.decode(params["base"], token_B, cache["base"])
+        state_B = cache["state"]
+        state_B = jnp.where(state_B >= 0, mask.advance(jnp.maximum(state_B, 0), token_B), state_B)
+        t = cache["t"] + 1
+        allowed_BV = mask.allowed(jnp.maximum(state_B, 0), self.max_new_tokens - t - 1) & (state_B >= 0)[:, None]
+        return mask_logits(logits_BV, allowed_BV), {"base": base_cache, "state": state_B, "t": t}
