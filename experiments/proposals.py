@@ -3,7 +3,9 @@
     @register("my_method")
     def my_method(b: Builder, hp: dict) -> Proposal: ...
 
-`hp` is `config["train"][name]` (may be empty). A builder may ask `b.get(other)` for a proposal it warm-starts
+`hp` is `config["train"][name]` (may be empty). A proposal registered with `param=` also answers to `name:VALUE`
+(e.g. `rl:0.2`): hp is `config["train"][name]` updated by `config["train"]["name:VALUE"]` and {param: float(VALUE)},
+and the builder gets the full name as `hp["name"]` (its run folder). A builder may ask `b.get(other)` for a proposal it warm-starts
 from (built once, cached). Each trainer runs in `run_dir/<context>/<name>/` (Orbax checkpoints, the loop's
 metrics.jsonl, curve.json): rerunning an experiment resumes its training. Every proposal reports the number of
 samples drawn for its training (warm starts included) and its curve: KL(g||a'), AR_a', KL(g||g') against
@@ -39,6 +41,7 @@ class Proposal(NamedTuple):
 
 
 PROPOSALS: dict[str, Callable] = {}
+PARAMETRISED: dict[str, str] = {}  # name -> the hp key a `name:VALUE` suffix sets
 _OPTIMIZERS: dict = {}
 
 
@@ -49,11 +52,17 @@ def _share_optimizer(trainer, learning_rate: float, warmup_steps: int):
     return trainer
 
 
-def register(name: str):
+def register(name: str, param: str | None = None):
+    """Register a builder; with `param`, `name:VALUE` names the same builder with hp[param] = float(VALUE)."""
+    if ":" in name:
+        raise ValueError(f"proposal name {name!r} must not contain ':' (it separates a parameter value)")
+
     def deco(fn):
         if name in PROPOSALS:
             raise ValueError(f"proposal {name!r} is registered twice")
         PROPOSALS[name] = fn
+        if param is not None:
+            PARAMETRISED[name] = param
         return fn
 
     return deco
@@ -67,13 +76,23 @@ class Builder:
         self.cache: dict[str, Proposal] = {}
         self.seconds: dict[str, float] = {}
         self.finals: dict[str, dict] = {}  # name -> the curve point of its full evaluation (set by pipeline.run_task)
+        self.extra: dict[str, object] = {}  # what builders share besides proposals (a trained aux state, a token automaton)
 
     def get(self, name: str) -> Proposal:
         if name not in self.cache:
-            if name not in PROPOSALS:
-                raise ValueError(f"unknown proposal {name!r} in config 'proposals'; registered: {', '.join(sorted(PROPOSALS))}")
+            base, sep, value = name.partition(":")
+            if base not in PROPOSALS or (sep and base not in PARAMETRISED):
+                raise ValueError(f"unknown proposal {name!r} in config 'proposals'; registered: {', '.join(sorted(PROPOSALS))}"
+                                 f" (with a ':VALUE' suffix: {', '.join(sorted(PARAMETRISED)) or 'none'})")
+            train = self.setup.config.get("train", {})
+            hp = dict(train.get(base, {}))
+            if sep:
+                try:
+                    hp |= {**train.get(name, {}), PARAMETRISED[base]: float(value), "name": name}
+                except ValueError:
+                    raise ValueError(f"proposal {name!r}: the value after ':' must be a number ({PARAMETRISED[base]})") from None
             t0 = time.perf_counter()
-            self.cache[name] = PROPOSALS[name](self, dict(self.setup.config.get("train", {}).get(name, {})))
+            self.cache[name] = PROPOSALS[base](self, hp)
             self.seconds[name] = time.perf_counter() - t0
         return self.cache[name]
 
@@ -85,7 +104,7 @@ class Builder:
         return self.finals[name]
 
     def run_dir(self, name: str) -> pathlib.Path:
-        return self.setup.run_dir / self.task.name / name
+        return self.setup.run_dir / self.task.name / name.replace(":", "=")
 
     def point(self, lm: LM, samples: int, step: int, tag: str) -> dict:
         n = int(self.setup.config["eval"].get("n_curve", 2000))
@@ -128,10 +147,15 @@ def _filtered_draws(b: Builder, lm: LM, n: int, tag: str) -> tuple[np.ndarray, n
     return d.tokens_NT[keep], d.lengths_N[keep], int(keep.sum())
 
 
-def _sft(b: Builder, name: str, hp: dict, source: LM) -> Proposal:
-    """SFT of a (no prompt: the task's context) on the b-filtered draws of `source`, one pass by default."""
-    s, draws = b.setup, int(hp.get("draws", 100_000))
-    tokens, lengths, kept = _filtered_draws(b, source, draws, name)
+def _sft(b: Builder, name: str, hp: dict, source: LM | None, data: tuple | None = None) -> Proposal:
+    """SFT of a (no prompt: the task's context) on the b-filtered draws of `source`, one pass by default;
+    or on `data` = (tokens_NT, lengths_N, kept, draws) drawn otherwise (ASAp)."""
+    s = b.setup
+    if data is None:
+        draws = int(hp.get("draws", 100_000))
+        tokens, lengths, kept = _filtered_draws(b, source, draws, name)
+    else:
+        tokens, lengths, kept, draws = data
     batch = int(hp.get("batch_size", 16))
     if kept < batch:
         raise ValueError(f"{name}: only {kept} of {draws:,} draws satisfied the constraint, fewer than train.{name}.batch_size={batch}; "
@@ -213,3 +237,6 @@ def cap_dpg(b: Builder, hp: dict) -> Proposal:
     if not b.task.cap_prompt:
         raise ValueError("proposal 'cap_dpg' needs a non-empty cap_prompt in the config")
     return _dpg(b, "cap_dpg", hp, b.setup.params, 0, _base_point(b), proposal_text=b.task.cap_prompt + b.task.context)
+
+
+from experiments import baselines  # noqa: E402,F401  (registers l3m, aux, aux_q, rl, masked, sft_masked, sft_asap)

@@ -152,3 +152,47 @@ def test_quick_configs_on_the_embedded_model(module, name, tmp_path):
     config = json.loads((lexical.CONFIGS / f"{name}.json").read_text())
     module.main(["--quick", "--out", str(tmp_path), "--quiet"])
     check_results(tmp_path / f"{name}_seed0", config)
+
+
+BASELINES = ["l3m", "aux", "aux_q", "rl", "rl:0.5", "masked", "sft_masked", "sft_asap"]
+TINY_BASELINES = {
+    **TINY,
+    "name": "lexical_tiny_baselines",
+    "proposals": BASELINES,
+    "eval": {"n_a": 4096, "n_a2": 256, "n_diversity": 20, "n_curve": 128},
+    "train": {
+        "l3m": {"draws": 1024, "batch_size": 4, "steps": 2, "n_samples": 64, "learning_rate": 1e-2, "threshold": 0.5, "eval_points": 1},
+        "aux": {"steps": 2, "n_samples": 64, "learning_rate": 1e-2, "eval_points": 1},
+        "rl": {"steps": 2, "n_samples": 64, "learning_rate": 1e-2, "beta": 0.1, "eval_points": 1},
+        "sft_masked": {"draws": 64, "batch_size": 8, "learning_rate": 1e-2, "epochs": 1, "eval_points": 1},
+        "sft_asap": {"draws": 32, "asap_batch": 16, "batch_size": 8, "learning_rate": 1e-2, "epochs": 1, "eval_points": 1},
+    },
+}
+
+
+def test_baseline_proposals_end_to_end(tiny_model, tmp_path):
+    """Every other proposal (L3M, aux value head and policy, RL at two betas, masking, SFT on masked and ASAp
+    samples) in the same results table, on the tiny random GPT-2."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_BASELINES))
+    results = lexical.main(["--config", str(config), "--model", str(tiny_model), "--out", str(tmp_path), "--quiet"])
+    check_results(tmp_path / "lexical_tiny_baselines_seed0", TINY_BASELINES)
+    m = results["contexts"][0]["methods"]
+    assert m["l3m"]["train_samples"] == 1024 + 2 * 64 and m["rl"]["train_samples"] == m["rl:0.5"]["train_samples"] == 2 * 64
+    assert m["aux"]["train_samples"] == m["aux_q"]["train_samples"] == 2 * 64
+    assert m["masked"]["train_samples"] == 0 and m["sft_masked"]["train_samples"] == 64 and m["sft_asap"]["train_samples"] == 32
+    # masking guarantees b (every token of the tiny vocabulary decodes to ASCII-or-FFFD text that the regex walks)
+    assert m["masked"]["estimates"]["AR_a2"]["value"] == 1.0
+    # rl and rl:0.5 are different runs (different beta) in different folders
+    assert m["rl"]["metrics_jsonl"] != m["rl:0.5"]["metrics_jsonl"]
+    metrics = [json.loads(line) for line in pathlib.Path(m["l3m"]["metrics_jsonl"]).read_text().splitlines()]
+    assert {"mu", "lambda_0", "C_0"} <= set(metrics[-1])
+
+
+def test_parametrised_proposal_names():
+    b = proposals.Builder(pipeline.Setup(None, None, None, {}, pathlib.Path(".")), None, None)
+    with pytest.raises(ValueError, match="must be a number"):
+        b.get("rl:big")
+    with pytest.raises(ValueError, match="unknown proposal 'sft_a:0.1'.*suffix: rl"):
+        b.get("sft_a:0.1")
+    assert {"l3m", "aux", "aux_q", "rl", "masked", "sft_masked", "sft_asap"} <= set(proposals.PROPOSALS)
