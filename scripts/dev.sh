@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for set-up and the common jobs. Creates ./.venv on first use (Python 3.11) and keeps
 # it in sync with requirements*.txt; then runs the job.
-#   bash scripts/dev.sh main        the main job (README)
+#   bash scripts/dev.sh main        the main job (README): the lexical experiment on the embedded model
+#   bash scripts/dev.sh toy         GUARD on a toy ARM, every quantity exact vs Monte Carlo
 #   bash scripts/dev.sh test        the default test suite (what CI runs)
 #   bash scripts/dev.sh test-slow   the slow tests
 #   bash scripts/dev.sh bench       all benchmarks, one JSON line each
@@ -23,9 +24,10 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"
 job=${1:-main}; shift || true
 case "$job" in
-  main) exec guard-jax toy "$@" ;;
+  main) exec python -m experiments.lexical --config experiments/configs/lexical_main.json "$@" ;;
+  toy) exec guard-jax toy "$@" ;;
   test) exec python -m pytest -m "not slow" -n 2 "$@" ;;
   test-slow) exec python -m pytest -m slow "$@" ;;
   bench) for f in bench/bench_*.py; do python -m "bench.$(basename "$f" .py)" "$@"; done ;;
-  *) echo "unknown job '$job': use main, test, test-slow or bench" >&2; exit 2 ;;
+  *) echo "unknown job '$job': use main, toy, test, test-slow or bench" >&2; exit 2 ;;
 esac
