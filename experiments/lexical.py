@@ -66,6 +66,7 @@ def build_setup(args, default_config: str) -> pipeline.Setup:
     pipeline.enable_compilation_cache()
     config_path = args.config or str(CONFIGS / (f"{default_config}_quick.json" if args.quick else f"{default_config}_full.json"))
     config = pipeline.load_config(config_path, {"seed": args.seed, "model": args.model})
+    pipeline.apply_settings(config, args.set)
     model_path = config.get("model") or str(pipeline.DEFAULT_MODEL)
     config["model"] = model_path
     model, params, tokenizer = pipeline.load_model(model_path)
@@ -81,6 +82,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     p.add_argument("--out", default="results", help="results root; the run goes to OUT/<config name>_seed<k>/")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, dotted into nested ones, VALUE as JSON if it parses "
+                        "(e.g. --set train.dpg.learning_rate=3e-4 --set 'proposals=[\"dpg\"]'); repeatable")
+    p.add_argument("--result", default=None, metavar="FILE",
+                   help="also write the per-proposal averages (the sweep's result file) to FILE, atomically")
     return p
 
 
@@ -89,6 +95,12 @@ def print_summary(results: dict, out: pathlib.Path) -> None:
     print(f"results: {out / 'results.json'}\n         {out / 'results.md'}")
     for f in results["figures"]:
         print(f"plot:    {out / f}")
+
+
+def write_result(args, results: dict, out: pathlib.Path) -> None:
+    """--result FILE: the config, the per-proposal averages over contexts and the results folder (for sweeps)."""
+    if args.result:
+        atomic_write_json(args.result, {"config": results["config"], "average": results["average"], "results": str(out)})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"find_keyword": rows}
     results = pipeline.run(setup, tasks(setup), out, setup.config["model"])
     print_summary(results, out)
+    write_result(args, results, out)
     return results
 
 

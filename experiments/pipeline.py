@@ -319,6 +319,27 @@ def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> dict
     return config
 
 
+def apply_settings(config: dict, settings: list[str]) -> dict:
+    """Apply `KEY=VALUE` overrides in place: KEY is dotted into nested dicts (missing levels are created), VALUE
+    is parsed as JSON when it parses (numbers, lists, true/false) and kept as a string otherwise."""
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.dpg.learning_rate=3e-4")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {name!r} is not a nested section of the config")
+        node[leaf] = value
+    return config
+
+
 def load_model(path: str | pathlib.Path):
     """(model, params, tokenizer) of a local GPT-2/Gemma Hugging Face folder, with a clear error if missing."""
     from guard_jax.models import hf

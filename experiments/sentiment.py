@@ -20,7 +20,7 @@ import re
 import numpy as np
 
 from experiments import pipeline
-from experiments.lexical import build_setup, parser, print_summary
+from experiments.lexical import build_setup, parser, print_summary, write_result
 from guard_jax import constraints as C
 from guard_jax.data import corpus
 from guard_jax.estimators import wilson
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"find_threshold": rows}
     results = pipeline.run(setup, tasks(setup), out, setup.config["model"])
     print_summary(results, out)
+    write_result(args, results, out)
     return results
 
 

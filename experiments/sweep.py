@@ -8,6 +8,12 @@ The spec (JSON) names the command, the grid and what to summarise:
      "grid": {"beta": [0.2, 0.5], "seed": [0, 1]},
      "summary": {"x": "beta", "metrics": ["exact.KL(g||a2)", "monte_carlo.KL(g||a2).value"]}}
 
+Optional spec fields: `"set_flag": "--set"` passes each cell's parameters as `--set name=value` (dotted names
+reach nested config fields, e.g. `train.dpg.learning_rate`) instead of `--name value`; `"out_flag"` names the flag
+that receives the cell's result file (default `--out`); `{cell_dir}` in the command is replaced by the cell's
+own folder (e.g. as the results root of an experiment, so cells never share checkpoints). See
+`experiments/configs/lexical_sweep.json`.
+
 A cell is done when its `result.json` exists (commands must write it atomically, as every guard_jax command
 does); done cells are skipped, so a killed sweep resumes where it stopped. The summary (`summary.md`,
 `summary.json`, `summary.png`/`.svg`: mean ± std over the other parameters, e.g. seeds) is rebuilt from the
@@ -38,20 +44,25 @@ def cells(grid: dict[str, list]) -> list[dict]:
 
 
 def cell_name(cell: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in cell.items()).replace("/", "_")
+    show = lambda v: "+".join(map(str, v)) if isinstance(v, list) else str(v)
+    return ",".join(f"{k}={show(v)}" for k, v in cell.items()).replace("/", "_")
 
 
 def cell_command(spec: dict, cell: dict, result: pathlib.Path) -> list[str]:
-    args = [str(x) for x in spec["command"]]
+    args = [str(x).replace("{cell_dir}", str(result.parent)) for x in spec["command"]]
     if args[0] == "python":  # the interpreter running the sweep (its virtual environment)
         args[0] = sys.executable
+    set_flag = spec.get("set_flag")
     for k, v in cell.items():
+        if set_flag:
+            args += [set_flag, f"{k}={json.dumps(v)}"]
+            continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
             args += [flag] if v else []
         else:
             args += [flag, str(v)]
-    return args + ["--out", str(result)]
+    return args + [spec.get("out_flag", "--out"), str(result)]
 
 
 def run_cell(spec: dict, cell: dict, out: pathlib.Path) -> tuple[str, str]:
@@ -80,6 +91,14 @@ def lookup(obj, dotted: str):
     return lookup(obj[head], rest) if rest else obj[head]
 
 
+def _lookup_or_none(obj, dotted: str):
+    """A metric a cell does not report (e.g. a proposal it did not train) is None in the summary."""
+    try:
+        return lookup(obj, dotted)
+    except (KeyError, TypeError):
+        return None
+
+
 def summarise(spec: dict, out: pathlib.Path) -> dict:
     """Summary table and plot from the cells' result files (no re-running)."""
     summary = spec.get("summary", {})
@@ -89,10 +108,11 @@ def summarise(spec: dict, out: pathlib.Path) -> dict:
         result = out / "cells" / cell_name(cell) / "result.json"
         if result.exists():
             data = json.loads(result.read_text())
-            rows.append({**cell, **{m: lookup(data, m) for m in metrics}})
+            rows.append({**cell, **{m: _lookup_or_none(data, m) for m in metrics}})
     header = list(spec["grid"]) + metrics
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]) for h in header) + " |" for r in rows]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else "n/a" if v is None else "+".join(map(str, v)) if isinstance(v, list) else str(v)
+    lines += ["| " + " | ".join(fmt(r[h]) for h in header) + " |" for r in rows]
     atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     atomic_write_json(out / "summary.json", rows)
     if x and metrics and rows:
@@ -108,7 +128,7 @@ def _plot(rows: list[dict], x: str, metrics: list[str], out: pathlib.Path) -> No
     xs = sorted({r[x] for r in rows})
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     for ax, m in zip(axes[0], metrics):
-        vals = [[r[m] for r in rows if r[x] == v] for v in xs]
+        vals = [[r[m] for r in rows if r[x] == v and r[m] is not None] or [np.nan] for v in xs]
         mean, std = np.array([np.mean(v) for v in vals]), np.array([np.std(v) for v in vals])
         ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3)
         ax.set_xlabel(x)

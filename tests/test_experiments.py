@@ -12,6 +12,8 @@ import pytest
 
 from experiments import figures, lexical, pipeline, proposals, sentiment
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 REQUIRED = {"Z", "AR_a2", "AR_gain", "KL(g||a)", "KL(g||a2)", "KL(g||g2)", "KL(g2||g)"} - {"KL(g||a)"}
 
 
@@ -196,3 +198,42 @@ def test_parametrised_proposal_names():
     with pytest.raises(ValueError, match="unknown proposal 'sft_a:0.1'.*suffix: rl"):
         b.get("sft_a:0.1")
     assert {"l3m", "aux", "aux_q", "rl", "masked", "sft_masked", "sft_asap"} <= set(proposals.PROPOSALS)
+
+
+def test_settings_override_nested_config_fields():
+    from experiments.pipeline import apply_settings
+
+    config = {"train": {"dpg": {"learning_rate": 1e-4}}, "proposals": ["cap"]}
+    apply_settings(config, ["train.dpg.learning_rate=3e-4", 'proposals=["dpg","sft_a"]', "train.l3m.threshold=0.5", "keyword=love"])
+    assert config == {"train": {"dpg": {"learning_rate": 3e-4}, "l3m": {"threshold": 0.5}}, "proposals": ["dpg", "sft_a"], "keyword": "love"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        apply_settings(config, ["learning_rate"])
+    with pytest.raises(ValueError, match="not a nested section"):
+        apply_settings(config, ["keyword.x=1"])
+
+
+def test_sweep_drives_the_lexical_experiment(tiny_model, tmp_path, monkeypatch):
+    """A sweep cell per grid point: each runs the experiment in its own folder with --set overrides and writes
+    its result file; a second run skips the finished cell."""
+    from experiments import sweep
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    spec = {
+        "command": ["python", "-m", "experiments.lexical", "--config", str(config), "--model", str(tiny_model), "--quiet",
+                    "--out", "{cell_dir}"],
+        "set_flag": "--set", "out_flag": "--result",
+        "grid": {"proposals": [["cap"]], "eval.n_a2": [256]},
+        "summary": {"metrics": ["average.cap.AR_a2", "average.dpg.AR_a2"]},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    monkeypatch.chdir(ROOT)
+    assert sweep.main([str(tmp_path / "spec.json"), "--out", str(tmp_path / "sweep")]) == 0
+    cell = tmp_path / "sweep" / "cells" / "proposals=cap,eval.n_a2=256"
+    result = json.loads((cell / "result.json").read_text())
+    assert result["config"]["proposals"] == ["cap"] and result["config"]["eval"]["n_a2"] == 256
+    assert set(result["average"]) == {"_Z", "cap"}
+    assert (cell / "lexical_tiny_seed0" / "results.json").exists()  # the experiment ran inside the cell's folder
+    rows = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert rows[0]["average.cap.AR_a2"] == result["average"]["cap"]["AR_a2"] and rows[0]["average.dpg.AR_a2"] is None
+    assert sweep.run_cell(spec, {"proposals": ["cap"], "eval.n_a2": 256}, tmp_path / "sweep")[1] == "skipped"
