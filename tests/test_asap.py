@@ -10,18 +10,12 @@ from guard_jax.decoding import Asap, exact_masked_log_prob, reachability_automat
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_quantities
 from guard_jax.models.toy import TabularARM
 from tests.test_exact import _chi_square_ok
-
-MODEL = TabularARM(4, 3, eos_id=0)
-B = C.contains_token(2) & ~C.token_at(0, 3)
+from tests.masking_toy import MODEL, toy_problem
 
 
 @pytest.fixture(scope="module")
 def toy():
-    params = MODEL.init(jax.random.PRNGKey(7), scale=1.5)
-    space = SequenceSpace.of(MODEL, 3)
-    with jax.enable_x64(True):
-        log_a = np.asarray(exact_log_prob(MODEL, params, 3), np.float64)
-    b = exact_constraint(space, B)
+    params, space, log_a, b = toy_problem()
     return params, space, log_a, b, reachability_automaton(space, b)
 
 

@@ -19,23 +19,16 @@ from guard_jax.decoding import (
     regex_automaton,
     unconstrained_automaton,
 )
-from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_quantities, log_gold
+from guard_jax.exact import SequenceSpace, exact_constraint, exact_quantities, log_gold
 from guard_jax.models.toy import TabularARM
 from guard_jax.sampling import bos_prompt, sample
 from tests.test_exact import _chi_square_ok
-
-MODEL = TabularARM(4, 3, eos_id=0)
-B = C.contains_token(2) & ~C.token_at(0, 3)
+from tests.masking_toy import MODEL, toy_problem
 
 
 @pytest.fixture(scope="module")
 def toy():
-    params = MODEL.init(jax.random.PRNGKey(7), scale=1.5)
-    space = SequenceSpace.of(MODEL, 3)
-    with jax.enable_x64(True):
-        log_a = exact_log_prob(MODEL, params, 3)
-    b = exact_constraint(space, B)
-    return params, space, log_a, b
+    return toy_problem()
 
 
 def _masked(model, params, mask, n, key=0, max_len=None):

@@ -5,25 +5,16 @@ import jax
 import numpy as np
 import pytest
 
-from guard_jax import constraints as C
 from guard_jax.decoding import exact_masked_log_prob, masked_sample, reachability_automaton
 from guard_jax.decoding.masked_arm import MaskedARM
-from guard_jax.exact import SequenceSpace, enumerate_sequences, exact_constraint, exact_log_prob
-from guard_jax.models.toy import TabularARM
+from guard_jax.exact import enumerate_sequences
 from guard_jax.sampling import bos_prompt, log_prob, sample
-
-MODEL = TabularARM(4, 3, eos_id=0)
-B = C.contains_token(2) & ~C.token_at(0, 3)
+from tests.masking_toy import MODEL, toy_problem
 
 
 @pytest.fixture(scope="module")
 def toy():
-    params = MODEL.init(jax.random.PRNGKey(7), scale=1.5)
-    space = SequenceSpace.of(MODEL, 3)
-    with jax.enable_x64(True):
-        log_a = exact_log_prob(MODEL, params, 3)
-    b = exact_constraint(space, B)
-    return params, space, log_a, b
+    return toy_problem()
 
 
 def test_masked_arm_samples_like_masked_sample_and_scores_the_exact_masked_law(toy):
