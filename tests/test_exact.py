@@ -115,11 +115,12 @@ def test_arm_from_law_equals_g_and_samples_g(x64):
     _chi_square_ok(space.index(s.tokens_BT), np.exp(log_g))
 
 
-def _chi_square_ok(index_N, probs, alpha=1e-3):
+def chi_square_bins(index_N, probs):
+    """Observed and expected counts of grid indices under a law, the rarest cells pooled so every bin expects >= 5."""
     support = np.flatnonzero(probs > 0)
     counts = np.bincount(index_N, minlength=probs.size)[support]
     expected = probs[support] * len(index_N)
-    order = np.argsort(expected)  # pool the rarest cells so every bin expects >= 5
+    order = np.argsort(expected)
     obs, exp, bins_o, bins_e = 0, 0.0, [], []
     for i in order:
         obs, exp = obs + counts[i], exp + expected[i]
@@ -129,7 +130,15 @@ def _chi_square_ok(index_N, probs, alpha=1e-3):
     if exp > 0:
         bins_o[-1] += obs
         bins_e[-1] += exp
-    p = stats.chisquare(bins_o, np.asarray(bins_e) * sum(bins_o) / sum(bins_e)).pvalue
+    return bins_o, bins_e
+
+
+def chi_square_p(bins_o, bins_e) -> float:
+    return stats.chisquare(bins_o, np.asarray(bins_e) * sum(bins_o) / sum(bins_e)).pvalue
+
+
+def _chi_square_ok(index_N, probs, alpha=1e-3):
+    p = chi_square_p(*chi_square_bins(index_N, probs))
     assert p > alpha, f"chi-square p-value {p:.2e}"
 
 

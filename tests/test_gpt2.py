@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -19,6 +18,7 @@ from guard_jax.models import hf
 from guard_jax.models.gpt2 import GPT2
 from guard_jax.rejection import guard_sample
 from guard_jax.sampling import bos_prompt, log_prob, sample
+from tests.test_exact import chi_square_bins, chi_square_p
 
 V = 64  # 62 words + <unk> + <|endoftext|>
 WORDS = [f"w{i}" for i in range(60)] + ["apple", "pear"]
@@ -167,21 +167,10 @@ def test_sampler_log_probs_equal_log_prob(loaded):
 
 
 def _chi_square_p(index_N, probs):
-    """Chi-square p-value of grid indices against a law, rare cells pooled so every bin expects >= 5."""
-    support = np.flatnonzero(probs > 0)
-    counts = np.bincount(index_N, minlength=probs.size)[support]
-    expected = probs[support] * len(index_N)
-    order = np.argsort(expected)
-    obs, exp, bins_o, bins_e = 0, 0.0, [], []
-    for i in order:
-        obs, exp = obs + counts[i], exp + expected[i]
-        if exp >= 5:
-            bins_o.append(obs), bins_e.append(exp)
-            obs, exp = 0, 0.0
-    bins_o[-1] += obs
-    bins_e[-1] += exp
+    """Chi-square p-value of grid indices against a law (rare cells pooled), with enough bins to mean something."""
+    bins_o, bins_e = chi_square_bins(index_N, probs)
     assert len(bins_o) > 20
-    return stats.chisquare(bins_o, np.asarray(bins_e) * sum(bins_o) / sum(bins_e)).pvalue
+    return chi_square_p(bins_o, bins_e)
 
 
 @pytest.fixture(scope="module")
