@@ -97,10 +97,14 @@ def print_summary(results: dict, out: pathlib.Path) -> None:
         print(f"plot:    {out / f}")
 
 
-def write_result(args, results: dict, out: pathlib.Path) -> None:
-    """--result FILE: the config, the per-proposal averages over contexts and the results folder (for sweeps)."""
+def run_and_report(setup: pipeline.Setup, task_list, out: pathlib.Path, args) -> dict:
+    """Run the experiment, print its tables and plot paths, and with --result FILE write the config, the
+    per-proposal averages over contexts and the results folder to FILE (a sweep cell's result)."""
+    results = pipeline.run(setup, task_list, out, setup.config["model"])
+    print_summary(results, out)
     if args.result:
         atomic_write_json(args.result, {"config": results["config"], "average": results["average"], "results": str(out)})
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -122,10 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         path = atomic_write_json(out / "find_keyword.json", {"model": setup.config["model"], "target": args.target_ar, "rows": rows})
         print(f"written to {path}")
         return {"find_keyword": rows}
-    results = pipeline.run(setup, tasks(setup), out, setup.config["model"])
-    print_summary(results, out)
-    write_result(args, results, out)
-    return results
+    return run_and_report(setup, tasks(setup), out, args)
 
 
 if __name__ == "__main__":

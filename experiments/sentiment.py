@@ -20,7 +20,7 @@ import re
 import numpy as np
 
 from experiments import pipeline
-from experiments.lexical import build_setup, parser, print_summary, write_result
+from experiments.lexical import build_setup, parser, run_and_report
 from guard_jax import constraints as C
 from guard_jax.data import corpus
 from guard_jax.estimators import wilson
@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['ar']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}] ({r['accepted']} / {r['draws']:,})")
         atomic_write_json(out / "find_threshold.json", {"model": setup.config["model"], "target": args.target_ar, "rows": rows})
         return {"find_threshold": rows}
-    results = pipeline.run(setup, tasks(setup), out, setup.config["model"])
-    print_summary(results, out)
-    write_result(args, results, out)
-    return results
+    return run_and_report(setup, tasks(setup), out, args)
 
 
 if __name__ == "__main__":
