@@ -14,7 +14,13 @@ trained through `guard_jax.train.loop.run`:
 - dpg: on-policy DPG; warm_dpg: SFT on the first budget's filtered a-samples, then DPG;
 - l3m: SFT on the first budget's filtered a-samples plus the relaxed log barrier on E_pi[b] >= c;
 - aux_q / aux_policy: the value-head proposal q = a · sigmoid(R) and the policy distilled from it (one run);
-- rl:beta: REINFORCE with a KL penalty to a (reward b) at each beta.
+- rl:beta: REINFORCE with a KL penalty to a (reward b) at each beta;
+- sft_masked: SFT on N masked-decoding samples of a (exact reachability masks; constrained decoding);
+- asap / sft_asap: N sequential ASAp samples of a (the trie learns as they are drawn, `asap_batch` rows per
+  update): `asap` is the law of ASAp's next sample after N (an ARM: the masked a reweighted by the trie's
+  θ̃, AR 1), `sft_asap` the SFT of a on those N samples.
+
+The untrained references are a, CAP and the masked law of a (AR 1, the distortion of constrained decoding).
 
 At each budget (cumulative samples drawn for training: data draws plus on-policy draws, as each trainer
 logs them) the exact AR_{a'}, AR gain AR_{a'}/AR_a, KL(g||a'), KL(g||g'), KL(g'||g) and TV(g, g') are recorded.
@@ -36,10 +42,12 @@ import time
 import jax
 import numpy as np
 
+from guard_jax.decoding import Asap, exact_masked_log_prob, masked_sample, reachability_automaton
 from guard_jax.evaluate import LM, draw
 from guard_jax.exact import exact_constraint, exact_log_prob, exact_quantities, log_rl_ideal
 from guard_jax.io import atomic_write_json, atomic_write_text
 from guard_jax.models.toy import TabularARM
+from guard_jax.sampling import bos_prompt
 from guard_jax.toy_demo import toy_problem
 from guard_jax.train.aux import AuxConfig, AuxTrainer
 from guard_jax.train.common import adam
@@ -71,6 +79,7 @@ class Config:
     aux_lr: float = 0.1
     rl_lr: float = 0.05
     rl_betas: tuple[float, ...] = (0.1, 1.0)
+    asap_batch: int = 64  # ASAp rows per trie update
 
 
 CONFIGS = {
@@ -79,7 +88,8 @@ CONFIGS = {
     "full": Config("full", vocab_size=6, max_len=6, budgets=(2048, 4096, 8192, 16384, 32768, 65536), seeds=(0, 1, 2),
                    per_step=512, rl_betas=(0.05, 0.2, 1.0)),
 }
-METHODS = ("sft_a", "sft_cap", "dpg", "warm_dpg", "l3m", "aux", "rl")
+METHODS = ("sft_a", "sft_cap", "dpg", "warm_dpg", "l3m", "aux", "sft_masked", "asap", "rl")
+CURVES = {"aux": ("aux_q", "aux_policy"), "asap": ("asap", "sft_asap")}  # methods that record more than one curve
 QUANTITIES = ("ar", "ar_gain", "kl_g_a2", "kl_g_g2", "kl_g2_g", "tv_g_g2", "mass_b0")
 
 
@@ -97,14 +107,26 @@ class Setup:
             self.log_a = exact_log_prob(self.model, self.a_params, cfg.max_len)
             self.b = exact_constraint(problem.space, self.constraint)
         self.z = problem.exact.z
+        self.space = problem.space
+        self.automaton = reachability_automaton(self.space, self.b)
         self.sft_optimizer = adam(cfg.sft_lr)
 
     def quantities(self, model, params) -> dict:
         """Exact quantities of the proposal (model, params) against g = a·b / Z."""
         with jax.enable_x64(True):
-            q = exact_quantities(self.log_a, exact_log_prob(model, params, self.cfg.max_len), self.b)
+            return self.quantities_of_law(exact_log_prob(model, params, self.cfg.max_len))
+
+    def quantities_of_law(self, log_a2) -> dict:
+        """Exact quantities of a proposal given as its log law over the grid."""
+        with jax.enable_x64(True):
+            q = exact_quantities(self.log_a, log_a2, self.b)
         return {"ar": q.ar, "ar_gain": q.ar / self.z, "kl_g_a2": q.kl_g_a2, "kl_g_g2": q.kl_g_g2, "kl_g2_g": q.kl_g2_g,
-                "tv_g_g2": q.tv_g_g2, "mass_b0": 1.0 - q.ar}
+                "tv_g_g2": q.tv_g_g2, "mass_b0": max(1.0 - q.ar, 0.0)}  # >= 0; round-off of AR = 1 can give -1e-16
+
+    def masked_law(self, log_theta_levels=None):
+        """Log law over the grid of masked decoding of a (reweighted by ASAp's θ̃ levels when given)."""
+        with jax.enable_x64(True):
+            return exact_masked_log_prob(self.space, np.asarray(self.log_a, np.float64), self.b, log_theta_levels)
 
     def filtered_draws(self, key, lm: LM, n: int):
         """n samples of lm, b-filtered -> (tokens_NT, lengths_N) of the kept ones."""
@@ -186,6 +208,23 @@ def run_method(setup: Setup, method: str, seed: int) -> list[dict]:
             return {"aux_q": setup.quantities(*setup.aux.proposal(state)), "aux_policy": setup.quantities(setup.model, state.params["policy"])}
 
         return _online(setup, setup.aux, setup.aux.init_state({"head": head, "policy": setup.a_params}), 0, seed, evaluate)
+    if method == "sft_masked":
+        prompt, pmask = bos_prompt(setup.model, cfg.budgets[-1])
+        s = masked_sample(key, setup.model, setup.a_params, prompt, pmask, setup.automaton, cfg.max_len)
+        tokens, lengths = np.asarray(s.tokens_BT), np.asarray(s.lengths_B)
+        return [{"curve": method, "samples": n, "step": 0, **setup.quantities(setup.model, setup.sft(setup.a_params, tokens[:n], lengths[:n], seed))}
+                for n in cfg.budgets]  # the first n samples of one stream: nested data sets
+    if method == "asap":
+        asap, rows, parts, drawn = Asap(setup.model, setup.a_params, setup.automaton, cfg.max_len), [], [], 0
+        for i, budget in enumerate(cfg.budgets):
+            s = asap.sample(jax.random.fold_in(key, i), budget - drawn, batch_size=cfg.asap_batch)
+            parts.append((s.tokens_NT, s.lengths_N))
+            drawn = budget
+            tokens, lengths = (np.concatenate(x) for x in zip(*parts))
+            rows.append({"curve": "asap", "samples": budget, "step": 0, **setup.quantities_of_law(setup.masked_law(asap.log_theta_levels(setup.space)))})
+            rows.append({"curve": "sft_asap", "samples": budget, "step": 0,
+                         **setup.quantities(setup.model, setup.sft(setup.a_params, tokens, lengths, seed))})
+        return rows
     if method.startswith("rl:"):
         beta = float(method.split(":", 1)[1])
         trainer = setup.rl(beta)
@@ -205,7 +244,7 @@ def references(setup: Setup) -> dict:
             q = exact_quantities(setup.log_a, log_rl_ideal(setup.log_a, setup.b, beta), setup.b)
         rl.append({"beta": beta, "mass_b0": 1 - q.ar, "ar": q.ar, "kl_g_a2": q.kl_g_a2, "kl_g_g2": q.kl_g_g2})
     return {"z": setup.z, "a": setup.quantities(setup.model, setup.a_params), "cap": setup.quantities(setup.cap.model, setup.cap.params),
-            "rl_ideal": rl}
+            "masked": setup.quantities_of_law(setup.masked_law()), "rl_ideal": rl}
 
 
 def run_seed(setup: Setup, seed: int, folder: pathlib.Path) -> dict:
@@ -258,7 +297,7 @@ def table(summary: dict) -> str:
     lines = [f"Toy ARM {summary['space']}, Z = AR_a = {ref['z']:.4g}, KL(g||a) = {ref['a']['kl_g_a2']:.3f} nats; "
              f"exact quantities, mean ± std over {summary['n_seeds']} seeds, at the largest budget each method reached.", "",
              "| proposal | samples drawn | " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for name in ("a", "cap"):
+    for name in ("a", "cap", "masked"):
         lines.append(f"| {name} (untrained) | 0 | " + " | ".join(f"{ref[name][k]:.4g}" for _, k in cols) + " |")
     for curve, points in curves.items():
         p = points[-1]
@@ -293,6 +332,7 @@ def plot(summary: dict, folder: pathlib.Path) -> list[pathlib.Path]:
         ax.fill_between(x, m - s, m + s, color=colors[curve], alpha=0.2)
     ax.axhline(ref["a"]["kl_g_a2"], color="k", ls="--", lw=1, label="a (untrained)")
     ax.axhline(ref["cap"]["kl_g_a2"], color="gray", ls=":", lw=1, label="CAP (untrained)")
+    ax.axhline(ref["masked"]["kl_g_a2"], color="brown", ls="-.", lw=1, label="masked a (untrained)")
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("samples drawn for training"), ax.set_ylabel("exact KL(g || a') [nats]")
@@ -302,11 +342,12 @@ def plot(summary: dict, folder: pathlib.Path) -> list[pathlib.Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     points = [(p["kl_g_g2_mean"], p["ar_mean"], c) for c, pts in curves.items() for p in pts]
-    points += [(ref["a"]["kl_g_g2"], ref["a"]["ar"], "a"), (ref["cap"]["kl_g_g2"], ref["cap"]["ar"], "cap")]
+    points += [(ref[n]["kl_g_g2"], ref[n]["ar"], n) for n in ("a", "cap", "masked")]
     for curve, pts in curves.items():
         ax.scatter([p["kl_g_g2_mean"] for p in pts], [p["ar_mean"] for p in pts], color=colors[curve], label=curve, s=14)
     ax.scatter([ref["a"]["kl_g_g2"]], [ref["a"]["ar"]], marker="x", color="k", label="a (untrained)")
     ax.scatter([ref["cap"]["kl_g_g2"]], [ref["cap"]["ar"]], marker="+", color="gray", s=60, label="CAP (untrained)")
+    ax.scatter([ref["masked"]["kl_g_g2"]], [ref["masked"]["ar"]], marker="D", color="brown", s=20, label="masked a (untrained)")
     front, best = [], -1.0
     for kl, ar, _ in sorted(points, key=lambda t: (t[0], -t[1])):  # lowest distortion first; keep rising AR
         if ar > best:
@@ -355,7 +396,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     parser.add_argument("--plot-only", action="store_true", help="rebuild summary, table and figures from saved results")
     parser.add_argument("--method", help="run one method for one --seed and write --out (sweep cells): "
-                                         "sft_a, sft_cap, dpg, warm_dpg, l3m, aux or rl:BETA")
+                                         "sft_a, sft_cap, dpg, warm_dpg, l3m, aux, sft_masked, asap or rl:BETA")
     parser.add_argument("--seed", type=int, default=0, help="the seed of a --method cell")
     args = parser.parse_args(argv)
     cfg = CONFIGS["quick" if args.quick else args.config]
@@ -365,7 +406,7 @@ def main(argv=None) -> int:
         setup = Setup(cfg)
         rows = run_method(setup, args.method, args.seed)
         final = {r["curve"]: r for r in rows}
-        main_curve = "aux_q" if args.method == "aux" else args.method
+        main_curve = CURVES.get(args.method, (args.method,))[0]
         atomic_write_json(args.out, {"config": cfg.name, "method": args.method, "seed": args.seed, "final": final[main_curve],
                                      "final_by_curve": final, "curve": rows, "references": references(setup)})
         print(json.dumps(final[main_curve], indent=1))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from experiments.sweep import cells
-from experiments.toy_proposals import CONFIGS, QUANTITIES, main, methods_of
+from experiments.toy_proposals import CONFIGS, CURVES, QUANTITIES, main, methods_of
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_quick_run_writes_complete_results_and_figures(quick):
     config = json.loads((quick / "config.json").read_text())
     base_kl = config["references"]["a"]["kl_g_a2"]
     assert abs(base_kl + math.log(config["references"]["z"])) < 1e-9  # KL(g||a) = -log Z
-    curves = {m for m in methods_of(cfg) if m != "aux"} | {"aux_q", "aux_policy"}
+    curves = {c for m in methods_of(cfg) for c in CURVES.get(m, (m,))}
     for seed in cfg.seeds:
         result = json.loads((quick / f"seed={seed}" / "result.json").read_text())
         assert result["complete"] and set(result["final"]) == curves
@@ -39,6 +39,10 @@ def test_quick_run_writes_complete_results_and_figures(quick):
         assert [p["samples"] for p in by_curve["dpg"]] == list(cfg.budgets)  # the samples each trainer logged
         assert result["final"]["dpg"]["kl_g_a2"] < base_kl - 1.0  # DPG moves a' toward g
         assert result["final"]["dpg"]["ar"] > 5 * config["references"]["z"]
+        # masked samples satisfy b: AR 1 for ASAp's law; ASAp's law approaches g, beyond the masked law's distortion
+        assert abs(result["final"]["asap"]["ar"] - 1) < 1e-9 and abs(config["references"]["masked"]["ar"] - 1) < 1e-9
+        assert result["final"]["asap"]["kl_g_g2"] < 0.5 * config["references"]["masked"]["kl_g_g2"]
+        assert by_curve["asap"][-1]["kl_g_g2"] <= by_curve["asap"][0]["kl_g_g2"] + 1e-9
     summary = json.loads((quick / "summary.json").read_text())
     assert summary["n_seeds"] == len(cfg.seeds) and set(summary["curves"]) == curves
     table = (quick / "table.md").read_text()
@@ -73,6 +77,6 @@ def test_sweep_config_names_known_methods():
     spec = json.loads(open("experiments/configs/toy_proposals_sweep.json").read())
     known = set(methods_of(CONFIGS["full"])) | set(methods_of(CONFIGS["quick"]))
     grid = cells(spec["grid"])
-    assert {c["method"] for c in grid} >= {"sft_a", "sft_cap", "dpg", "warm_dpg", "l3m", "aux"}
+    assert {c["method"] for c in grid} >= {"sft_a", "sft_cap", "dpg", "warm_dpg", "l3m", "aux", "sft_masked", "asap"}
     assert all(c["method"] in known or c["method"].startswith("rl:") for c in grid)
     assert any(c["method"].startswith("rl:") for c in grid)
