@@ -33,7 +33,7 @@ import numpy as np
 from guard_jax.constraints import Constraint
 from guard_jax.exact import SequenceSpace, prefix_log_marginals
 from guard_jax.models.base import ARM, Params
-from guard_jax.sampling import categorical, uniforms
+from guard_jax.sampling import categorical, check_segment_ends, scan_segments, uniforms
 
 UNREACHABLE = 2**30
 
@@ -270,7 +270,8 @@ def masked_sample_from_uniforms(u_TB, model: ARM, params: Params, prompt_BP, pro
     """`masked_sample` given its uniforms u_TB [T, B] in (0, 1]. Traceable, not jitted."""
     B, P = prompt_BP.shape
     T = u_TB.shape[0]
-    cache = model.init_cache(B, P + T)
+    ends = check_segment_ends(T)
+    cache = model.init_cache(B, P + ends[0])
     logits_BV, cache = model.prefill(params, prompt_BP, prompt_mask_BP, cache)
 
     def step(carry, xs):
@@ -292,7 +293,7 @@ def masked_sample_from_uniforms(u_TB, model: ARM, params: Params, prompt_BP, pro
         return (logits_BV, cache, state_B, done_B), (token_B, logq_B, loga_B, alive_B)
 
     carry = (logits_BV, cache, mask.init_state(B), jnp.zeros((B,), bool))
-    _, (tokens_TB, logq_TB, loga_TB, alive_TB) = jax.lax.scan(step, carry, (jnp.arange(T), u_TB))
+    tokens_TB, logq_TB, loga_TB, alive_TB = scan_segments(model, step, carry, (jnp.arange(T), u_TB), P, ends)
     return MaskedSamples(tokens_TB.T, alive_TB.sum(0).astype(jnp.int32), logq_TB.T, logq_TB.sum(0), loga_TB.T, loga_TB.sum(0))
 
 

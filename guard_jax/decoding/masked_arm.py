@@ -77,6 +77,9 @@ class MaskedARM:
         return {"base": self.base.init_cache(batch_size, max_len), "state": jnp.zeros((batch_size,), jnp.int32),
                 "t": jnp.zeros((), jnp.int32)}
 
+    def grow_cache(self, cache, max_len: int):
+        return {**cache, "base": self.base.grow_cache(cache["base"], max_len)}
+
     def prefill(self, params, tokens_BP, mask_BP, cache):
         if tokens_BP.shape[1] != self.prompt_len:
             raise ValueError(f"MaskedARM was built for prompts of width {self.prompt_len}, got {tokens_BP.shape[1]}")

@@ -12,6 +12,8 @@ Conventions (B = batch, T = time, V = output vocabulary, L = cache length):
     returns the logits of the first new token.
 - `decode(params, token_B, cache) -> (logits_BV, cache)`: append one token per row; returns the logits of
     the next one.
+- `grow_cache(cache, max_len) -> cache`: the same decoding state in buffers of `max_len` >= the current
+    length (the sampler starts with a short buffer and grows it, so early steps attend over fewer slots).
 
 `bos_id` is the token that starts an unconditional sequence, `eos_id` (or None) ends one, and `pad_id`
 fills positions after the end.
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 
 Params = Any
 Cache = Any
@@ -42,3 +45,15 @@ class ARM(Protocol):
     def prefill(self, params: Params, tokens_BP: jax.Array, mask_BP: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]: ...
 
     def decode(self, params: Params, token_B: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]: ...
+
+    def grow_cache(self, cache: Cache, max_len: int) -> Cache: ...
+
+
+def pad_to(x: jax.Array, length: int, axis: int, value=0) -> jax.Array:
+    """Pad `x` at the end of `axis` with `value` up to `length` (a cache buffer grown; never shrunk)."""
+    extra = length - x.shape[axis]
+    if extra < 0:
+        raise ValueError(f"cannot shrink a cache buffer from {x.shape[axis]} to max_len={length} slots")
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guard_jax.models.base import pad_to
+
 MODEL_TYPES = ("gemma", "gemma2")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _NEG = -1e30  # masked attention score (finite: a row with no visible key gives uniform weights, not NaN)
@@ -149,6 +151,11 @@ class Gemma:
             "next_pos_B": jnp.sum(mask_BP > 0, axis=1).astype(jnp.int32),
         }
         return self._head(params, x_BPD[:, -1]), cache
+
+    def grow_cache(self, cache: dict, max_len: int) -> dict:
+        """The cache in buffers of `max_len` slots (new slots empty: position -1)."""
+        return {**cache, "k": tuple(pad_to(k, max_len, 1) for k in cache["k"]), "v": tuple(pad_to(v, max_len, 1) for v in cache["v"]),
+                "pos_BL": pad_to(cache["pos_BL"], max_len, 1, -1)}
 
     def decode(self, params: dict, token_B: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """Append one token per row -> (logits_BV of the next token, cache)."""

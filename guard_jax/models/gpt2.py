@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guard_jax.models.base import pad_to
+
 MODEL_TYPES = ("gpt2",)
 
 _ACTIVATIONS = {
@@ -196,6 +198,12 @@ class GPT2:
             "pos_B": jnp.zeros((batch_size,), jnp.int32),
             "index": jnp.zeros((), jnp.int32),
         }
+
+    def grow_cache(self, cache: dict, max_len: int) -> dict:
+        """The cache in buffers of `max_len` slots (new slots empty and masked out)."""
+        self._check_len(max_len, "max_len (prompt + new tokens)")
+        kv = tuple((pad_to(k, max_len, 2), pad_to(v, max_len, 2)) for k, v in cache["kv"])
+        return {**cache, "kv": kv, "mask_BL": pad_to(cache["mask_BL"], max_len, 1, False)}
 
     def _extend(self, params, tokens_BT, mask_BT, cache):
         """Append T tokens (left-padded chunk) at the cache's write slot -> (logits of the last, cache)."""

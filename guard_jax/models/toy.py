@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from guard_jax.models.base import pad_to
+
 
 def _check_space(vocab_size: int, max_len: int, eos_id: int | None) -> None:
     if vocab_size < 2:
@@ -36,6 +38,9 @@ class _BufferCache:
             "mask_BL": jnp.zeros((batch_size, max_len), jnp.int32),
             "index": jnp.zeros((), jnp.int32),
         }
+
+    def grow_cache(self, cache: dict, max_len: int) -> dict:
+        return {**cache, "tokens_BL": pad_to(cache["tokens_BL"], max_len, 1), "mask_BL": pad_to(cache["mask_BL"], max_len, 1)}
 
     def prefill(self, params, tokens_BP, mask_BP, cache):
         P = tokens_BP.shape[1]

@@ -66,6 +66,9 @@ class AuxProposal:
     def init_cache(self, batch_size: int, max_len: int):
         return {"base": self.base.init_cache(batch_size, max_len), "head": self.head.init_cache(batch_size, max_len)}
 
+    def grow_cache(self, cache, max_len: int):
+        return {"base": self.base.grow_cache(cache["base"], max_len), "head": self.head.grow_cache(cache["head"], max_len)}
+
     def prefill(self, params, tokens_BP, mask_BP, cache):
         la, ca = self.base.prefill(params["base"], tokens_BP, mask_BP, cache["base"])
         lr, cr = self.head.prefill(params["head"], tokens_BP, mask_BP, cache["head"])
