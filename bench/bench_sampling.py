@@ -6,6 +6,7 @@ Both sides get the same random weights (a transformers GPT2LMHeadModel converted
 `gpt2.params_from_hf`), the same batch of [BOS] prompts, the same number of new tokens (no EOS, so every
 row generates exactly T tokens), temperature 1 ancestral sampling (transformers: `generate(do_sample=True,
 top_k=0)`) and the same thread count (torch.set_num_threads; XLA's CPU client uses the process's cores).
+Per-token lines also time the sampler with the cache as one buffer (no growing segments), for comparison.
 Compile time is reported separately from the run time (median of `--repeats` runs, the two sides taking
 turns so that both see the same machine load).
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from bench.common import emit, matmul_peak_flops
 from guard_jax.models import gpt2
-from guard_jax.sampling import log_prob, sample
+from guard_jax.sampling import log_prob, sample, sample_from_uniforms, segments, uniforms
 
 CONFIGS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, batch=32, new_tokens=32),
@@ -92,6 +93,16 @@ def jax_sampler(model, params, batch: int, new_tokens: int):
     return lambda: sample(jax.random.PRNGKey(0), model, params, prompt, mask, new_tokens).tokens_BT.block_until_ready()
 
 
+_one_buffer = jax.jit(sample_from_uniforms, static_argnames=("model", "temperature", "segment_ends"))
+
+
+def jax_one_buffer_sampler(model, params, batch: int, new_tokens: int):
+    """The same sampler with the cache as one buffer of prompt + new_tokens slots (no growing segments)."""
+    prompt, mask = _prompt(batch)
+    u_TB = uniforms(jax.random.PRNGKey(0), batch, new_tokens)
+    return lambda: _one_buffer(u_TB, model, params, prompt, mask, segment_ends=(new_tokens,)).tokens_BT.block_until_ready()
+
+
 def torch_sampler(torch_model, batch: int, new_tokens: int):
     """transformers `generate(do_sample=True, top_k=0)` of exactly `new_tokens` tokens per row."""
     import torch
@@ -146,11 +157,13 @@ def bench_config(name: str, repeats: int, per_token_lengths=(32, 128, 512)) -> l
     if name == "tiny":
         first_ms = None
         for L in per_token_lengths:
-            r = interleaved({"jax": jax_sampler(model, params, B, L), "torch": torch_sampler(torch_model, B, L)}, repeats)
+            r = interleaved({"jax": jax_sampler(model, params, B, L), "torch": torch_sampler(torch_model, B, L),
+                             "one_buffer": jax_one_buffer_sampler(model, params, B, L)}, repeats)
             jax_ms, torch_ms = 1e3 * r["median"]["jax"] / L, 1e3 * r["median"]["torch"] / L
             first_ms = first_ms or jax_ms
             records.append({"bench": "per_token", **common, "new_tokens": L, "jax_ms_per_step": round(jax_ms, 4),
                             "torch_ms_per_step": round(torch_ms, 4), "ratio": round(torch_ms / jax_ms, 2),
+                            "cache_segments": len(segments(L)), "jax_one_buffer_ms_per_step": round(1e3 * r["median"]["one_buffer"] / L, 4),
                             "jax_compile_s": round(max(r["first"]["jax"] - r["median"]["jax"], 0.0), 3),
                             "jax_vs_first_T": round(jax_ms / first_ms, 2), "goal_vs_first_T": 1.5})
     jax_fn, torch_fn = scorers(torch_model, model, params, B, T)
