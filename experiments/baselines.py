@@ -32,6 +32,11 @@ from guard_jax.train.l3m import L3M, L3MConfig
 from guard_jax.train.rl import RL, RLConfig
 
 
+def _minibatch(hp: dict) -> int | None:
+    """train.<name>.minibatch: samples per gradient pass (None: all n_samples at once)."""
+    return None if hp.get("minibatch") is None else int(hp["minibatch"])
+
+
 def _seed(b: Builder) -> int:
     return int(b.setup.config.get("seed", 0))
 
@@ -76,7 +81,8 @@ def _aux_run(b: Builder, hp: dict):
     if "aux" not in b.extra:
         s = b.setup
         cfg = AuxConfig(n_samples=int(hp.get("n_samples", 256)), max_new_tokens=s.max_new_tokens,
-                        learning_rate=float(hp.get("learning_rate", 1e-4)), kl_weight=float(hp.get("kl_weight", 1.0)))
+                        learning_rate=float(hp.get("learning_rate", 1e-4)), kl_weight=float(hp.get("kl_weight", 1.0)),
+                        minibatch=_minibatch(hp))
         if cfg.kl_weight <= 0:
             raise ValueError("train.aux.kl_weight must be > 0 here: the `aux` proposal is the distilled policy")
         trainer = _share_optimizer(AuxTrainer(s.model, s.params, s.model, b.task.constraint, cfg, context=s.ids(b.task.context)),
@@ -110,7 +116,7 @@ def rl(b: Builder, hp: dict) -> Proposal:
     """KL-regularised REINFORCE from a, reward b, coefficient hp `beta` (default 0.1; `rl:BETA` sets it)."""
     s, name = b.setup, hp.get("name", "rl")
     cfg = RLConfig(beta=float(hp.get("beta", 0.1)), n_samples=int(hp.get("n_samples", 256)), max_new_tokens=s.max_new_tokens,
-                   learning_rate=float(hp.get("learning_rate", 1e-4)))
+                   learning_rate=float(hp.get("learning_rate", 1e-4)), minibatch=_minibatch(hp))
     trainer = _share_optimizer(RL(s.model, s.params, b.task.constraint, cfg, context=s.ids(b.task.context)), cfg.learning_rate, 0)
     steps = int(hp.get("steps", 10))
     params, curve = b.train(name, trainer, s.params, steps, int(hp.get("eval_points", 3)), lambda k: k * cfg.n_samples,

@@ -4,6 +4,7 @@ distilled policy toward g."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from guard_jax import constraints as C
@@ -87,3 +88,29 @@ def test_token_kl_is_zero_at_q_and_positive_elsewhere():
 def test_head_vocabulary_must_match():
     with pytest.raises(ValueError, match="one value logit per token"):
         AuxProposal(TabularARM(3, 3), TabularARM(4, 3))
+
+
+def test_minibatched_update_equals_the_whole_batch():
+    """n_samples in 4 minibatches (gradient accumulation, losses normalised by the whole batch's positions)
+    gives the same update as all at once."""
+    from guard_jax.train.aux import _aux_update
+
+    a = TinyTransformerARM(vocab_size=4, max_len=4, eos_id=0)
+    a_params = a.init(jax.random.PRNGKey(0))
+    trainer = AuxTrainer(a, a_params, a, B, AuxConfig(n_samples=64, max_new_tokens=4, learning_rate=1e-2, minibatch=16))
+    SGD = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify round-off near 0)
+    state = trainer.init_state({"head": a.init(jax.random.PRNGKey(1)), "policy": a_params})
+    state = state._replace(opt_state=SGD.init(state.params))
+    s = sample(jax.random.PRNGKey(2), a, a_params, *bos_prompt(a, 64), 4)
+    labels = jnp.asarray(np.asarray(B(np.asarray(s.tokens_BT), np.asarray(s.lengths_B))))
+    outs = [_aux_update(state, a_params, trainer.prompt, trainer.mask, s.tokens_BT.reshape(m, 64 // m, 4), s.lengths_B.reshape(m, 64 // m),
+                        labels.reshape(m, 64 // m), jnp.float32(1.0), aux=trainer.aux, policy=trainer.policy, optimizer=SGD)
+            for m in (1, 4)]
+    (x, mx), (y, my) = outs
+    assert float(mx["grad_norm"]) > 1e-4 and float(mx["token_kl"]) > 0
+    for u, v in zip(jax.tree.leaves(x.params), jax.tree.leaves(y.params)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-6)
+    for k in ("loss", "bce", "token_kl", "grad_norm"):
+        np.testing.assert_allclose(float(mx[k]), float(my[k]), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible"):
+        AuxConfig(n_samples=64, minibatch=24)

@@ -94,3 +94,27 @@ def test_rl_config_errors():
 def test_bad_beta():
     with pytest.raises(ValueError, match="beta"):
         sampled_loss(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), 0.0)
+
+
+def test_minibatched_update_equals_the_whole_batch():
+    """n_samples in 4 minibatches (gradient accumulation) gives the same update as all at once."""
+    model = TinyTransformerARM(vocab_size=4, max_len=4, eos_id=0)
+    params = model.init(jax.random.PRNGKey(0))
+    whole = RL(model, params, C.contains_token(2), RLConfig(beta=0.3, n_samples=64, max_new_tokens=4, learning_rate=1e-2))
+    from guard_jax.sampling import sample
+    from guard_jax.train.rl import _rl_update
+
+    s = sample(jax.random.PRNGKey(1), model, params, jnp.tile(whole.prompt, (64, 1)), jnp.tile(whole.mask, (64, 1)), 4)
+    r = jnp.asarray(np.asarray(C.contains_token(2)(np.asarray(s.tokens_BT), np.asarray(s.lengths_B)), np.float32))
+    SGD = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify round-off near 0)
+    state = whole.init_state(params)._replace(opt_state=SGD.init(params))
+    outs = [_rl_update(state, params, whole.prompt, whole.mask, s.tokens_BT.reshape(m, 64 // m, 4), s.lengths_B.reshape(m, 64 // m),
+                       r.reshape(m, 64 // m), jnp.float32(0.3), model=model, optimizer=SGD) for m in (1, 4)]
+    (a, ma), (b, mb) = outs
+    assert float(ma["grad_norm"]) > 1e-4
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    for k in ("loss", "grad_norm", "reward", "kl_pi_a"):
+        np.testing.assert_allclose(float(ma[k]), float(mb[k]), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible"):
+        RLConfig(beta=1.0, n_samples=64, minibatch=24)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from guard_jax.models.base import ARM
-from guard_jax.train.common import adam, host_constraint, left_pad_prompts, sample_many
+from guard_jax.train.common import adam, check_split, host_constraint, left_pad_prompts, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -93,38 +93,49 @@ def _positions_BT(tokens_BT, lengths_B):
     return (jnp.arange(tokens_BT.shape[1])[None] < lengths_B[:, None]).astype(jnp.float32)
 
 
-def value_bce_loss(head: ARM, head_params, prompt_BP, mask_BP, tokens_BT, lengths_B, labels_B):
-    """Mean BCE of sigmoid(R(x_<t)_{y_t}) against the sequence label b(y), over every real position."""
+def value_bce_loss(head: ARM, head_params, prompt_BP, mask_BP, tokens_BT, lengths_B, labels_B, normalizer=None):
+    """Mean BCE of sigmoid(R(x_<t)_{y_t}) against the sequence label b(y), over every real position.
+
+    `normalizer`: divide the sum by it instead of this batch's number of real positions (a minibatch's share
+    of a larger batch's mean)."""
     value_BTV = _teacher_forced(head, head_params, prompt_BP, mask_BP, tokens_BT)
     logit_BT = jnp.take_along_axis(value_BTV, tokens_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
     y_B1 = labels_B.astype(logit_BT.dtype)[:, None]
     bce_BT = -(y_B1 * jax.nn.log_sigmoid(logit_BT) + (1 - y_B1) * jax.nn.log_sigmoid(-logit_BT))
+    return _position_mean(bce_BT, tokens_BT, lengths_B, normalizer)
+
+
+def _position_mean(x_BT, tokens_BT, lengths_B, normalizer=None):
     w_BT = _positions_BT(tokens_BT, lengths_B)
-    return jnp.sum(bce_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
+    return jnp.sum(x_BT * w_BT) / (jnp.maximum(jnp.sum(w_BT), 1.0) if normalizer is None else normalizer)
 
 
-def token_kl_loss(policy: ARM, policy_params, aux: AuxProposal, aux_params, prompt_BP, mask_BP, tokens_BT, lengths_B):
-    """Mean over real positions of the closed-form KL(q(.|x_<t) || p_theta(.|x_<t)), q fixed (no gradient)."""
+def token_kl_loss(policy: ARM, policy_params, aux: AuxProposal, aux_params, prompt_BP, mask_BP, tokens_BT, lengths_B,
+                  normalizer=None):
+    """Mean over real positions of the closed-form KL(q(.|x_<t) || p_theta(.|x_<t)), q fixed (no gradient);
+    `normalizer` as in `value_bce_loss`."""
     logq_BTV = jax.lax.stop_gradient(_teacher_forced(aux, aux_params, prompt_BP, mask_BP, tokens_BT))
     logp_BTV = jax.nn.log_softmax(_teacher_forced(policy, policy_params, prompt_BP, mask_BP, tokens_BT))
     kl_BT = jnp.sum(jnp.exp(logq_BTV) * jnp.where(jnp.isfinite(logq_BTV), logq_BTV - logp_BTV, 0.0), axis=-1)
-    w_BT = _positions_BT(tokens_BT, lengths_B)
-    return jnp.sum(kl_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
+    return _position_mean(kl_BT, tokens_BT, lengths_B, normalizer)
 
 
 @dataclasses.dataclass(frozen=True)
 class AuxConfig:
-    """n_samples: base samples per step (labelled by b); kl_weight: weight of the per-token KL that distils
-    q into the policy (0: train the value head only)."""
+    """n_samples: base samples per step (labelled by b), processed `minibatch` at a time (gradients
+    accumulated: the same update, memory bounded by the minibatch; None = all at once); kl_weight: weight
+    of the per-token KL that distils q into the policy (0: train the value head only)."""
 
     n_samples: int = 256
     max_new_tokens: int = 30
     learning_rate: float = 1e-4
     kl_weight: float = 1.0
+    minibatch: int | None = None
 
     def __post_init__(self):
         if self.n_samples < 1 or self.max_new_tokens < 1:
             raise ValueError(f"n_samples and max_new_tokens must be >= 1, got {self.n_samples}, {self.max_new_tokens}")
+        check_split(self.n_samples, self.minibatch or self.n_samples)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not self.kl_weight >= 0:
@@ -163,27 +174,41 @@ class AuxTrainer:
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c = self.config
-        tokens, lengths, _ = sample_many(key, self.aux.base, self.base_params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens)
+        mb = c.minibatch or c.n_samples
+        M = c.n_samples // mb
+        tokens, lengths, _ = sample_many(key, self.aux.base, self.base_params, self.prompt, self.mask, M, mb, c.max_new_tokens)
         labels = jnp.asarray(host_constraint(self.constraint, tokens, lengths))
+        tokens, lengths, labels = tokens.reshape(M, mb, -1), lengths.reshape(M, mb), labels.reshape(M, mb)
         state, metrics = _aux_update(state, self.base_params, self.prompt, self.mask, tokens, lengths, labels,
                                      jnp.asarray(c.kl_weight, jnp.float32), aux=self.aux, policy=self.policy, optimizer=self.optimizer)
         return state, metrics | {"ar": jnp.mean(labels.astype(jnp.float32)), "samples": c.n_samples}
 
 
 @functools.partial(jax.jit, static_argnames=("aux", "policy", "optimizer"))
-def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_NT, lengths_N, labels_N, kl_weight, *, aux, policy, optimizer):
-    N = tokens_NT.shape[0]
-    prompt_N, mask_N = jnp.repeat(prompt_1P, N, 0), jnp.repeat(mask_1P, N, 0)
+def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, labels_MB, kl_weight, *, aux, policy, optimizer):
+    """One update on M minibatches of B samples: each minibatch's losses are its share of the whole batch's
+    position means (divided by the batch's total number of real positions), so the summed gradients are
+    those of the whole batch."""
+    B = tokens_MBT.shape[1]
+    prompt_B, mask_B = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
+    total = jnp.maximum(jnp.sum(jnp.minimum(lengths_MB, tokens_MBT.shape[2])).astype(jnp.float32), 1.0)
 
-    def loss_fn(params):
-        bce = value_bce_loss(aux.head, params["head"], prompt_N, mask_N, tokens_NT, lengths_N, labels_N)
+    def loss_fn(params, tokens_BT, lengths_B, labels_B):
+        bce = value_bce_loss(aux.head, params["head"], prompt_B, mask_B, tokens_BT, lengths_B, labels_B, total)
         if "policy" not in params:
             return bce, {"bce": bce, "token_kl": jnp.zeros_like(bce)}
         aux_params = {"base": base_params, "head": params["head"]}
-        kl = token_kl_loss(policy, params["policy"], aux, aux_params, prompt_N, mask_N, tokens_NT, lengths_N)
+        kl = token_kl_loss(policy, params["policy"], aux, aux_params, prompt_B, mask_B, tokens_BT, lengths_B, total)
         return bce + kl_weight * kl, {"bce": bce, "token_kl": kl}
 
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def minibatch(grad_sum, xs):
+        (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *xs)
+        return jax.tree.map(jnp.add, grad_sum, g), parts | {"loss": loss}
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, parts_M = jax.lax.scan(minibatch, zeros, (tokens_MBT, lengths_MB, labels_MB))
+    parts = jax.tree.map(jnp.sum, parts_M)
+    loss = parts.pop("loss")
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state, state.extra), parts | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

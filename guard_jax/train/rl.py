@@ -18,7 +18,7 @@ import optax
 
 from guard_jax.models.base import ARM
 from guard_jax.sampling import log_prob
-from guard_jax.train.common import adam, left_pad_prompts, sample_many
+from guard_jax.train.common import adam, check_split, left_pad_prompts, minibatched_log_prob, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -51,17 +51,21 @@ def sampled_loss(logp_pi_B, logp_a_B, rewards_B, beta):
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """beta: the KL coefficient; n_samples: policy samples per update (the baseline is their mean return)."""
+    """beta: the KL coefficient; n_samples: policy samples per update (the baseline is their mean return),
+    processed `minibatch` at a time for the gradient (accumulated: the same update, memory bounded by the
+    minibatch; None = all at once)."""
 
     beta: float
     n_samples: int = 256
     max_new_tokens: int = 30
     learning_rate: float = 1e-4
+    minibatch: int | None = None
 
     def __post_init__(self):
         _check_beta(self.beta)
         if self.n_samples < 2 or self.max_new_tokens < 1:
             raise ValueError(f"need n_samples >= 2 (the baseline) and max_new_tokens >= 1, got {self.n_samples}, {self.max_new_tokens}")
+        check_split(self.n_samples, self.minibatch or self.n_samples)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -86,23 +90,34 @@ class RL:
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c = self.config
-        tokens, lengths, _ = sample_many(key, self.model, state.params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens)
+        mb = c.minibatch or c.n_samples
+        M = c.n_samples // mb
+        tokens, lengths, _ = sample_many(key, self.model, state.params, self.prompt, self.mask, M, mb, c.max_new_tokens)
         r_N = jnp.asarray(np.asarray(self.reward(np.asarray(tokens), np.asarray(lengths)), np.float32))
-        state, metrics = _rl_update(state, self.base_params, self.prompt, self.mask, tokens, lengths, r_N, jnp.asarray(c.beta, jnp.float32),
-                                    model=self.model, optimizer=self.optimizer)
+        state, metrics = _rl_update(state, self.base_params, self.prompt, self.mask, tokens.reshape(M, mb, -1), lengths.reshape(M, mb),
+                                    r_N.reshape(M, mb), jnp.asarray(c.beta, jnp.float32), model=self.model, optimizer=self.optimizer)
         return state, metrics | {"samples": c.n_samples}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer"))
-def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_NT, lengths_N, r_N, beta, *, model, optimizer):
-    N = tokens_NT.shape[0]
-    prompt_N, mask_N = jnp.repeat(prompt_1P, N, 0), jnp.repeat(mask_1P, N, 0)
-    logp_a_N = log_prob(model, base_params, prompt_N, mask_N, tokens_NT, lengths_N)[0]
+def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, r_MB, beta, *, model, optimizer):
+    """One update on M minibatches of B samples: the returns and their baseline over all M B samples first,
+    then each minibatch's share of `sampled_loss` (summed gradients = the whole batch's gradient)."""
+    M, B = lengths_MB.shape
+    prompt_B, mask_B = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
+    logp_a_MB = minibatched_log_prob(model, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB)
+    logp_pi_MB = minibatched_log_prob(model, state.params, prompt_1P, mask_1P, tokens_MBT, lengths_MB)
+    _, aux = sampled_loss(logp_pi_MB.reshape(-1), logp_a_MB.reshape(-1), r_MB.reshape(-1), beta)
+    ret_MB = r_MB - beta * (logp_pi_MB - logp_a_MB)
+    advantage_MB = ret_MB - ret_MB.mean()
 
-    def loss_fn(params):
-        return sampled_loss(log_prob(model, params, prompt_N, mask_N, tokens_NT, lengths_N)[0], logp_a_N, r_N, beta)
+    def minibatch(grad_sum, xs):
+        tokens_BT, lengths_B, advantage_B = xs
+        g = jax.grad(lambda p: -jnp.sum(advantage_B * log_prob(model, p, prompt_B, mask_B, tokens_BT, lengths_B)[0]) / (M * B))(state.params)
+        return jax.tree.map(jnp.add, grad_sum, g), None
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads, _ = jax.lax.scan(minibatch, jax.tree.map(jnp.zeros_like, state.params), (tokens_MBT, lengths_MB, advantage_MB))
+    loss = -jnp.mean(advantage_MB * logp_pi_MB)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state, state.extra), aux | {"loss": loss, "grad_norm": optax.tree.norm(grads)}
