@@ -35,18 +35,21 @@ def exact_objective(log_pi_N, log_a_N, rewards_N, beta):
     return -(jnp.sum(pi_N * rewards_N) - beta * kl)
 
 
-def sampled_loss(logp_pi_B, logp_a_B, rewards_B, beta):
-    """REINFORCE surrogate on samples of pi: logp_pi_B with gradient, logp_a_B of the frozen base.
-
-    The per-sample return r - beta (log pi - log a) minus its batch mean (the baseline) weights
-    -log pi. -> (loss, aux with the mean reward, the KL estimate and the objective estimate).
-    """
+def advantages(logp_pi_B, logp_a_B, rewards_B, beta):
+    """The per-sample return r - beta (log pi - log a) minus its batch mean (the baseline), without gradient
+    -> (advantage_B, aux with the mean reward, the KL estimate and the objective estimate)."""
     _check_beta(beta)
     kl_B = jax.lax.stop_gradient(logp_pi_B) - logp_a_B
     ret_B = jnp.asarray(rewards_B, logp_pi_B.dtype) - beta * kl_B
     advantage_B = jax.lax.stop_gradient(ret_B - ret_B.mean())
-    loss = -jnp.mean(advantage_B * logp_pi_B)
-    return loss, {"reward": jnp.mean(rewards_B), "kl_pi_a": jnp.mean(kl_B), "objective": jnp.mean(ret_B)}
+    return advantage_B, {"reward": jnp.mean(rewards_B), "kl_pi_a": jnp.mean(kl_B), "objective": jnp.mean(ret_B)}
+
+
+def sampled_loss(logp_pi_B, logp_a_B, rewards_B, beta):
+    """REINFORCE surrogate on samples of pi: logp_pi_B with gradient, logp_a_B of the frozen base; the
+    `advantages` weight -log pi. -> (loss, aux as in `advantages`)."""
+    advantage_B, aux = advantages(logp_pi_B, logp_a_B, rewards_B, beta)
+    return -jnp.mean(advantage_B * logp_pi_B), aux
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,15 +104,14 @@ class RL:
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer"))
 def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, r_MB, beta, *, model, optimizer):
-    """One update on M minibatches of B samples: the returns and their baseline over all M B samples first,
-    then each minibatch's share of `sampled_loss` (summed gradients = the whole batch's gradient)."""
+    """One update on M minibatches of B samples: the `advantages` over all M B samples first, then each
+    minibatch's share of `sampled_loss` (summed gradients = the whole batch's gradient)."""
     M, B = lengths_MB.shape
     prompt_B, mask_B = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
     logp_a_MB = minibatched_log_prob(model, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB)
     logp_pi_MB = minibatched_log_prob(model, state.params, prompt_1P, mask_1P, tokens_MBT, lengths_MB)
-    _, aux = sampled_loss(logp_pi_MB.reshape(-1), logp_a_MB.reshape(-1), r_MB.reshape(-1), beta)
-    ret_MB = r_MB - beta * (logp_pi_MB - logp_a_MB)
-    advantage_MB = ret_MB - ret_MB.mean()
+    advantage_N, aux = advantages(logp_pi_MB.reshape(-1), logp_a_MB.reshape(-1), r_MB.reshape(-1), beta)
+    advantage_MB = advantage_N.reshape(M, B)
 
     def minibatch(grad_sum, xs):
         tokens_BT, lengths_B, advantage_B = xs
