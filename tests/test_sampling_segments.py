@@ -42,9 +42,9 @@ def _sample(u_TB, model, params, prompt_BP, mask_BP, segment_ends):
 
 
 def test_segments():
-    assert segments(512) == list(range(64, 513, 64)) and segments(127) == [127] and segments(128) == [64, 128]
+    assert segments(512) == list(range(64, 513, 64)) and segments(63) == [63] and segments(64) == [32, 64]
     assert segments(2048) == list(range(256, 2049, 256)) and segments(30) == [30] and segments(1) == [1]
-    assert segments(200) == [66, 133, 200]
+    assert segments(128) == [32, 64, 96, 128] and segments(200) == [33, 66, 100, 133, 166, 200]
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

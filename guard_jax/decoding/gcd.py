@@ -280,8 +280,7 @@ def masked_sample_from_uniforms(u_TB, model: ARM, params: Params, prompt_BP, pro
         base_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32))
         allowed_BV = mask.allowed(state_B, T - t - 1)
         masked_BV = jnp.where(allowed_BV, base_BV, -jnp.inf)
-        token_B = categorical(u_B, masked_BV)
-        logq_B = jnp.take_along_axis(jax.nn.log_softmax(masked_BV), token_B[:, None], axis=-1)[:, 0]
+        token_B, logq_B = categorical(u_B, masked_BV)
         loga_B = jnp.take_along_axis(base_BV, token_B[:, None], axis=-1)[:, 0]
         token_B = jnp.where(done_B, model.pad_id, token_B)
         logq_B, loga_B = jnp.where(done_B, 0.0, logq_B), jnp.where(done_B, 0.0, loga_B)
