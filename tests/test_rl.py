@@ -109,7 +109,7 @@ def test_minibatched_update_equals_the_whole_batch():
     SGD = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify round-off near 0)
     state = whole.init_state(params)._replace(opt_state=SGD.init(params))
     outs = [_rl_update(state, params, whole.prompt, whole.mask, s.tokens_BT.reshape(m, 64 // m, 4), s.lengths_B.reshape(m, 64 // m),
-                       r.reshape(m, 64 // m), jnp.float32(0.3), model=model, optimizer=SGD) for m in (1, 4)]
+                       s.logp_B.reshape(m, 64 // m), r.reshape(m, 64 // m), jnp.float32(0.3), model=model, optimizer=SGD) for m in (1, 4)]
     (a, ma), (b, mb) = outs
     assert float(ma["grad_norm"]) > 1e-4
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):

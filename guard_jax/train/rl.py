@@ -95,21 +95,22 @@ class RL:
         c = self.config
         mb = c.minibatch or c.n_samples
         M = c.n_samples // mb
-        tokens, lengths, _ = sample_many(key, self.model, state.params, self.prompt, self.mask, M, mb, c.max_new_tokens)
+        tokens, lengths, logp_pi = sample_many(key, self.model, state.params, self.prompt, self.mask, M, mb, c.max_new_tokens)
         r_N = jnp.asarray(np.asarray(self.reward(np.asarray(tokens), np.asarray(lengths)), np.float32))
         state, metrics = _rl_update(state, self.base_params, self.prompt, self.mask, tokens.reshape(M, mb, -1), lengths.reshape(M, mb),
-                                    r_N.reshape(M, mb), jnp.asarray(c.beta, jnp.float32), model=self.model, optimizer=self.optimizer)
+                                    logp_pi.reshape(M, mb), r_N.reshape(M, mb), jnp.asarray(c.beta, jnp.float32),
+                                    model=self.model, optimizer=self.optimizer)
         return state, metrics | {"samples": c.n_samples}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer"))
-def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, r_MB, beta, *, model, optimizer):
-    """One update on M minibatches of B samples: the `advantages` over all M B samples first, then each
-    minibatch's share of `sampled_loss` (summed gradients = the whole batch's gradient)."""
+def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, logp_pi_MB, r_MB, beta, *, model, optimizer):
+    """One update on M minibatches of B samples of pi (logp_pi_MB: their log-probs from the sampler): the
+    `advantages` over all M B samples first, then each minibatch's share of `sampled_loss` (summed gradients =
+    the whole batch's gradient; the gradient pass re-scores each minibatch under pi)."""
     M, B = lengths_MB.shape
     prompt_B, mask_B = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
     logp_a_MB = minibatched_log_prob(model, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB)
-    logp_pi_MB = minibatched_log_prob(model, state.params, prompt_1P, mask_1P, tokens_MBT, lengths_MB)
     advantage_N, aux = advantages(logp_pi_MB.reshape(-1), logp_a_MB.reshape(-1), r_MB.reshape(-1), beta)
     advantage_MB = advantage_N.reshape(M, B)
 
