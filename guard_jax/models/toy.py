@@ -20,17 +20,30 @@ import jax.numpy as jnp
 from guard_jax.models.base import pad_to
 
 
-def _check_space(vocab_size: int, max_len: int, eos_id: int | None) -> None:
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    if eos_id is not None and not 0 <= eos_id < vocab_size:
-        raise ValueError(f"eos_id must be in [0, vocab_size={vocab_size}) or None, got {eos_id}")
+@dataclasses.dataclass(frozen=True)
+class _ToyARM:
+    """What the toy ARMs share: sequences of up to `max_len` tokens in [0, V) (EOS `eos_id` or None), BOS = V
+    as input only, and decoding by recomputation (the cache is the token buffer, its mask and the write index)."""
 
+    vocab_size: int
+    max_len: int
+    eos_id: int | None = None
 
-class _BufferCache:
-    """Decoding by recomputation: the cache is the token buffer, its mask and the write index."""
+    def __post_init__(self):
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if self.eos_id is not None and not 0 <= self.eos_id < self.vocab_size:
+            raise ValueError(f"eos_id must be in [0, vocab_size={self.vocab_size}) or None, got {self.eos_id}")
+
+    @property
+    def bos_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return 0 if self.eos_id is None else self.eos_id
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         return {
@@ -66,27 +79,13 @@ class _BufferCache:
 
 
 @dataclasses.dataclass(frozen=True)
-class TabularARM(_BufferCache):
+class TabularARM(_ToyARM):
     """Any ARM over V^T: `params["logits_NV"]` holds one row per prefix of length 0..T-1.
 
     Prefixes are indexed level by level in base-V order: the prefix (y_1..y_t) has row
     `(V^t - 1) / (V - 1) + sum_s y_s V^(t - s)`, so N = (V^T - 1) / (V - 1) rows in all.
     """
 
-    vocab_size: int
-    max_len: int
-    eos_id: int | None = None
-
-    def __post_init__(self):
-        _check_space(self.vocab_size, self.max_len, self.eos_id)
-
-    @property
-    def bos_id(self) -> int:
-        return self.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return 0 if self.eos_id is None else self.eos_id
 
     @property
     def num_prefixes(self) -> int:
@@ -146,30 +145,16 @@ class _TinyTransformer(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class TinyTransformerARM(_BufferCache):
+class TinyTransformerARM(_ToyARM):
     """A one-layer causal transformer ARM over V tokens (+ BOS as input), sequences up to max_len.
 
     Its input is a prompt of up to `context_len` tokens (BOS, or BOS and a context such as a CAP prompt, with
     tokens in [0, V]) followed by the sequence; prompts may be left-padded.
     """
 
-    vocab_size: int
-    max_len: int
-    eos_id: int | None = None
     d_model: int = 32
     num_heads: int = 2
     context_len: int = 1
-
-    def __post_init__(self):
-        _check_space(self.vocab_size, self.max_len, self.eos_id)
-
-    @property
-    def bos_id(self) -> int:
-        return self.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return 0 if self.eos_id is None else self.eos_id
 
     @property
     def _module(self) -> _TinyTransformer:
