@@ -14,7 +14,7 @@ V = 300  # three blocks of 128, the last one padded
 def _logits():
     logits_V = 2.0 * np.asarray(jax.random.normal(jax.random.PRNGKey(0), (V,)))
     logits_V[::7] = -np.inf  # probability zero, in every block
-    logits_V[256:] = -np.inf  # and a whole padded block's real part but its last token
+    logits_V[256:] = -np.inf  # the last block (tokens 256..299, padded to 128) keeps one positive token, 299
     logits_V[-1] = 1.0
     return logits_V
 

@@ -86,7 +86,6 @@ class TabularARM(_ToyARM):
     `(V^t - 1) / (V - 1) + sum_s y_s V^(t - s)`, so N = (V^T - 1) / (V - 1) rows in all.
     """
 
-
     @property
     def num_prefixes(self) -> int:
         V, T = self.vocab_size, self.max_len
