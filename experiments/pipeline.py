@@ -30,7 +30,7 @@ from guard_jax import estimators as E
 from guard_jax.constraints import Constraint, decode_texts
 from guard_jax.evaluate import LM, draw, score
 from guard_jax.io import atomic_write_json, atomic_write_text
-from guard_jax.metrics.diversity import self_bleu
+from guard_jax.metrics.diversity import self_bleu_sets
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 XLA_CACHE = pathlib.Path(os.environ.get("GUARD_JAX_XLA_CACHE", pathlib.Path.home() / ".cache" / "guard_jax" / "xla"))
@@ -172,13 +172,27 @@ def evaluate(setup: Setup, task: Task, gold: Gold, a2: LM, n_a2: int, name: str)
     return out, d.tokens_NT[b], d.lengths_N[b]
 
 
-def diversity(texts: list[str], semantic: bool) -> dict:
-    """Self-BLEU-2..5 and (when the optional extra is installed and `semantic`) semantic similarity."""
-    out: dict = {"n": len(texts), "self_bleu": None, "semantic_similarity": None, "semantic_note": None}
+def common_set_size(counts: list[int], n_div: int, min_set: int) -> int | None:
+    """The Self-BLEU set size shared by every row of one context: the fewest samples a row has (at most n_div),
+    among the rows with at least min_set samples; None when no row has that many."""
+    sizes = [min(n, n_div) for n in counts if n >= max(min_set, 2)]
+    return min(sizes) if sizes else None
+
+
+def diversity(texts: list[str], semantic: bool, set_size: int | None) -> dict:
+    """Self-BLEU-2..5 on disjoint sets of `set_size` texts (`self_bleu_sets`: comparable across rows with
+    different numbers of samples) and, when the optional extra is installed and `semantic`, semantic
+    similarity (mean pairwise cosine of all the texts, whose expectation does not depend on their number)."""
+    out: dict = {"n": len(texts), "self_bleu": None, "self_bleu_set": None, "self_bleu_note": None,
+                 "semantic_similarity": None, "semantic_note": None}
     if len(texts) < 2:
-        out["semantic_note"] = "fewer than 2 samples"
+        out["self_bleu_note"] = out["semantic_note"] = "fewer than 2 samples"
         return out
-    out["self_bleu"] = {str(k): v for k, v in self_bleu(texts).items()}
+    if set_size is not None and len(texts) >= set_size:
+        out["self_bleu"] = {str(k): v for k, v in self_bleu_sets(texts, set_size).items()}
+        out["self_bleu_set"] = set_size
+    else:
+        out["self_bleu_note"] = f"{len(texts)} samples, fewer than eval.min_diversity_set"
     if not semantic:
         out["semantic_note"] = "disabled in the config"
         return out
@@ -191,27 +205,29 @@ def diversity(texts: list[str], semantic: bool) -> dict:
     return out
 
 
-def describe_samples(setup: Setup, task: Task, tokens_NT, lengths_N, n_div: int) -> dict:
-    """Diversity, positions and a few example texts of (up to n_div) samples."""
+def describe_samples(setup: Setup, task: Task, tokens_NT, lengths_N, n_div: int) -> tuple[dict, list[str]]:
+    """Positions and a few example texts of (up to n_div) samples -> (description, their texts)."""
     texts = decode_texts(setup.tokenizer, tokens_NT[:n_div], lengths_N[:n_div])
     pos = np.asarray(task.positions(texts), np.float64)
-    return {"diversity": diversity(texts, bool(setup.config.get("semantic", True))),
-            "positions": [float(p) for p in pos[~np.isnan(pos)]], "examples": texts[:5]}
+    return {"positions": [float(p) for p in pos[~np.isnan(pos)]], "examples": texts[:5]}, texts
 
 
 def run_task(setup: Setup, task: Task, proposals: list[str]) -> dict:
-    """Everything for one context: gold samples, each proposal built, trained and evaluated."""
+    """Everything for one context: gold samples, each proposal built, trained and evaluated, then the
+    diversity of every row at one Self-BLEU set size (`common_set_size`)."""
     from experiments.proposals import Builder
 
     ev = setup.config["eval"]
     t0 = time.perf_counter()
     gold = draw_gold(setup, task, int(ev["n_a"]))
     n_div = int(ev.get("n_diversity", 1000))
+    gold_desc, gold_texts = describe_samples(setup, task, gold.tokens_NT, gold.lengths_N, n_div)
     result = {"name": task.name, "context": task.context, "cap_prompt": task.cap_prompt, "constraint": task.constraint.name,
               "gold": {"draws": gold.draws, "accepted": gold.accepted, "Z": _est(gold.z),
                        "KL(g||a)": _est(E.Estimate(-math.log(gold.z.value), -math.log(gold.z.hi), -math.log(max(gold.z.lo, 1e-300)), 0.95, gold.draws)),
-                       **describe_samples(setup, task, gold.tokens_NT, gold.lengths_N, n_div), "seconds": time.perf_counter() - t0},
+                       **gold_desc, "seconds": time.perf_counter() - t0},
               "methods": {}}
+    rows = {"gold": (result["gold"], gold_texts)}
     builder = Builder(setup, task, gold)
     for name in tqdm(proposals, desc=f"[{task.name}] proposals", unit="proposal", disable=not setup.progress):
         t1 = time.perf_counter()
@@ -220,12 +236,17 @@ def run_task(setup: Setup, task: Task, proposals: list[str]) -> dict:
         estimates, g2_tokens, g2_lengths = evaluate(setup, task, gold, p.lm, int(ev["n_a2"]), name)
         ar = estimates["AR_a2"]["value"]
         builder.finals[name] = {"samples": p.train_samples, "step": -1, **{q: estimates[q] for q in ("KL(g||a2)", "AR_a2", "KL(g||g2)")}}
+        desc, texts = describe_samples(setup, task, g2_tokens, g2_lengths, n_div)
         result["methods"][name] = {
             "train_samples": p.train_samples, "curve": p.curve, "metrics_jsonl": p.metrics_jsonl,
-            "estimates": estimates, "guard_draws_per_sample": (1.0 / ar) if ar > 0 else None,
-            **describe_samples(setup, task, g2_tokens, g2_lengths, n_div),
+            "estimates": estimates, "guard_draws_per_sample": (1.0 / ar) if ar > 0 else None, **desc,
             "train_seconds": builder.seconds.get(name, t2 - t1), "eval_seconds": time.perf_counter() - t2,
         }
+        rows[name] = (result["methods"][name], texts)
+    set_size = common_set_size([len(t) for _, t in rows.values()], n_div, int(ev.get("min_diversity_set", 20)))
+    result["self_bleu_set"] = set_size
+    for row, texts in rows.values():
+        row["diversity"] = diversity(texts, bool(setup.config.get("semantic", True)), set_size)
     return result
 
 
@@ -251,22 +272,24 @@ def _fmt(e: dict | None, digits: int = 3) -> str:
 def _div_cells(d: dict) -> list[str]:
     sb = d["diversity"]["self_bleu"] or {}
     sem = d["diversity"]["semantic_similarity"]
-    return [f"{sb[k]:.3f}" if k in sb else "n/a" for k in ("2", "3", "4", "5")] + [f"{sem:.3f}" if sem is not None else "n/a"]
+    return [f"{d['diversity']['n']:,}"] + [f"{sb[k]:.3f}" if k in sb else "n/a" for k in ("2", "3", "4", "5")] + [f"{sem:.3f}" if sem is not None else "n/a"]
 
 
 def markdown(results: dict) -> str:
     """The results tables (one per context, and the average over contexts when there are several)."""
     lines = [f"# {results['config']['name']} (seed {results['config'].get('seed', 0)})", "",
              f"model `{results['model']}`, {results['config']['max_new_tokens']} new tokens, "
-             f"{results['seconds']:.0f} s on {results['machine']}. 95% CIs in brackets; Self-BLEU and semantic similarity "
-             "of samples of g (gold) and of each g' (lower = more diverse).", ""]
+             f"{results['seconds']:.0f} s on {results['machine']}. 95% CIs in brackets. Diversity of the samples of g (gold) and "
+             "of each g' (lower = more diverse; n = samples used): Self-BLEU on disjoint sets of the same size in every row "
+             "of a context (it grows with the number of texts), semantic similarity = mean pairwise cosine of all n.", ""]
     for c in results["contexts"]:
         g = c["gold"]
         lines += [f"## context `{c['name']}`: {c['context']!r}" if c["context"] else f"## context `{c['name']}` (unconditional, BOS)", "",
                   f"constraint `{c['constraint']}`; CAP prompt {c['cap_prompt']!r}; Z = AR_a = {_fmt(g['Z'])} "
-                  f"({g['accepted']:,} of {g['draws']:,} draws); KL(g||a) = -log Z = {g['KL(g||a)']['value']:.3f}", "",
-                  "| proposal | train samples | AR_a' | AR gain | KL(g‖a') | KL(g‖g') | KL(g'‖g) | SB-2 | SB-3 | SB-4 | SB-5 | sem. sim. |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  f"({g['accepted']:,} of {g['draws']:,} draws); KL(g||a) = -log Z = {g['KL(g||a)']['value']:.3f}; "
+                  f"Self-BLEU on sets of {c.get('self_bleu_set') or 'n/a'} samples", "",
+                  "| proposal | train samples | AR_a' | AR gain | KL(g‖a') | KL(g‖g') | KL(g'‖g) | n | SB-2 | SB-3 | SB-4 | SB-5 | sem. sim. |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                   "| gold g | – | – | – | – | – | – | " + " | ".join(_div_cells(g)) + " |"]
         for name, m in c["methods"].items():
             e = m["estimates"]

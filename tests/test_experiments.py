@@ -72,6 +72,13 @@ def check_results(out: pathlib.Path, config: dict) -> dict:
         _check_estimate(g["Z"])
         assert math.isclose(g["KL(g||a)"]["value"], -math.log(g["Z"]["value"]))
         assert set(g["diversity"]["self_bleu"]) == {"2", "3", "4", "5"}
+        rows = [g] + list(ctx["methods"].values())
+        scored = [r["diversity"] for r in rows if r["diversity"]["self_bleu"] is not None]
+        # every row's Self-BLEU at one set size: the fewest samples of a row that has enough
+        assert {d["self_bleu_set"] for d in scored} == {ctx["self_bleu_set"]}
+        assert ctx["self_bleu_set"] == min(d["n"] for d in scored)
+        assert all(r["diversity"]["n"] < ctx["self_bleu_set"] for r in rows if r["diversity"]["self_bleu"] is None)
+        assert f"Self-BLEU on sets of {ctx['self_bleu_set']} samples" in md
         assert all(0 <= p < 1 for p in g["positions"]) and len(g["positions"]) >= 1
         assert set(ctx["methods"]) == set(config["proposals"])
         for name, m in ctx["methods"].items():

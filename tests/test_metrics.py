@@ -57,6 +57,29 @@ def test_self_bleu_matches_nltk_on_random_texts(word_lists):
                                nltk_self_bleu_NO(texts, (1, 2, 3, 4)), rtol=1e-12, atol=0)
 
 
+def test_self_bleu_sets_is_the_mean_over_disjoint_sets_of_one_size():
+    texts = FIXED_TEXTS[:10]
+    assert diversity.self_bleu_sets(texts, 10) == pytest.approx(diversity.self_bleu(texts))
+    by_hand = [diversity.self_bleu(texts[i : i + 3]) for i in (0, 3, 6)]  # the 10th text is left out
+    assert diversity.self_bleu_sets(texts, 3) == pytest.approx({n: np.mean([b[n] for b in by_hand]) for n in diversity.ORDERS})
+    with pytest.raises(ValueError, match="set_size"):
+        diversity.self_bleu_sets(texts, 1)
+    with pytest.raises(ValueError, match="lower set_size"):
+        diversity.self_bleu_sets(texts, 11)
+
+
+def test_self_bleu_grows_with_the_number_of_texts_and_sets_fix_it():
+    """Why rows are compared at one set size: samples of one distribution score higher Self-BLEU in a larger
+    set (more references), while self_bleu_sets at a fixed size agrees between 40 and 400 of them."""
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(30)]
+    texts = [" ".join(rng.choice(vocab, 12, p=np.arange(30, 0, -1) / 465)) for _ in range(400)]
+    small, large = diversity.self_bleu(texts[:20]), diversity.self_bleu(texts)
+    assert all(large[n] > small[n] + 0.05 for n in (2, 3))
+    few, many = diversity.self_bleu_sets(texts[:40], 20), diversity.self_bleu_sets(texts, 20)
+    assert all(abs(few[n] - many[n]) < 0.03 for n in (2, 3))
+
+
 def test_self_bleu_extremes_and_errors():
     assert diversity.self_bleu(["one two three four five"] * 3) == pytest.approx({2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0})
     assert diversity.self_bleu(["alpha beta gamma", "delta epsilon zeta"]) == {2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0}

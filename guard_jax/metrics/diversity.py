@@ -9,6 +9,11 @@ samples). This module computes the same numbers from n-gram counts gathered once
 the largest and second-largest count over all texts, which gives the clipping count "max over the other
 texts" of every hypothesis in O(1). tests/test_metrics.py checks it against NLTK itself on fixed texts.
 
+Self-BLEU grows with the number of texts (each is scored against all the others, so more references match
+more n-grams): two sets of samples are comparable only at the same size. `self_bleu_sets` scores disjoint
+sets of one fixed size and averages them, so every sample counts and rows with different numbers of
+samples (gold g vs a proposal's g') are compared at one size.
+
 Texts are split into words with sacreBLEU's standard `13a` tokenizer by default (no data download, unlike
 NLTK's `word_tokenize`); pass `tokenize` to change it.
 """
@@ -116,3 +121,16 @@ def self_bleu(texts: Sequence[str], orders: Sequence[int] = ORDERS,
     """Self-BLEU-n for each n in `orders`: the mean over texts of BLEU-n against the other texts."""
     bleu_NO = self_bleu_per_text(texts, orders, tokenize)
     return {int(n): float(m) for n, m in zip(orders, bleu_NO.mean(axis=0))}
+
+
+def self_bleu_sets(texts: Sequence[str], set_size: int, orders: Sequence[int] = ORDERS,
+                   tokenize: Callable[[str], list[str]] = tokenize_13a) -> dict[int, float]:
+    """Self-BLEU-n at a fixed set size: the mean of `self_bleu` over the consecutive disjoint sets of `set_size`
+    texts (floor(N / set_size) sets; the last N mod set_size texts are left out)."""
+    if set_size < 2:
+        raise ValueError(f"set_size must be >= 2 (Self-BLEU scores each text against the others), got {set_size}")
+    if len(texts) < set_size:
+        raise ValueError(f"self_bleu_sets needs at least set_size={set_size} texts, got {len(texts)}; lower set_size")
+    sets = [texts[i : i + set_size] for i in range(0, len(texts) - set_size + 1, set_size)]
+    scores = [self_bleu(s, orders, tokenize) for s in sets]
+    return {n: float(np.mean([s[n] for s in scores])) for n in scores[0]}
