@@ -1,6 +1,6 @@
 """guard_jax sampling and scoring vs transformers PyTorch on the same random GPT-2. One JSON line per config.
 
-    python -m bench.bench_sampling [--quick] [--repeats 3] [--threads 2]
+    python -m bench.bench_sampling [--quick] [--repeats 3] [--threads 2] [--host-devices 1]
 
 Both sides get the same random weights (a transformers GPT2LMHeadModel converted with
 `gpt2.params_from_hf`), the same batch of [BOS] prompts, the same number of new tokens (no EOS, so every
@@ -15,6 +15,12 @@ default (spinning) OpenMP threads make `generate` up to 10x slower, which would 
 
 Each sampling line also carries the machine's float32 matmul peak measured in the same run and the
 fraction of it guard_jax reaches (`decode_flops`): on a shared, loaded machine both move together.
+
+`--host-devices N` splits guard_jax's batch over N forced CPU host devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set before JAX starts) with `guard_jax.parallel`'s
+sharded sampler and scorer; torch keeps `--threads`. XLA runs the ops of one program one after another and
+does a batched attention product on one core, so on a multi-core CPU a split batch runs two programs side by
+side (the weight matmuls then share the cores). Each line says `host_devices`.
 
 Goals (issue 4, 2-core CPU): >= 3x transformers' tokens/s on tiny and small; per-token time at T=512
 within 1.5x of T=32.
@@ -34,6 +40,7 @@ import numpy as np
 
 from bench.common import emit, matmul_peak_flops
 from guard_jax.models import gpt2
+from guard_jax.parallel import data_mesh, replicate, shard_batch
 from guard_jax.sampling import log_prob, sample, sample_from_uniforms, segments, uniforms
 
 CONFIGS = {
@@ -70,6 +77,13 @@ def _prompt(batch: int):
     return prompt_B1, jnp.ones_like(prompt_B1)
 
 
+def place(mesh, params, *batch_arrays):
+    """On one device (mesh None) as they are; else params replicated and the arrays split along the batch."""
+    if mesh is None:
+        return (params, *batch_arrays)
+    return (replicate(mesh, params), *shard_batch(mesh, *batch_arrays))
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds of each no-argument function, run in turns (A, B, A, B, ...) so that both see the
     same machine load; each is called once first (compilation, warm-up), which is timed separately."""
@@ -88,18 +102,20 @@ def interleaved(fns: dict, repeats: int) -> dict:
     return {"median": median, "first": first}
 
 
-def jax_sampler(model, params, batch: int, new_tokens: int):
-    prompt, mask = _prompt(batch)
+def jax_sampler(model, params, batch: int, new_tokens: int, mesh=None):
+    params, prompt, mask = place(mesh, params, *_prompt(batch))
     return lambda: sample(jax.random.PRNGKey(0), model, params, prompt, mask, new_tokens).tokens_BT.block_until_ready()
 
 
 _one_buffer = jax.jit(sample_from_uniforms, static_argnames=("model", "temperature", "segment_ends"))
 
 
-def jax_one_buffer_sampler(model, params, batch: int, new_tokens: int):
+def jax_one_buffer_sampler(model, params, batch: int, new_tokens: int, mesh=None):
     """The same sampler with the cache as one buffer of prompt + new_tokens slots (no growing segments)."""
-    prompt, mask = _prompt(batch)
+    params, prompt, mask = place(mesh, params, *_prompt(batch))
     u_TB = uniforms(jax.random.PRNGKey(0), batch, new_tokens)
+    if mesh is not None:
+        u_TB = jax.device_put(u_TB, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
     return lambda: _one_buffer(u_TB, model, params, prompt, mask, segment_ends=(new_tokens,)).tokens_BT.block_until_ready()
 
 
@@ -119,14 +135,14 @@ def torch_sampler(torch_model, batch: int, new_tokens: int):
     return run
 
 
-def scorers(torch_model, model, params, batch: int, length: int):
+def scorers(torch_model, model, params, batch: int, length: int, mesh=None):
     """Teacher-forced sequence log-probs: guard_jax `log_prob` and a torch forward pass -> (jax_fn, torch_fn)."""
     import torch
 
-    prompt, mask = _prompt(batch)
     tokens_BT = jax.random.randint(jax.random.PRNGKey(1), (batch, length), 0, model.vocab_size)
-    lengths_B = jnp.full((batch,), length, jnp.int32)
     ids = torch.tensor(np.concatenate([np.zeros((batch, 1), np.int64), np.asarray(tokens_BT)], 1))
+    params, prompt, mask, tokens_BT, lengths_B = place(mesh, params, *_prompt(batch), tokens_BT,
+                                                        jnp.full((batch,), length, jnp.int32))
 
     def jax_fn():
         return np.asarray(log_prob(model, params, prompt, mask, tokens_BT, lengths_B)[0])
@@ -139,13 +155,18 @@ def scorers(torch_model, model, params, batch: int, length: int):
     return jax_fn, torch_fn
 
 
-def bench_config(name: str, repeats: int, per_token_lengths=(32, 128, 512)) -> list[dict]:
+def bench_config(name: str, repeats: int, per_token_lengths=(32, 128, 512), mesh=None) -> list[dict]:
+    """The records of one config; `mesh` (or None: one device) is where guard_jax's batch is split."""
     c = CONFIGS[name]
     torch_model, model, params = build(c["n_layer"], c["n_embd"], c["n_head"], c["vocab_size"])
     B, T = c["batch"], c["new_tokens"]
-    common = {"config": name, **{k: c[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "batch": B}
+    common = {"config": name, **{k: c[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "batch": B,
+              "host_devices": 1 if mesh is None else mesh.size}
     peak = matmul_peak_flops()
-    r = interleaved({"jax": jax_sampler(model, params, B, T), "torch": torch_sampler(torch_model, B, T)}, repeats)
+    fns = {"jax": jax_sampler(model, params, B, T, mesh), "torch": torch_sampler(torch_model, B, T)}
+    if mesh is not None:  # the same sampler on one of the devices, timed in the same turns
+        fns["jax_one_device"] = jax_sampler(model, jax.device_put(params, mesh.devices.flat[0]), B, T)
+    r = interleaved(fns, repeats)
     jax_s, torch_s = r["median"]["jax"], r["median"]["torch"]
     records = [{
         "bench": "sampling", **common, "new_tokens": T,
@@ -154,11 +175,15 @@ def bench_config(name: str, repeats: int, per_token_lengths=(32, 128, 512)) -> l
         "jax_fraction_of_matmul_peak": round(B * T * decode_flops(model, T) / jax_s / peak, 3),
         "matmul_peak_gflops": round(peak / 1e9, 1),
     }]
+    if mesh is not None:
+        one_s = r["median"]["jax_one_device"]
+        records[0].update(jax_one_device_tokens_per_s=round(B * T / one_s), one_device_ratio=round(torch_s / one_s, 2),
+                          host_devices_speedup=round(one_s / jax_s, 2))
     if name == "tiny":
         first_ms = None
         for L in per_token_lengths:
-            r = interleaved({"jax": jax_sampler(model, params, B, L), "torch": torch_sampler(torch_model, B, L),
-                             "one_buffer": jax_one_buffer_sampler(model, params, B, L)}, repeats)
+            r = interleaved({"jax": jax_sampler(model, params, B, L, mesh), "torch": torch_sampler(torch_model, B, L),
+                             "one_buffer": jax_one_buffer_sampler(model, params, B, L, mesh)}, repeats)
             jax_ms, torch_ms = 1e3 * r["median"]["jax"] / L, 1e3 * r["median"]["torch"] / L
             first_ms = first_ms or jax_ms
             records.append({"bench": "per_token", **common, "new_tokens": L, "jax_ms_per_step": round(jax_ms, 4),
@@ -166,7 +191,7 @@ def bench_config(name: str, repeats: int, per_token_lengths=(32, 128, 512)) -> l
                             "cache_segments": len(segments(L)), "jax_one_buffer_ms_per_step": round(1e3 * r["median"]["one_buffer"] / L, 4),
                             "jax_compile_s": round(max(r["first"]["jax"] - r["median"]["jax"], 0.0), 3),
                             "jax_vs_first_T": round(jax_ms / first_ms, 2), "goal_vs_first_T": 1.5})
-    jax_fn, torch_fn = scorers(torch_model, model, params, B, T)
+    jax_fn, torch_fn = scorers(torch_model, model, params, B, T, mesh)
     diff = float(np.abs(jax_fn() - torch_fn()).max())
     r = interleaved({"jax": jax_fn, "torch": torch_fn}, repeats)
     records.append({"bench": "scoring", **common, "length": T,
@@ -181,7 +206,19 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (match the CPU cores XLA uses)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--host-devices", type=int, default=1,
+                        help="split guard_jax's batch over this many forced CPU host devices (see the docstring)")
     args = parser.parse_args()
+    if args.host_devices < 1:
+        parser.error(f"--host-devices must be >= 1, got {args.host_devices}")
+    mesh = None
+    if args.host_devices > 1:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.host_devices}"
+        if jax.default_backend() != "cpu":
+            parser.error(f"--host-devices is for CPU hosts; JAX's default backend here is {jax.default_backend()}")
+        mesh = data_mesh()
+        if mesh.size != args.host_devices:
+            parser.error(f"--host-devices {args.host_devices}: JAX had already started with {mesh.size} CPU devices")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -189,7 +226,7 @@ def main():
     if args.quick:
         configs, repeats, lengths = ["tiny"], 1, (32, 128)
     for name in configs:
-        for record in bench_config(name, repeats, lengths):
+        for record in bench_config(name, repeats, lengths, mesh):
             emit({**record, "torch_threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                   "load_average_1min": round(os.getloadavg()[0], 2)})
 

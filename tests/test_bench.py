@@ -1,0 +1,28 @@
+"""The sampling benchmark runs as a user runs it and its lines say what they measure (no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_bench_sampling_quick_on_two_host_devices():
+    env = {**os.environ, "XLA_FLAGS": ""}  # the bench sets the device count itself
+    out = subprocess.run([sys.executable, "-m", "bench.bench_sampling", "--quick", "--host-devices", "2"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["bench"] for r in records] == ["sampling", "per_token", "per_token", "scoring"]
+    assert all(r["host_devices"] == 2 and r["config"] == "tiny" for r in records)
+    sampling = records[0]
+    for key in ("jax_tokens_per_s", "torch_tokens_per_s", "jax_one_device_tokens_per_s"):
+        assert sampling[key] > 0
+    speedup = sampling["jax_tokens_per_s"] / sampling["jax_one_device_tokens_per_s"]
+    assert abs(sampling["host_devices_speedup"] - speedup) < 0.02  # both sides timed in the same turns
+    assert [r["new_tokens"] for r in records[1:3]] == [32, 128]
+    assert records[3]["max_abs_logp_diff_vs_torch"] < 1e-3  # the sharded scorer agrees with transformers
+
+
+def test_bench_sampling_refuses_bad_host_devices():
+    r = subprocess.run([sys.executable, "-m", "bench.bench_sampling", "--quick", "--host-devices", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--host-devices must be >= 1" in r.stderr
