@@ -16,8 +16,8 @@ default (spinning) OpenMP threads make `generate` up to 10x slower, which would 
 Each sampling line also carries the machine's float32 matmul peak measured in the same run and the
 fraction of it guard_jax reaches (`decode_flops`): on a shared, loaded machine both move together.
 
-`--host-devices N` splits guard_jax's batch over N forced CPU host devices
-(`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set before JAX starts) with `guard_jax.parallel`'s
+`--host-devices N` splits guard_jax's batch over N CPU host devices (`jax.config.update("jax_num_cpu_devices",
+N)` before JAX starts) with `guard_jax.parallel`'s
 sharded sampler and scorer; torch keeps `--threads`. XLA runs the ops of one program one after another and
 does a batched attention product on one core, so on a multi-core CPU a split batch runs two programs side by
 side (the weight matmuls then share the cores). Each line says `host_devices`.
@@ -213,12 +213,10 @@ def main():
         parser.error(f"--host-devices must be >= 1, got {args.host_devices}")
     mesh = None
     if args.host_devices > 1:
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.host_devices}"
+        jax.config.update("jax_num_cpu_devices", args.host_devices)  # before JAX starts (it refuses after)
         if jax.default_backend() != "cpu":
             parser.error(f"--host-devices is for CPU hosts; JAX's default backend here is {jax.default_backend()}")
         mesh = data_mesh()
-        if mesh.size != args.host_devices:
-            parser.error(f"--host-devices {args.host_devices}: JAX had already started with {mesh.size} CPU devices")
     import torch
 
     torch.set_num_threads(args.threads)

@@ -11,8 +11,8 @@ log-probs agree within 3e-4, and teacher-forced scores agree exactly.
 Multi-host: call `jax.distributed.initialize()` first; the mesh then spans every host's devices and each
 host feeds its slice of the batch.
 
-On a multi-core CPU, forced host devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set before
-JAX starts) make the sampler faster: XLA runs one program's ops one after another and computes a batched
+On a multi-core CPU, N host devices (`jax.config.update("jax_num_cpu_devices", N)` right after `import jax`,
+before any computation) make the sampler faster: XLA runs one program's ops one after another and computes a batched
 attention product on one core, while N devices run N programs side by side (`bench/bench_sampling.py
 --host-devices 2`).
 """
