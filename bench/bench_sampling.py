@@ -16,11 +16,11 @@ default (spinning) OpenMP threads make `generate` up to 10x slower, which would 
 Each sampling line also carries the machine's float32 matmul peak measured in the same run and the
 fraction of it guard_jax reaches (`decode_flops`): on a shared, loaded machine both move together.
 
-`--host-devices N` splits guard_jax's batch over N CPU host devices (`jax.config.update("jax_num_cpu_devices",
-N)` before JAX starts) with `guard_jax.parallel`'s
-sharded sampler and scorer; torch keeps `--threads`. XLA runs the ops of one program one after another and
-does a batched attention product on one core, so on a multi-core CPU a split batch runs two programs side by
-side (the weight matmuls then share the cores). Each line says `host_devices`.
+`--host-devices N` splits guard_jax's batch over N CPU host devices (`jax_num_cpu_devices`, set before JAX
+starts) with `guard_jax.parallel`'s sharded sampler and scorer; torch keeps `--threads`. XLA runs the ops of
+one program one after another and does a batched attention product on one core, so on a multi-core CPU a
+split batch runs N programs side by side (the weight matmuls then share the cores). Every line says
+`host_devices`; the sampling line also times the sampler on one of the devices in the same turns.
 
 Goals (issue 4, 2-core CPU): >= 3x transformers' tokens/s on tiny and small; per-token time at T=512
 within 1.5x of T=32.
@@ -207,7 +207,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads (match the CPU cores XLA uses)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--host-devices", type=int, default=1,
-                        help="split guard_jax's batch over this many forced CPU host devices (see the docstring)")
+                        help="split guard_jax's batch over this many CPU host devices (see the docstring)")
     args = parser.parse_args()
     if args.host_devices < 1:
         parser.error(f"--host-devices must be >= 1, got {args.host_devices}")
