@@ -10,8 +10,10 @@ Per-token lines also time the sampler with the cache as one buffer (no growing s
 Compile time is reported separately from the run time (median of `--repeats` runs, the two sides taking
 turns so that both see the same machine load).
 
-torch runs with OMP_WAIT_POLICY=PASSIVE unless the variable is already set: on a loaded machine the
-default (spinning) OpenMP threads make `generate` up to 10x slower, which would flatter guard_jax.
+torch keeps its OpenMP default (threads spin briefly, then sleep), its fastest setting on a quiet machine
+(measured 2026-11-26 on the 2-core CPU, small config: 1,302 tokens/s on average against 1,076 with
+OMP_WAIT_POLICY=PASSIVE and 1,172 with ACTIVE). On a loaded machine spinning threads make `generate` up to
+10x slower: set OMP_WAIT_POLICY=PASSIVE there (each line records the policy).
 
 Each sampling line also carries the machine's float32 matmul peak measured in the same run and the
 fraction of it guard_jax reaches (`decode_flops`): on a shared, loaded machine both move together.
@@ -32,7 +34,6 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see the docstring)
 
 import jax
 import jax.numpy as jnp
@@ -225,7 +226,7 @@ def main():
         configs, repeats, lengths = ["tiny"], 1, (32, 128)
     for name in configs:
         for record in bench_config(name, repeats, lengths, mesh):
-            emit({**record, "torch_threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+            emit({**record, "torch_threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                   "load_average_1min": round(os.getloadavg()[0], 2)})
 
 
