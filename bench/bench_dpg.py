@@ -1,7 +1,7 @@
 """DPG update throughput (sampling + scoring + gradient) on GPT-2 configs, vs a PyTorch reference of the same
 step measured in the same run. One JSON line per config.
 
-    python -m bench.bench_dpg [--quick] [--configs tiny,small] [--repeats 3] [--threads 2]
+    python -m bench.bench_dpg [--quick] [--configs tiny,small] [--repeats 3] [--threads 2] [--host-devices 1]
 
 The reference is a plain PyTorch implementation of the same on-policy DPG update on the same weights:
 Hugging Face `generate(do_sample=True, top_k=0)` from BOS, the frozen base scores the samples, the policy's
@@ -29,6 +29,7 @@ import numpy as np
 from bench.common import emit, matmul_peak_flops, timed
 from guard_jax import constraints as C
 from guard_jax.models import hf
+from guard_jax.parallel import data_mesh
 from guard_jax.train.dpg import DPG, DPGConfig
 from guard_jax.train.loop import step_key
 
@@ -82,7 +83,8 @@ def torch_dpg_step(policy, base, optimizer, state: dict, B: int, T: int, constra
     optimizer.step()
 
 
-def bench(name: str, repeats: int, threads: int, peak: float) -> dict:
+def bench(name: str, repeats: int, threads: int, peak: float, mesh=None) -> dict:
+    """One config's record; `mesh` (or None: one device) is where guard_jax's minibatch is split."""
     import torch
 
     torch.set_num_threads(threads)
@@ -94,7 +96,7 @@ def bench(name: str, repeats: int, threads: int, peak: float) -> dict:
         model, params, _ = hf.load(tmp, tokenizer=False)
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
-    trainer = DPG(model, params, constraint, DPGConfig(n_samples=B, minibatch=B, max_new_tokens=T, learning_rate=LR))
+    trainer = DPG(model, params, constraint, DPGConfig(n_samples=B, minibatch=B, max_new_tokens=T, learning_rate=LR), mesh=mesh)
     state = trainer.init_state(params)
     t0 = time.perf_counter()
     state, _ = trainer.step(state, step_key(0, 0))
@@ -127,7 +129,7 @@ def bench(name: str, repeats: int, threads: int, peak: float) -> dict:
         "samples_per_s": round(B / ours_s, 1), "torch_samples_per_s": round(B / ref_s, 1),
         "speedup_vs_torch": round(ref_s / ours_s, 2), "goal_speedup": 3.0,
         "mfu": round(flops / ours_s / peak, 4), "torch_mfu": round(flops / ref_s / peak, 4), "peak_gflops": round(peak / 1e9, 1),
-        "compile_plus_first_step_s": round(first, 2), "threads": threads,
+        "compile_plus_first_step_s": round(first, 2), "threads": threads, "host_devices": 1 if mesh is None else mesh.size,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
 
@@ -138,14 +140,24 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (match the cores JAX uses)")
     p.add_argument("--quick", action="store_true", help="tiny config only, one repeat")
+    p.add_argument("--host-devices", type=int, default=1,
+                   help="split guard_jax's minibatch over this many CPU host devices (as bench_sampling --host-devices)")
     args = p.parse_args()
+    if args.host_devices < 1:
+        p.error(f"--host-devices must be >= 1, got {args.host_devices}")
+    mesh = None
+    if args.host_devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.host_devices)  # before JAX starts (it refuses after)
+        if jax.default_backend() != "cpu":
+            p.error(f"--host-devices is for CPU hosts; JAX's default backend here is {jax.default_backend()}")
+        mesh = data_mesh()
     names = ["tiny"] if args.quick else args.configs.split(",")
     unknown = set(names) - set(CONFIGS)
     if unknown:
         p.error(f"unknown --configs {sorted(unknown)}; choose from {sorted(CONFIGS)}")
     peak = matmul_peak_flops()
     for name in names:
-        emit(bench(name, 1 if args.quick else args.repeats, args.threads, peak))
+        emit(bench(name, 1 if args.quick else args.repeats, args.threads, peak, mesh))
 
 
 if __name__ == "__main__":

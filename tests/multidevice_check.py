@@ -12,6 +12,9 @@ from guard_jax.models.gpt2 import GPT2  # noqa: E402
 from guard_jax.models.toy import TinyTransformerARM  # noqa: E402
 from guard_jax.parallel import data_mesh, log_prob_sharded, sample_pmap, sample_sharded, shard_batch  # noqa: E402
 from guard_jax.sampling import bos_prompt, log_prob, sample  # noqa: E402
+from guard_jax import constraints as C  # noqa: E402
+from guard_jax.train.dpg import DPG, DPGConfig  # noqa: E402
+from guard_jax.train.loop import step_key  # noqa: E402
 
 
 def _gpt2_left_padded_prompts(model, batch_size: int, length: int):
@@ -42,6 +45,36 @@ def _agree(model, params, prompt, mask, max_new_tokens: int, mesh) -> None:
     return one
 
 
+def _dpg_agrees(mesh) -> None:
+    """Two DPG updates with each minibatch split over the mesh equal the same updates on one device."""
+    model = GPT2(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_id=49, eos_id=49)
+    params = jax.tree.map(lambda x: 3 * x, model.init(jax.random.PRNGKey(2)))
+    constraint = C.predicate(lambda t, n: np.any((t < 10) & (np.arange(t.shape[1])[None] < n[:, None]), axis=1), "any token < 10")
+    cfg = DPGConfig(n_samples=32, minibatch=16, max_new_tokens=6, learning_rate=1e-2)
+    one, split = DPG(model, params, constraint, cfg), DPG(model, params, constraint, cfg, mesh=mesh)
+    s1, s2 = one.init_state(params), split.init_state(params)
+    for i in range(2):
+        s1, m1 = one.step(s1, step_key(0, i))
+        s2, m2 = split.step(s2, step_key(0, i))
+        np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(float(m2["z"]), float(m1["z"]), rtol=1e-5)
+    assert len(jax.tree.leaves(s2.params)[0].sharding.device_set) == 8
+    # the same policy: equal log-probs (not equal params: Adam turns the rounding noise of gradients that are 0
+    # in exact arithmetic, e.g. the key bias's, into steps of size lr)
+    prompt, mask = bos_prompt(model, 32)
+    ys = sample(jax.random.PRNGKey(7), model, s1.params, prompt, mask, 6)
+    lp1 = log_prob(model, s1.params, prompt, mask, ys.tokens_BT, ys.lengths_B)[0]
+    lp2 = log_prob(model, jax.device_get(s2.params), prompt, mask, ys.tokens_BT, ys.lengths_B)[0]
+    np.testing.assert_allclose(np.asarray(lp2), np.asarray(lp1), atol=1e-4)
+    lp0 = log_prob(model, params, prompt, mask, ys.tokens_BT, ys.lengths_B)[0]
+    assert float(np.abs(np.asarray(lp1) - np.asarray(lp0)).max()) > 1e-2  # and the updates moved it
+    try:
+        DPG(model, params, constraint, DPGConfig(n_samples=12, minibatch=12, max_new_tokens=6, learning_rate=1e-2), mesh=mesh)
+        raise AssertionError("a minibatch of 12 over 8 devices must be refused")
+    except ValueError as e:
+        assert "minibatch=12 must be divisible" in str(e), e
+
+
 def main() -> int:
     assert jax.device_count() == 8, jax.devices()
     mesh = data_mesh()
@@ -58,6 +91,7 @@ def main() -> int:
         raise AssertionError("a batch of 3 over 8 devices must be refused")
     except ValueError as e:
         assert "divisible" in str(e)
+    _dpg_agrees(mesh)
     print("multidevice ok")
     return 0
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from guard_jax.models.base import ARM
 from guard_jax.sampling import log_prob, sample
@@ -35,13 +36,29 @@ def adam(learning_rate: float, warmup_steps: int = 0, clip_norm: float | None = 
     return optax.chain(*parts)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_batches", "batch_size", "max_new_tokens"))
-def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, batch_size: int, max_new_tokens: int):
-    """num_batches * batch_size samples, one batch at a time (memory bounded by the batch).
+def split_batch(x: jax.Array, mesh, axis: int = 0) -> jax.Array:
+    """Inside a jitted function: `x` split along `axis` over the mesh's "data" axis (no-op when mesh is None)."""
+    if mesh is None:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = "data"
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+def check_mesh_split(batch_size: int, mesh, what: str) -> None:
+    if mesh is not None and batch_size % mesh.size:
+        raise ValueError(f"{what}={batch_size} must be divisible by the mesh's {mesh.size} devices to split the batch")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_batches", "batch_size", "max_new_tokens", "mesh"))
+def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, batch_size: int, max_new_tokens: int, mesh=None):
+    """num_batches * batch_size samples, one batch at a time (memory bounded by the batch); with a `mesh`,
+    each batch is split over its "data" axis (the same samples as one device, up to float rounding).
 
     -> (tokens_NT, lengths_N, logp_N), N = num_batches * batch_size.
     """
     prompt_BP, mask_BP = jnp.repeat(prompt_1P, batch_size, 0), jnp.repeat(mask_1P, batch_size, 0)
+    prompt_BP, mask_BP = split_batch(prompt_BP, mesh), split_batch(mask_BP, mesh)
 
     def one(_, k):
         s = sample(k, model, params, prompt_BP, mask_BP, max_new_tokens)

@@ -23,7 +23,9 @@ import optax
 
 from guard_jax.models.base import ARM
 from guard_jax.sampling import log_prob
-from guard_jax.train.common import adam, check_split, host_constraint, left_pad_prompts, minibatched_log_prob, sample_many
+from guard_jax.parallel import replicate
+from guard_jax.train.common import (adam, check_mesh_split, check_split, host_constraint, left_pad_prompts, minibatched_log_prob,
+                                    sample_many, split_batch)
 from guard_jax.train.loop import TrainState
 
 
@@ -50,12 +52,17 @@ class DPGConfig:
 
 class DPG:
     """DPG trainer for the shared loop. `context`: the prompt tokens a and pi condition on (default [BOS]);
-    `proposal_context`: the prompt of the off-policy proposal (e.g. BOS + a CAP prompt + context)."""
+    `proposal_context`: the prompt of the off-policy proposal (e.g. BOS + a CAP prompt + context).
+    `mesh` (a `guard_jax.parallel.data_mesh`): the state is replicated and each minibatch is split over the
+    devices for sampling, scoring and the gradient (XLA sums the gradients across them)."""
 
     def __init__(self, model: ARM, base_params, constraint, config: DPGConfig, *, context: list[int] | None = None,
-                 proposal_context: list[int] | None = None, proposal_params=None):
+                 proposal_context: list[int] | None = None, proposal_params=None, mesh=None):
         if config.on_policy and (proposal_context is not None or proposal_params is not None):
             raise ValueError("proposal_context / proposal_params need config.on_policy=False (off-policy DPG)")
+        check_mesh_split(config.minibatch, mesh, "minibatch")
+        self.mesh = mesh
+        base_params = base_params if mesh is None else replicate(mesh, base_params)
         self.model, self.base_params, self.constraint, self.config = model, base_params, constraint, config
         context = [model.bos_id] if context is None else list(context)
         (self.prompt, self.mask), (self.q_prompt, self.q_mask) = left_pad_prompts(
@@ -68,7 +75,8 @@ class DPG:
         if not self.config.on_policy:
             proposal = params if self.proposal_params is None else self.proposal_params
             extra |= {"proposal": proposal, "q_prompt": self.q_prompt, "q_mask": self.q_mask}
-        return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), extra)
+        state = TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), extra)
+        return state if self.mesh is None else replicate(self.mesh, state)
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c = self.config
@@ -77,7 +85,7 @@ class DPG:
             q_params, q_prompt, q_mask = state.params, self.prompt, self.mask
         else:
             q_params, q_prompt, q_mask = state.extra["proposal"], state.extra["q_prompt"], state.extra["q_mask"]
-        tokens, lengths, logq = sample_many(key, self.model, q_params, q_prompt, q_mask, M, c.minibatch, c.max_new_tokens)
+        tokens, lengths, logq = sample_many(key, self.model, q_params, q_prompt, q_mask, M, c.minibatch, c.max_new_tokens, self.mesh)
         b = host_constraint(self.constraint, tokens, lengths)
         if not b.any() and float(state.extra["n_seen"]) == 0.0:
             raise ValueError(f"no sample of the proposal satisfied the constraint in the first DPG step ({c.n_samples} samples): "
@@ -85,7 +93,7 @@ class DPG:
         T = c.max_new_tokens
         state, metrics = _update(state, self.base_params, self.prompt, self.mask, tokens.reshape(M, c.minibatch, T),
                                  lengths.reshape(M, c.minibatch), logq.reshape(M, c.minibatch), jnp.asarray(b).reshape(M, c.minibatch),
-                                 model=self.model, optimizer=self.optimizer)
+                                 model=self.model, optimizer=self.optimizer, mesh=self.mesh)
         metrics["samples"] = c.n_samples
         if not c.on_policy:
             swap = int(state.step) % c.swap_every == 0 and float(metrics["kl_g_pi"]) < float(metrics["kl_g_q"])
@@ -103,8 +111,9 @@ def dpg_loss(params, model: ARM, prompt_BP, mask_BP, tokens_BT, lengths_B, logq_
     return -jnp.mean((w_B - baseline_B) * logpi_B), logpi_B
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer"))
-def _update(state, base_params, prompt, mask, tokens_MBT, lengths_MB, logq_MB, b_MB, *, model, optimizer):
+@functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh"))
+def _update(state, base_params, prompt, mask, tokens_MBT, lengths_MB, logq_MB, b_MB, *, model, optimizer, mesh=None):
+    tokens_MBT, lengths_MB, logq_MB, b_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logq_MB, b_MB))
     log_a_MB = minibatched_log_prob(model, base_params, prompt, mask, tokens_MBT, lengths_MB)
     logP_MB = jnp.where(b_MB, log_a_MB, -jnp.inf)
     N = logP_MB.size
