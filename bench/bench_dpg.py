@@ -26,10 +26,9 @@ import time
 import jax
 import numpy as np
 
-from bench.common import emit, matmul_peak_flops, timed
+from bench.common import emit, host_device_mesh, matmul_peak_flops, timed
 from guard_jax import constraints as C
 from guard_jax.models import hf
-from guard_jax.parallel import data_mesh
 from guard_jax.train.dpg import DPG, DPGConfig
 from guard_jax.train.loop import step_key
 
@@ -143,14 +142,7 @@ def main():
     p.add_argument("--host-devices", type=int, default=1,
                    help="split guard_jax's minibatch over this many CPU host devices (as bench_sampling --host-devices)")
     args = p.parse_args()
-    if args.host_devices < 1:
-        p.error(f"--host-devices must be >= 1, got {args.host_devices}")
-    mesh = None
-    if args.host_devices > 1:
-        jax.config.update("jax_num_cpu_devices", args.host_devices)  # before JAX starts (it refuses after)
-        if jax.default_backend() != "cpu":
-            p.error(f"--host-devices is for CPU hosts; JAX's default backend here is {jax.default_backend()}")
-        mesh = data_mesh()
+    mesh = host_device_mesh(p, args.host_devices)
     names = ["tiny"] if args.quick else args.configs.split(",")
     unknown = set(names) - set(CONFIGS)
     if unknown:

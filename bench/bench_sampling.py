@@ -34,14 +34,13 @@ import argparse
 import os
 import time
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import emit, matmul_peak_flops
+from bench.common import emit, host_device_mesh, matmul_peak_flops
 from guard_jax.models import gpt2
-from guard_jax.parallel import data_mesh, replicate, shard_batch
+from guard_jax.parallel import replicate, shard_batch
 from guard_jax.sampling import log_prob, sample, sample_from_uniforms, segments, uniforms
 
 CONFIGS = {
@@ -210,14 +209,7 @@ def main():
     parser.add_argument("--host-devices", type=int, default=1,
                         help="split guard_jax's batch over this many CPU host devices (see the docstring)")
     args = parser.parse_args()
-    if args.host_devices < 1:
-        parser.error(f"--host-devices must be >= 1, got {args.host_devices}")
-    mesh = None
-    if args.host_devices > 1:
-        jax.config.update("jax_num_cpu_devices", args.host_devices)  # before JAX starts (it refuses after)
-        if jax.default_backend() != "cpu":
-            parser.error(f"--host-devices is for CPU hosts; JAX's default backend here is {jax.default_backend()}")
-        mesh = data_mesh()
+    mesh = host_device_mesh(parser, args.host_devices)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -35,6 +35,21 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / timed(lambda: f(a).block_until_ready(), repeats)
 
 
+def host_device_mesh(parser, host_devices: int):
+    """`--host-devices N`: N CPU host devices for JAX (it must not have started yet) and their 1-D data mesh;
+    None for N = 1. Bad values end the run through `parser.error`."""
+    if host_devices < 1:
+        parser.error(f"--host-devices must be >= 1, got {host_devices}")
+    if host_devices == 1:
+        return None
+    from guard_jax.parallel import data_mesh
+
+    jax.config.update("jax_num_cpu_devices", host_devices)  # before JAX starts (it refuses after)
+    if jax.default_backend() != "cpu":
+        parser.error(f"--host-devices is for CPU hosts; JAX's default backend here is {jax.default_backend()}")
+    return data_mesh()
+
+
 def emit(record: dict) -> None:
     """Print one JSON line (the benchmarks' only output on stdout)."""
     print(json.dumps({**record, "machine": machine()}), flush=True)

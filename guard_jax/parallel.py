@@ -35,18 +35,28 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
 
 
-def _check_divisible(batch_size: int, num_devices: int) -> None:
+def check_divisible(batch_size: int, num_devices: int, what: str = "batch size") -> None:
+    """Refuse a batch (named `what` in the error) that the devices do not split evenly."""
     if batch_size % num_devices:
-        raise ValueError(f"batch size {batch_size} must be divisible by the number of devices {num_devices}; "
+        raise ValueError(f"{what}={batch_size} must be divisible by the number of devices {num_devices}; "
                          f"pad the batch or choose a multiple")
 
 
 def shard_batch(mesh: Mesh, *arrays):
     """Place arrays with their leading (batch) axis split over the mesh's "data" axis."""
     for x in arrays:
-        _check_divisible(x.shape[0], mesh.size)
+        check_divisible(x.shape[0], mesh.size)
     spec = lambda x: NamedSharding(mesh, P("data", *([None] * (x.ndim - 1))))
     return tuple(jax.device_put(x, spec(x)) for x in arrays)
+
+
+def split_batch(x: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:
+    """Inside a jitted function: `x` split along `axis` over the mesh's "data" axis (no-op when mesh is None)."""
+    if mesh is None:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = "data"
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
 
 def replicate(mesh: Mesh, tree):
@@ -76,7 +86,7 @@ def sample_pmap(key, model: ARM, params: Params, prompt_BP, prompt_mask_BP, max_
                 temperature: float = 1.0) -> Samples:
     """`sampling.sample` through `jax.pmap` over all local devices; returns the whole batch (unsharded)."""
     D, (B, Pl) = jax.local_device_count(), prompt_BP.shape
-    _check_divisible(B, D)
+    check_divisible(B, D)
     u_DTb = uniforms(key, B, max_new_tokens).reshape(max_new_tokens, D, B // D).transpose(1, 0, 2)
     prompt = jnp.asarray(prompt_BP).reshape(D, B // D, Pl)
     mask = jnp.asarray(prompt_mask_BP).reshape(D, B // D, Pl)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from guard_jax.models.base import ARM
+from guard_jax.parallel import split_batch
 from guard_jax.sampling import log_prob, sample
 
 
@@ -34,20 +34,6 @@ def adam(learning_rate: float, warmup_steps: int = 0, clip_norm: float | None = 
     schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
     parts = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [optax.adam(schedule)]
     return optax.chain(*parts)
-
-
-def split_batch(x: jax.Array, mesh, axis: int = 0) -> jax.Array:
-    """Inside a jitted function: `x` split along `axis` over the mesh's "data" axis (no-op when mesh is None)."""
-    if mesh is None:
-        return x
-    spec = [None] * x.ndim
-    spec[axis] = "data"
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
-
-
-def check_mesh_split(batch_size: int, mesh, what: str) -> None:
-    if mesh is not None and batch_size % mesh.size:
-        raise ValueError(f"{what}={batch_size} must be divisible by the mesh's {mesh.size} devices to split the batch")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_batches", "batch_size", "max_new_tokens", "mesh"))

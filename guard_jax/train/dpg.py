@@ -23,9 +23,8 @@ import optax
 
 from guard_jax.models.base import ARM
 from guard_jax.sampling import log_prob
-from guard_jax.parallel import replicate
-from guard_jax.train.common import (adam, check_mesh_split, check_split, host_constraint, left_pad_prompts, minibatched_log_prob,
-                                    sample_many, split_batch)
+from guard_jax.parallel import check_divisible, replicate, split_batch
+from guard_jax.train.common import adam, check_split, host_constraint, left_pad_prompts, minibatched_log_prob, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -60,9 +59,10 @@ class DPG:
                  proposal_context: list[int] | None = None, proposal_params=None, mesh=None):
         if config.on_policy and (proposal_context is not None or proposal_params is not None):
             raise ValueError("proposal_context / proposal_params need config.on_policy=False (off-policy DPG)")
-        check_mesh_split(config.minibatch, mesh, "minibatch")
+        if mesh is not None:
+            check_divisible(config.minibatch, mesh.size, "minibatch")
+            base_params = replicate(mesh, base_params)
         self.mesh = mesh
-        base_params = base_params if mesh is None else replicate(mesh, base_params)
         self.model, self.base_params, self.constraint, self.config = model, base_params, constraint, config
         context = [model.bos_id] if context is None else list(context)
         (self.prompt, self.mask), (self.q_prompt, self.q_mask) = left_pad_prompts(
