@@ -26,7 +26,8 @@ def _toy(args: argparse.Namespace) -> int:
                   f"({p.space.size:,} sequences{', EOS 0' if not args.no_eos else ''}), b = {p.constraint.name}, "
                   f"a' = exact ARM of (1-{args.beta}) a + {args.beta} h (h: the gold law of another random ARM)")
     key = jax.random.PRNGKey(args.seed)
-    mc = monte_carlo(key, p.a, p.a2, p.constraint, args.max_len, args.n_a, args.n_a2, args.batch_size, progress=not args.quiet)
+    mc = monte_carlo(key, p.a, p.a2, p.constraint, max_new_tokens=args.max_len, n_a=args.n_a, n_a2=args.n_a2, batch_size=args.batch_size,
+                     progress=not args.quiet).estimates()
     ex = p.exact
     exact = {"Z": ex.z, "AR_a2": ex.ar, "AR_gain": ex.ar / ex.z, "KL(g||a)": ex.kl_g_a, "KL(g||a2)": ex.kl_g_a2,
              "KL(g||g2)": ex.kl_g_g2, "KL(g2||g)": ex.kl_g2_g}
@@ -98,8 +99,8 @@ def _estimate(args: argparse.Namespace) -> int:
         a2 = dataclasses.replace(a, model=proposal.model, params=proposal.params)
     else:  # CAP: the same model with a constraint-aware prompt before the context
         a2 = a.with_prefix(args.cap_prompt) if args.cap_prompt else a
-    mc = monte_carlo(jax.random.PRNGKey(args.seed), a, a2, constraint, args.max_new_tokens, args.n_a, args.n_a2,
-                     args.batch_size, progress=not args.quiet)
+    mc = monte_carlo(jax.random.PRNGKey(args.seed), a, a2, constraint, max_new_tokens=args.max_new_tokens, n_a=args.n_a, n_a2=args.n_a2,
+                     batch_size=args.batch_size, progress=not args.quiet).estimates()
     table = Table(title=f"{constraint.name}: a = {args.model}, a' = {args.proposal or repr(args.cap_prompt)}")
     for col in ("quantity", "estimate", "95% CI"):
         table.add_column(col, justify="right")

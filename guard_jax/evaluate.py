@@ -89,11 +89,14 @@ class Evaluation:
     tokens_NT: np.ndarray
     lengths_N: np.ndarray
 
+    def estimates(self) -> dict[str, E.Estimate | None]:
+        """The estimates under the paper's names: Z, AR_a2, AR_gain, KL(g||a), KL(g||a2), KL(g||g2), KL(g2||g)."""
+        return {"Z": self.z, "AR_a2": self.ar, "AR_gain": self.ar_gain, "KL(g||a)": self.kl_g_a, "KL(g||a2)": self.kl_g_a2,
+                "KL(g||g2)": self.kl_g_g2, "KL(g2||g)": self.kl_g2_g}
+
     def to_dict(self) -> dict:
-        """The estimates as JSON-ready dicts under the paper's names (Z, AR_a2, KL(g||a2), ...)."""
-        d = estimate_dict
-        return {"Z": d(self.z), "AR_a2": d(self.ar), "AR_gain": d(self.ar_gain), "KL(g||a)": d(self.kl_g_a), "KL(g||a2)": d(self.kl_g_a2),
-                "KL(g||g2)": d(self.kl_g_g2), "KL(g2||g)": d(self.kl_g2_g)}
+        """`estimates()` as JSON-ready dicts (None where missing)."""
+        return {k: estimate_dict(v) for k, v in self.estimates().items()}
 
     def point(self, samples: int, step: int = -1) -> "CurvePoint":
         """This evaluation as the curve point of a proposal trained on `samples` draws."""
