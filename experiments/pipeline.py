@@ -114,10 +114,9 @@ def run_task(setup: Setup, task: Task, proposals: list[str]) -> dict:
         estimates = e.to_dict()
         ar = estimates["AR_a2"]["value"]
         desc, texts = describe_samples(a, task, e.tokens_NT, e.lengths_N, ev.n_diversity)
-        run_dir = builder.run_dir(name)
         result["methods"][name] = {
             "train_samples": p.train_samples, "curve": [q.to_dict() for q in p.curve], "metrics_jsonl": p.metrics_jsonl,
-            "config": to_dict(builder.config(name)), "run_dir": None if run_dir is None else str(run_dir),
+            "config": to_dict(builder.config(name)), "run_dir": str(pathlib.Path(p.metrics_jsonl).parent) if p.metrics_jsonl else None,
             "estimates": estimates, "guard_draws_per_sample": (1.0 / ar) if ar > 0 else None, **desc,
             "train_seconds": builder.seconds.get(name, t2 - t1), "eval_seconds": time.perf_counter() - t2,
         }
