@@ -14,7 +14,7 @@ from guard_jax.sampling import bos_prompt, draw, sample, score
 from guard_jax.train.cap import cap_context
 from guard_jax.train.dpg import DPG, DPGConfig
 from guard_jax.train.loop import LoopConfig, run
-from guard_jax.train.sft import SFT
+from guard_jax.train.sft import SFT, SFTConfig
 from guard_jax.train.warm import load_params
 
 MODEL = GPT2(vocab_size=24, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_id=0, eos_id=1)
@@ -36,7 +36,7 @@ def test_sft_then_dpg_warm_start_through_a_checkpoint(base, tmp_path):
     s = sample(jax.random.PRNGKey(1), MODEL, base, *bos_prompt(MODEL, 256), T)
     keep = np.asarray(B(s.tokens_BT, s.lengths_B))
     assert keep.sum() >= 8
-    sft = SFT(MODEL, np.asarray(s.tokens_BT)[keep], np.asarray(s.lengths_B)[keep], batch_size=8, learning_rate=1e-2)
+    sft = SFT(LM.of(MODEL, base), np.asarray(s.tokens_BT)[keep], np.asarray(s.lengths_B)[keep], SFTConfig(batch_size=8, learning_rate=1e-2))
     _, hist = run(sft, sft.init_state(base), LoopConfig(steps=3, out_dir=tmp_path / "sft", progress=False, tensorboard=False))
     _finite(hist)
     warm = load_params(tmp_path / "sft", like=base)
