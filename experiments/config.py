@@ -70,7 +70,7 @@ class ExperimentConfig:
             section = dict(train.get(name, {}))
             if "seed" in {f.name for f in dataclasses.fields(recipe.config_cls)}:
                 section.setdefault("seed", config.seed)
-            resolved[name] = resolve_config(name, section)
+            resolved[name] = resolve_config(name, section, f"{where}.train")
             names += recipe.needs(resolved[name])
         return dataclasses.replace(config, train=resolved)
 

@@ -567,19 +567,20 @@ def lookup(name: str) -> tuple[Recipe, dict]:
         raise ValueError(f"proposal {name!r}: the value after ':' must be a number ({recipe.param})") from None
 
 
-def resolve_config(name: str, data: Mapping | None = None):
-    """The config of proposal `name` from its section (a dict, or a config instance), suffix values applied."""
+def resolve_config(name: str, data: Mapping | None = None, where: str = "train"):
+    """The config of proposal `name` from its section (a dict, or a config instance), suffix values applied;
+    `where` names the section's parent in error messages."""
     recipe, fixed = lookup(name)
     if data is not None and not isinstance(data, Mapping):
         cfg = data
         if not isinstance(cfg, recipe.config_cls):
-            raise ConfigError(f"train.{name}: expected {recipe.config_cls.__name__}, got {type(cfg).__name__}")
+            raise ConfigError(f"{where}.{name}: expected {recipe.config_cls.__name__}, got {type(cfg).__name__}")
         return dataclasses.replace(cfg, **fixed) if fixed else cfg
     given = dict(data or {})
     clash = [k for k in fixed if k in given and given[k] != fixed[k]]
     if clash:
-        raise ConfigError(f"train.{name}.{clash[0]}={given[clash[0]]} contradicts the name's suffix ({fixed[clash[0]]})")
-    return from_dict(recipe.config_cls, given | fixed, f"train.{name}")
+        raise ConfigError(f"{where}.{name}.{clash[0]}={given[clash[0]]} contradicts the name's suffix ({fixed[clash[0]]})")
+    return from_dict(recipe.config_cls, given | fixed, f"{where}.{name}")
 
 
 class Builder:

@@ -80,16 +80,17 @@ QUICK = "experiments/configs/lexical_quick.json"
 
 
 def test_experiment_config_resolves_every_built_proposal():
-    cfg = load(LexicalConfig, QUICK, ["seed=3", "train.dpg.learning_rate=1e-2", 'proposals=["sft_dpg"]'])
+    cfg = load(LexicalConfig, QUICK, ["seed=3", "train.sft_dpg.learning_rate=1e-2", 'proposals=["sft_dpg"]'])
     assert cfg.built() == ["sft_dpg", "sft_a"]  # a warm start needs its source
-    assert cfg.train["dpg"].learning_rate == 1e-2 and isinstance(cfg.train["sft_dpg"], P.WarmStartConfig)
+    assert cfg.train["sft_dpg"].learning_rate == 1e-2 and isinstance(cfg.train["sft_dpg"], P.WarmStartConfig)
     assert {cfg.train[n].seed for n in ("sft_a", "sft_dpg", "dpg")} == {3}  # the experiment's seed unless a section sets one
     file = json.loads(open(QUICK).read())["train"]["sft_a"]
     assert all(getattr(cfg.train["sft_a"], k) == v for k, v in file.items())
     assert cfg.train["sft_a"].warmup_steps == P.SFTRecipeConfig().warmup_steps  # the library's default for what the file omits
     data = to_dict(cfg)
-    assert data["train"]["dpg"]["learning_rate"] == 1e-2 and data["proposals"] == ["sft_dpg"]
-    assert load(LexicalConfig, QUICK, ["seed=3", "train.dpg.learning_rate=1e-2", 'proposals=["sft_dpg", "dpg"]']).train["dpg"].seed == 3
+    assert data["train"]["sft_dpg"]["learning_rate"] == 1e-2 and data["proposals"] == ["sft_dpg"]
+    dpg = load(LexicalConfig, QUICK, ["seed=3", "train.dpg.learning_rate=1e-2", 'proposals=["sft_dpg", "dpg"]']).train["dpg"]
+    assert (dpg.seed, dpg.learning_rate) == (3, 1e-2)
 
 
 def test_misspelled_keys_in_a_file_and_in_a_setting_are_errors(tmp_path):

@@ -38,7 +38,8 @@ def test_sft_on_filtered_samples_moves_toward_g(toy):
               tensorboard=False)
     assert p.train_samples == 2048 and p.metrics_jsonl is None and p.lm.prompt == problem.a.prompt
     assert p.curve[0] == ev.start() and [q.samples for q in p.curve] == sorted(q.samples for q in p.curve)
-    assert len(p.curve) == 2 and all(q.samples < p.train_samples for q in p.curve)  # the final budget is the caller's evaluation
+    # steps 4 of 8 (the final step is the caller's evaluation); after one pass over the data every draw has been used
+    assert [(q.step, q.samples) for q in p.curve] == [(0, 0), (4, 2048)]
     assert _kl(ev, p.lm) < ev.start().kl_g_a2.value - 0.5
     cap_sft = P.sft(problem.a, problem.constraint, gold, SFT, key=jax.random.PRNGKey(1), source=problem.a2, batch_size=512, progress=False,
                     tensorboard=False)
