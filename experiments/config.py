@@ -3,7 +3,8 @@ parsed strictly (`guard_jax.config`): an unknown or misspelled key, in the file 
 naming it and the valid keys.
 
 `train` maps proposal names to their recipe configs (`guard_jax.proposals`): each section is parsed into the
-config class its recipe registers, with the library's defaults for what it does not set. Every proposal the
+config class its recipe registers, with the library's defaults for what it does not set (`rl:0.5` reads
+`train.rl`, then `train["rl:0.5"]`, then beta = 0.5). Every proposal the
 experiment builds (those listed and those they start from) gets a resolved config, whose `seed` is the
 experiment's seed unless its section sets one; `to_dict(config)` is what results.json records.
 """
@@ -67,7 +68,7 @@ class ExperimentConfig:
             if name in resolved:
                 continue
             recipe, _ = _lookup(name, f"{where}.train")
-            section = dict(train.get(name, {}))
+            section = dict(train.get(name.partition(":")[0], {})) | dict(train.get(name, {}))  # rl:0.5 reads train.rl too
             if "seed" in {f.name for f in dataclasses.fields(recipe.config_cls)}:
                 section.setdefault("seed", config.seed)
             resolved[name] = resolve_config(name, section, f"{where}.train")

@@ -349,12 +349,12 @@ def dpg(a: LM, b: Constraint, gold: Gold, config: DPGRecipeConfig | None = None,
 def warm_start_dpg(a: LM, b: Constraint, gold: Gold, config: DPGRecipeConfig | None = None, *, key: jax.Array, start: Proposal,
                    start_point: CurvePoint | None = None, run_dir=None, evaluator: Evaluator | None = None, progress: bool = True,
                    tensorboard: bool = True) -> Proposal:
-    """Warm-start DPG: the policy (conditioned on a's context) starts at `start`'s params and is trained off-policy
-    with `start.lm` as its first proposal. From an SFT model: the policy starts as that model; from CAP: the
-    policy starts at a and the first proposal is a with the CAP prompt. Samples drawn: start's plus DPG's.
-    `start_point`: the curve point of the starting policy (default: measured by `evaluator`)."""
+    """Warm-start DPG, off-policy with `start.lm` as the first proposal; the policy is conditioned on a's context.
+    From a trained proposal (start.train_samples > 0, e.g. SFT of a) the policy starts as that model; from an
+    untrained one (CAP: a with a prompt, or any other fixed proposal) the policy starts at a. Samples drawn:
+    start's plus DPG's. `start_point`: the curve point of the starting policy (default: measured by `evaluator`)."""
     config = config or DPGRecipeConfig()
-    init = start.lm.params
+    init = start.lm.params if start.train_samples > 0 else a.params
     if start_point is None and evaluator is not None:
         start_point = (evaluator.start() if init is a.params else
                        evaluator.point(a.with_params(init), start.train_samples, 0, named_key(key, "start")))
@@ -611,7 +611,8 @@ class Builder:
         self._automata: dict[str, Any] = {} if automaton is None else {"": automaton}
 
     def config(self, name: str):
-        return resolve_config(name, self.configs.get(name))
+        """The resolved config of `name` (`name:VALUE` falls back to the config of `name`)."""
+        return resolve_config(name, self.configs.get(name, self.configs.get(name.partition(":")[0])))
 
     def fingerprint(self, name: str) -> str:
         """A hash of everything proposal `name` is trained from: its config, the builder's inputs, and the
