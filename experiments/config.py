@@ -68,7 +68,8 @@ class ExperimentConfig:
             if name in resolved:
                 continue
             recipe, _ = _lookup(name, f"{where}.train")
-            section = dict(train.get(name.partition(":")[0], {})) | dict(train.get(name, {}))  # rl:0.5 reads train.rl too
+            base = {k: v for k, v in dict(train.get(name.partition(":")[0], {})).items() if k != recipe.param}
+            section = base | dict(train.get(name, {})) if ":" in name else dict(train.get(name, {}))  # rl:0.5 reads train.rl too
             if "seed" in {f.name for f in dataclasses.fields(recipe.config_cls)}:
                 section.setdefault("seed", config.seed)
             resolved[name] = resolve_config(name, section, f"{where}.train")

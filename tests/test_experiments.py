@@ -268,7 +268,7 @@ def test_shipped_sweep_reads_every_grid_key(monkeypatch):
     assert sweep.unread_keys(spec, sweep.cells(spec["grid"])) == []
 
 
-TINY_DPG = {**TINY, "name": "lexical_tiny_dpg", "proposals": ["dpg"],
+TINY_DPG = {**TINY, "name": "lexical_tiny_dpg", "proposals": ["dpg"], "eval": {"n_a": 2048, "n_a2": 256, "n_diversity": 20, "n_curve": 128},
             "train": {"dpg": {"steps": 2, "n_samples": 256, "minibatch": 256, "learning_rate": 1e-3, "eval_points": 1}}}
 
 
