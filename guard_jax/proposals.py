@@ -417,7 +417,7 @@ def aux(a: LM, b: Constraint, gold: Gold, config: AuxRecipeConfig | None = None,
     trainer = _share_optimizer(AuxTrainer(a, a.model, b, cfg), cfg.learning_rate, 0)
 
     def q_of(state) -> LM:
-        return dataclasses.replace(trainer.proposal(state), tokenizer=a.tokenizer, context=a.context)
+        return trainer.proposal(state)
 
     state, curve, q_curve = _train(trainer, {"head": _zero_head(a.params), "policy": a.params}, config.steps, config,
                                    lambda k: k * cfg.n_samples, lambda p: a.with_params(p["policy"]), key=key, run_dir=run_dir,
