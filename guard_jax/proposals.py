@@ -615,12 +615,12 @@ class Builder:
 
     def fingerprint(self, name: str) -> str:
         """A hash of everything proposal `name` is trained from: its config, the builder's inputs, and the
-        fingerprints of the proposals it needs."""
+        fingerprints of the proposals it needs (that of "cap" holds the CAP prompt)."""
         recipe, _ = lookup(name)
         cfg = self.config(name)
-        return config_hash({"proposal": name, "config": to_dict(cfg), "inputs": self.inputs,
-                            "needs": {n: self.fingerprint(n) for n in recipe.needs(cfg)},
-                            "cap_prompt": None if self.cap is None else list(self.cap.prompt)})
+        own = {"prompt": list(self.cap.prompt)} if name == "cap" and self.cap is not None else {}
+        return config_hash({"proposal": name, "config": to_dict(cfg), "inputs": self.inputs, **own,
+                            "needs": {n: self.fingerprint(n) for n in recipe.needs(cfg)}})
 
     def run_dir(self, name: str) -> pathlib.Path | None:
         """run_root/<name>/<fingerprint>/, with config.json recording the resolved settings (None: no run_root)."""
