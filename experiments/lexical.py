@@ -7,8 +7,11 @@ keyword with word boundaries (the paper: `\\bamazing\\b`, 30 tokens, AR_a about 
     python -m experiments.lexical --find-keyword auto                         # words whose AR is near the target
     python -m experiments.lexical --find-keyword amazing,wonderful --find-draws 50000
 
-Writes results/<config name>_seed<k>/: results.json, results.md (the tables), figures/*.png|svg, and the
-training runs (resumable) under runs/.
+Writes results/<config name>_seed<k>/: results.json (with the resolved config: every proposal's settings, the
+library's defaults filled in), results.md (the tables), figures/*.png|svg, and the training runs under
+runs/<context>/<proposal>/<fingerprint>/ (config.json: what it was trained with). A rerun with the same settings
+resumes its runs; changed settings train afresh in another folder (see experiments/pipeline.py). A misspelled
+key in the config or in a --set, or a --set that no proposal of the run reads, is an error naming it.
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, dotted into nested ones, VALUE as JSON if it parses "
-                        "(e.g. --set train.dpg.learning_rate=3e-4 --set 'proposals=[\"dpg\"]'); repeatable")
+                        "(e.g. --set train.dpg.learning_rate=3e-4 --set 'proposals=[\"dpg\"]'); repeatable; "
+                        "an unknown key is an error")
     p.add_argument("--result", default=None, metavar="FILE",
                    help="also write the per-proposal averages (the sweep's result file) to FILE, atomically")
     return p
