@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guard_jax.config import ConfigError, build, config_hash, from_dict, to_dict
+from guard_jax.config import ConfigError, config_hash, from_dict, to_dict
 from guard_jax.constraints import Constraint
 from guard_jax.evaluate import CurvePoint, Evaluator, Gold
 from guard_jax.io import atomic_write_json
