@@ -112,3 +112,15 @@ def test_position_report():
     r = position_report(np.array([0.05, np.nan, 0.55, 0.56]))
     assert r["positions"] == [0.05, 0.55, 0.56] and r["matched"] == 3 and r["total"] == 4
     assert len(r["fractions"]) == 10 and r["fractions"][0] == pytest.approx(1 / 3) and r["fractions"][5] == pytest.approx(2 / 3)
+
+
+def test_public_names():
+    import guard_jax as gj
+    from guard_jax import lm, proposals, rejection, sampling
+
+    assert gj.LM is lm.LM and gj.draw is sampling.draw and gj.score is sampling.score and gj.guard_sample is rejection.guard_sample
+    assert gj.draw_gold is ev.draw_gold and gj.evaluate_proposal is ev.evaluate_proposal and gj.monte_carlo is ev.monte_carlo
+    assert gj.Evaluation is ev.Evaluation and gj.proposals is proposals and gj.proposals.warm_start_dpg is proposals.warm_start_dpg
+    assert {"constraints", "estimators", "exact", "config"} <= set(dir(gj))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        gj.nope  # noqa: B018
