@@ -211,3 +211,21 @@ def test_clear_errors(case):
         case.model.prefill(case.params, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32), case.model.init_cache(1, 3))
     with pytest.raises(ValueError, match="param_dtype"):
         gemma.from_hf_config(config, param_dtype=jnp.float16)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"factor": 8.0, "rope_type": "linear"}])
+def test_gemma3_released_config_shape_reads_as_transformers_reads_it(rope_scaling):
+    """A config.json in the shape of gemma-3-1b / 4b (rope_theta, rope_local_base_freq, sliding_window_pattern,
+    rope_scaling for the global layers) gives the layer types and per-layer RoPE transformers derives."""
+    config = dict(
+        model_type="gemma3_text", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=7,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        rope_scaling=rope_scaling, sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=16,
+    )
+    model = gemma.from_hf_config(config)
+    theirs = transformers.Gemma3TextConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    assert list(model.layer_types) == theirs.layer_types
+    for i, layer_type in enumerate(theirs.layer_types):
+        want = {k: v for k, v in theirs.rope_parameters[layer_type].items() if v is not None}
+        assert model.rope(i).to_hf() == want, (i, layer_type)
+    assert model.final_logit_softcapping is None and model.attn_logit_softcapping is None

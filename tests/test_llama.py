@@ -165,3 +165,41 @@ def test_clear_errors(tmp_path):
         llama.from_hf_config(dict(config, hidden_act="relu2"))
     with pytest.raises(ValueError, match="num_attention_heads=2 must be a multiple of num_key_value_heads=3"):
         llama.Llama(V, 16, 32, 1, 2, 3, 8)
+
+
+# config.json in the shape of released checkpoints (older transformers: rope_theta + rope_scaling, eos lists)
+RELEASED = {
+    "llama-3.2-1b": dict(
+        model_type="llama", vocab_size=V, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        max_position_embeddings=131072, bos_token_id=0, eos_token_id=[1, 2, 3], pretraining_tp=1),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, rope_scaling=None, sliding_window=32768,
+        use_sliding_window=False, max_window_layers=1, tie_word_embeddings=True, bos_token_id=5, eos_token_id=5),
+    "mistral-7b-v0.1": dict(
+        model_type="mistral", vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, sliding_window=4096),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_config_shapes_read_as_transformers_reads_them(name):
+    """Older config.json keys give the RoPE, window and head transformers derives from the same dict."""
+    config = RELEASED[name]
+    model = llama.from_hf_config(config)
+    theirs = transformers.AutoConfig.for_model(**config)
+    assert model.rope_parameters.to_hf() == {k: v for k, v in theirs.rope_parameters.items() if v is not None}
+    assert model.tie_word_embeddings == theirs.tie_word_embeddings
+    assert [model.window(i) for i in range(model.num_hidden_layers)] == [
+        theirs.sliding_window if t == "sliding_attention" or name.startswith("mistral") else None
+        for t in getattr(theirs, "layer_types", None) or ["full_attention"] * model.num_hidden_layers
+    ]
+    eos = theirs.eos_token_id
+    assert (model.bos_id, model.eos_id) == (theirs.bos_token_id, eos[0] if isinstance(eos, list) else eos)
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    inv_freq = LlamaRotaryEmbedding(theirs).inv_freq.numpy()
+    np.testing.assert_allclose(model.rope(0).inv_freq(model.head_dim), inv_freq, rtol=1e-6, atol=0)
