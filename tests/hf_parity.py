@@ -4,11 +4,13 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 
 from guard_jax.models import hf
+from guard_jax.sampling import log_prob, sample
 
 
 @dataclasses.dataclass
@@ -66,3 +68,13 @@ def random_tokens(seed, shape, vocab_size=128):
 
 def left_pad_mask(pads, T):
     return (np.arange(T)[None, :] >= np.asarray(pads)[:, None]).astype(np.int32)
+
+
+def check_sampler_matches_log_prob(model, params, max_new_tokens):
+    """`sample` from a left-padded batch of prompts: its per-token and total log-probs equal teacher-forced `log_prob`."""
+    prompt_BP, mask_BP = jnp.asarray(random_tokens(7, (4, 3))), jnp.asarray(left_pad_mask([0, 1, 2, 0], 3))
+    out = sample(jax.random.PRNGKey(0), model, params, prompt_BP, mask_BP, max_new_tokens=max_new_tokens)
+    assert out.tokens_BT.shape == (4, max_new_tokens)
+    logp_B, logp_BT = log_prob(model, params, prompt_BP, mask_BP, out.tokens_BT, out.lengths_B)
+    np.testing.assert_allclose(np.asarray(logp_BT), np.asarray(out.logp_BT), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(logp_B), np.asarray(out.logp_B), atol=1e-5, rtol=0)

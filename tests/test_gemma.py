@@ -21,8 +21,10 @@ transformers = pytest.importorskip("transformers")
 from guard_jax.constraints import contains_token  # noqa: E402
 from guard_jax.models import gemma, hf  # noqa: E402
 from guard_jax.rejection import guard_sample  # noqa: E402
-from guard_jax.sampling import bos_prompt, log_prob, sample  # noqa: E402
-from tests.hf_parity import apply, decode, left_pad_mask, make_case, prefill, random_tokens  # noqa: E402
+from guard_jax.sampling import bos_prompt, log_prob  # noqa: E402
+from tests.hf_parity import (  # noqa: E402
+    apply, check_sampler_matches_log_prob, decode, left_pad_mask, make_case, prefill, random_tokens,
+)
 
 V = 128
 COMMON = dict(
@@ -129,12 +131,7 @@ def test_export_loads_in_transformers_with_identical_logits(case, tmp_path):
 
 
 def test_sampler_log_probs_equal_log_prob(case):
-    prompt_BP, mask_BP = jnp.asarray(random_tokens(7, (4, 3))), jnp.asarray(left_pad_mask([0, 1, 2, 0], 3))
-    out = sample(jax.random.PRNGKey(0), case.model, case.params, prompt_BP, mask_BP, max_new_tokens=8)
-    assert out.tokens_BT.shape == (4, 8)
-    logp_B, logp_BT = log_prob(case.model, case.params, prompt_BP, mask_BP, out.tokens_BT, out.lengths_B)
-    np.testing.assert_allclose(np.asarray(logp_BT), np.asarray(out.logp_BT), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(logp_B), np.asarray(out.logp_B), atol=1e-5, rtol=0)
+    check_sampler_matches_log_prob(case.model, case.params, max_new_tokens=8)
 
 
 @pytest.mark.parametrize("case", ["gemma2"], indirect=True)
