@@ -304,11 +304,13 @@ class _Decoder(nn.Module):
 
 
 class DecoderLM:
-    """The ARM methods (see base.py) of a decoder-only transformer; mixed into a frozen dataclass that has the
-    fields vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
-    num_key_value_heads, head_dim, rms_norm_eps, sliding_window, layer_types, attn_logit_softcapping,
-    final_logit_softcapping, dtype, param_dtype, bos_id, eos_id, pad_id, and provides `arch`, `rope(layer)`, `window(layer)`, `scale` and
-    `model_type` (the Hugging Face family it exports as)."""
+    """The ARM methods (see base.py) of a decoder-only transformer.
+
+    Mixed into a frozen dataclass that has the fields vocab_size, hidden_size, intermediate_size,
+    num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps, sliding_window,
+    layer_types, attn_logit_softcapping, final_logit_softcapping, dtype, param_dtype, bos_id, eos_id, pad_id,
+    and provides `arch`, `rope(layer)`, `window(layer)`, `scale` and `model_type` (the Hugging Face family
+    it exports as)."""
 
     def check_config(self) -> None:
         """ValueError naming the field when the heads, dtypes, layer_types or sliding_window are inconsistent."""
