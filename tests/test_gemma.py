@@ -226,3 +226,39 @@ def test_gemma3_released_config_shape_reads_as_transformers_reads_it(rope_scalin
         want = {k: v for k, v in theirs.rope_parameters[layer_type].items() if v is not None}
         assert model.rope(i).to_hf() == want, (i, layer_type)
     assert model.final_logit_softcapping is None and model.attn_logit_softcapping is None
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (model_type "gemma3", tensors under language_model.model.) loads as
+    its text model: the same logits as transformers' multimodal model on text, exported as gemma3_text."""
+    text = dict(CONFIGS["gemma3_text"][1], vocab_size=V + 4)
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=V + 1, eoi_token_index=V + 2, image_token_index=V + 3)
+    case = make_case("gemma3", config, tmp_path / "mm")
+    assert json.loads((case.path / "config.json").read_text())["model_type"] == "gemma3"
+    assert case.model == gemma.from_hf_config(dict(text, model_type="gemma3_text"))
+    tokens_BT, mask_BT = random_tokens(9, (2, 12)), left_pad_mask([0, 3], 12)
+    real = mask_BT > 0
+    ours = np.asarray(apply(case.model, case.params, tokens_BT, mask_BT))
+    np.testing.assert_allclose(ours[real], case.hf_logits(tokens_BT, mask_BT)[real], atol=1e-4, rtol=0)
+    hf.export(tmp_path / "text", case.model, case.params)
+    text_only = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager").eval()
+    assert type(text_only) is transformers.Gemma3ForCausalLM
+    np.testing.assert_allclose(case.hf_logits(tokens_BT, mask_BT, hf=text_only)[real], ours[real], atol=1e-4, rtol=0)
+
+
+def test_gemma3_sparse_text_config_gets_transformers_defaults():
+    """Released multimodal configs list only what differs from Gemma3TextConfig's defaults."""
+    sparse = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+              "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}
+    model = gemma.from_hf_config({"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": sparse})
+    theirs = transformers.Gemma3Config(text_config=sparse).text_config
+    for field in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "query_pre_attn_scalar", "sliding_window", "max_position_embeddings"):
+        assert getattr(model, field) == getattr(theirs, field), field
+    assert list(model.layer_types) == theirs.layer_types
+    assert (model.bos_id, model.eos_id) == (2, 1)
+    for i, layer_type in enumerate(theirs.layer_types):
+        assert model.rope(i).to_hf() == {k: v for k, v in theirs.rope_parameters[layer_type].items() if v is not None}

@@ -145,7 +145,7 @@ def test_bfloat16_runs_and_is_close(case):
 def test_clear_errors(tmp_path):
     config = llama.to_hf_config(llama.Llama(V, 16, 32, 1, 2, 1, 8))
     (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="falcon")))
-    with pytest.raises(ValueError, match=r"unknown model_type 'falcon'.*supported: gemma, gemma2, gemma3_text, gpt2, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"unknown model_type 'falcon'.*supported: gemma, gemma2, gemma3, gemma3_text, gpt2, llama, mistral, qwen2, qwen3"):
         hf.load(tmp_path)
     with pytest.raises(ValueError, match="rope_type 'yarn' is not supported; supported: default, linear, llama3"):
         llama.from_hf_config(dict(config, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}))

@@ -11,7 +11,9 @@ attention), built on the shared decoder (decoder.py):
   (a query at position p sees keys at positions > p - sliding_window) and global attention;
 - Gemma 3 keeps Gemma 2's layout (soft-caps off by default, five sliding layers to one global), adds a per-head
   RMSNorm of queries and keys, and gives sliding layers their own RoPE base (`rope_local_theta`, 10^4) while
-  global layers use `rope_theta` (10^6), optionally with linear scaling (`rope_linear_factor`).
+  global layers use `rope_theta` (10^6), optionally with linear scaling (`rope_linear_factor`). A multimodal
+  Gemma 3 folder (model_type "gemma3", `Gemma3ForConditionalGeneration`) loads as its text model (the vision
+  tower is left out) and exports as gemma3_text.
 
 Padding, the cache and its layout are those of decoder.py.
 """
@@ -19,14 +21,24 @@ Padding, the cache and its layout are those of decoder.py.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from guard_jax.models import decoder
-from guard_jax.models.decoder import Arch, RoPE, dtype_name, params_from_hf, params_to_hf  # noqa: F401 (the hf.py interface)
+from guard_jax.models.decoder import Arch, RoPE, dtype_name, params_to_hf  # noqa: F401 (the hf.py interface)
 
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+_TEXT_TYPES = ("gemma", "gemma2", "gemma3_text")  # by version; "gemma3" is Gemma 3's multimodal wrapper
+# Gemma3TextConfig's defaults: a multimodal checkpoint's text_config lists only what differs from them
+_GEMMA3_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+)
+# where Gemma3ForConditionalGeneration checkpoints keep the text model's "model." tensors (older, newer layout)
+_MULTIMODAL_TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +85,7 @@ class Gemma(decoder.DecoderLM):
 
     @property
     def model_type(self) -> str:
-        return MODEL_TYPES[self.version - 1]
+        return _TEXT_TYPES[self.version - 1]
 
     @property
     def arch(self) -> Arch:
@@ -137,11 +149,18 @@ def _gelu_is_approximate(config: dict, version: int) -> bool:
 
 
 def from_hf_config(config: dict, dtype=jnp.float32, param_dtype=jnp.float32) -> Gemma:
-    """A `Gemma` from a Hugging Face config.json dict (model_type "gemma", "gemma2" or "gemma3_text")."""
+    """A `Gemma` from a Hugging Face config.json dict (model_type "gemma", "gemma2", "gemma3_text", or "gemma3":
+    the text model of a multimodal Gemma 3, from its `text_config`; it exports as gemma3_text)."""
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"config model_type {model_type!r} is not a Gemma; this module reads {MODEL_TYPES}")
-    version = MODEL_TYPES.index(model_type) + 1
+    if model_type == "gemma3":
+        ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        config = {**ids, **(config.get("text_config") or {}), "model_type": "gemma3_text"}
+        model_type = "gemma3_text"
+    if model_type == "gemma3_text":
+        config = {**_GEMMA3_DEFAULTS, **config}
+    version = _TEXT_TYPES.index(model_type) + 1
     if not config.get("tie_word_embeddings", True):
         raise ValueError("config tie_word_embeddings=False is not supported: Gemma ties its output head to the embedding")
     if config.get("attention_bias", False):
@@ -156,7 +175,7 @@ def from_hf_config(config: dict, dtype=jnp.float32, param_dtype=jnp.float32) -> 
         num_hidden_layers=config["num_hidden_layers"],
         num_attention_heads=heads,
         num_key_value_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or (256 if version == 3 else config["hidden_size"] // heads),
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         version=version,
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
         max_position_embeddings=config.get("max_position_embeddings", 8192),
@@ -240,3 +259,13 @@ def to_hf_config(model: Gemma) -> dict:
         )
     return config
 
+
+
+def params_from_hf(model: Gemma, get_tensor: Callable[[str], np.ndarray], names: set[str]) -> dict:
+    """Parameters from HF tensors (see `decoder.params_from_hf`). From a multimodal Gemma 3 checkpoint only the
+    text model's tensors are read (the vision tower and projector are left out)."""
+    prefix = next((p for p in _MULTIMODAL_TEXT_PREFIXES if any(n.startswith(p) for n in names)), None)
+    if prefix is None:
+        return decoder.params_from_hf(model, get_tensor, names)
+    text = {"model." + n[len(prefix):]: n for n in names if n.startswith(prefix)}
+    return decoder.params_from_hf(model, lambda name: get_tensor(text[name]), set(text))
