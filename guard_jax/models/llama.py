@@ -84,7 +84,7 @@ class Llama(decoder.DecoderLM):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    attn_logit_softcapping = None
+    attn_logit_softcapping = None  # no soft-caps in this family (the shared decoder reads both)
     final_logit_softcapping = None
 
     def __post_init__(self):
