@@ -32,6 +32,7 @@ import numpy as np
 
 from guard_jax.constraints import Constraint
 from guard_jax.exact import SequenceSpace, prefix_log_marginals
+from guard_jax.grammars import Grammar
 from guard_jax.models.base import ARM, Params
 from guard_jax.sampling import categorical, check_segment_ends, scan_segments, uniforms
 
@@ -299,12 +300,15 @@ def masked_sample_from_uniforms(u_TB, model: ARM, params: Params, prompt_BP, pro
 # ---- the exact law of masking on a toy grid ----
 
 
-def exact_masked_log_prob(space: SequenceSpace, log_a, b, log_bias_levels: Sequence[np.ndarray] | None = None) -> np.ndarray:
-    """log q(y) over the grid for masking with exact reachability masks (-inf where b = 0) -> float64 [V^T].
+def exact_masked_log_prob(space: SequenceSpace, log_a, b, log_bias_levels: Sequence[np.ndarray] | None = None,
+                          allowed_levels: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """log q(y) over the grid for masked decoding -> float64 [V^T].
 
-    q(y) = prod_t a(y_t | y_<t) w(y_<=t) 1[allowed] / sum_{v allowed} a(v | y_<t) w(y_<t v). Without
-    `log_bias_levels` the weights w are 1 (masking); element t of `log_bias_levels`, shape [V^t, V], gives
-    log w(uv) for the prefixes u of length t (ASAp's log theta~).
+    q(y) = prod_t a(y_t | y_<t) w(y_<=t) 1[allowed] / sum_{v allowed} a(v | y_<t) w(y_<t v). The masks are the
+    exact reachability masks of b (q = -inf where b = 0) unless `allowed_levels` gives them (element t: bool
+    [V^t, V], e.g. `Grammar.allowed_levels`; then q may put mass where b = 0). Without `log_bias_levels` the
+    weights w are 1 (masking); element t of `log_bias_levels`, shape [V^t, V], gives log w(uv) for the
+    prefixes u of length t (ASAp's log theta~).
     """
     V, T = space.vocab_size, space.max_len
     b = np.asarray(b, bool)
@@ -312,7 +316,11 @@ def exact_masked_log_prob(space: SequenceSpace, log_a, b, log_bias_levels: Seque
     if b.shape != (space.size,) or log_a.shape != (space.size,):
         raise ValueError(f"log_a {log_a.shape} and b {b.shape} must both be grids of {space.size} points")
     m = prefix_log_marginals(space, log_a)
-    reach = _prefix_any(space, b)
+    if allowed_levels is None:
+        reach = _prefix_any(space, b)
+        allowed_levels = [reach[t + 1].reshape(V**t, V) for t in range(T)]
+    elif len(allowed_levels) != T or any(np.shape(allowed_levels[t]) != (V**t, V) for t in range(T)):
+        raise ValueError(f"allowed_levels must hold {T} bool arrays of shapes [V^t, V] (t = 0..{T - 1}), V = {V}")
     log_q = np.zeros(1)
     for t in range(T):
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -320,9 +328,76 @@ def exact_masked_log_prob(space: SequenceSpace, log_a, b, log_bias_levels: Seque
         cond = np.where(np.isfinite(m[t])[:, None], cond, -np.inf)
         if log_bias_levels is not None:
             cond = cond + np.asarray(log_bias_levels[t], np.float64).reshape(V**t, V)
-        cond = np.where(reach[t + 1].reshape(V**t, V), cond, -np.inf)
+        cond = np.where(np.asarray(allowed_levels[t], bool), cond, -np.inf)
         norm = np.logaddexp.reduce(cond, axis=1, keepdims=True)
         with np.errstate(invalid="ignore"):
             step = np.where(np.isfinite(norm), cond - norm, -np.inf)
         log_q = (log_q[:, None] + step).reshape(-1)
     return log_q
+
+
+# ---- masked sampling with a grammar: masks on the host, the model under jit ----
+
+
+@functools.partial(jax.jit, static_argnames=("model", "length"))
+def _prefill(model: ARM, params: Params, prompt_BP, mask_BP, length: int):
+    return model.prefill(params, prompt_BP, mask_BP, model.init_cache(prompt_BP.shape[0], length))
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _decode(model: ARM, params: Params, token_B, cache):
+    return model.decode(params, token_B, cache)
+
+
+def unpack_bitmask(bitmask_BW: jax.Array, vocab_size: int) -> jax.Array:
+    """int32 bitmask [B, ceil(V/32)] -> bool allowed_BV (jit-able): bit v % 32 of word v // 32."""
+    v_V = jnp.arange(vocab_size)
+    return ((bitmask_BW[:, v_V // 32] >> (v_V % 32)) & 1).astype(bool)
+
+
+@functools.partial(jax.jit, static_argnames=("pad_id", "eos_id"))
+def _masked_pick(logits_BV, bitmask_BW, u_B, done_B, pad_id: int, eos_id: int):
+    """One masked draw per row -> (token_B, logq_B, loga_B, alive_B, done_B), as `masked_sample`'s step."""
+    base_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32))
+    masked_BV = jnp.where(unpack_bitmask(bitmask_BW, logits_BV.shape[-1]), base_BV, -jnp.inf)
+    token_B, logq_B = categorical(u_B, masked_BV)
+    loga_B = jnp.take_along_axis(base_BV, token_B[:, None], axis=-1)[:, 0]
+    token_B = jnp.where(done_B, pad_id, token_B)
+    logq_B, loga_B = jnp.where(done_B, 0.0, logq_B), jnp.where(done_B, 0.0, loga_B)
+    return token_B, logq_B, loga_B, ~done_B, done_B | (token_B == eos_id)
+
+
+def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP, prompt_mask_BP, grammar: Grammar,
+                          max_new_tokens: int) -> MaskedSamples:
+    """Masked ancestral sampling after a left-padded prompt (one row per sample), masks from a `Grammar`
+    (numpy fields).
+
+    Same uniforms and inverse-CDF draw as `guard_jax.sampling.sample` (a grammar that allows every token gives
+    exactly its samples). Each step runs two jitted calls: the masked draw, then the model's decode step, which
+    is dispatched before the host computes the next masks (llguidance, all rows in parallel), so the two overlap.
+    The masks are not length-aware: a row still inside a string after `max_new_tokens` fails b.
+    """
+    if grammar.eos_id != model.eos_id or grammar.vocab_size != model.vocab_size:
+        raise ValueError(f"grammar {grammar} must share the model's eos_id={model.eos_id} and vocab_size={model.vocab_size}; "
+                         "build it with vocab_size=model.vocab_size")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    (B, P), T = prompt_BP.shape, int(max_new_tokens)
+    u_TB = np.asarray(uniforms(key, B, T))
+    logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), P + T)
+    matchers = grammar.batch(B)
+    bitmask_BW = np.empty((B, grammar.mask_words), np.int32)
+    done_B = jnp.zeros((B,), bool)
+    tokens, logq, loga, alive = (np.zeros((T, B), d) for d in (np.int32, np.float32, np.float32, bool))
+    tokens[:] = model.pad_id
+    for t in range(T):
+        matchers.fill(bitmask_BW)
+        token_B, logq_B, loga_B, alive_B, done_B = _masked_pick(logits_BV, jnp.asarray(bitmask_BW), u_TB[t], done_B,
+                                                               model.pad_id, model.eos_id)
+        if t + 1 < T:
+            logits_BV, cache = _decode(model, params, token_B, cache)  # runs while the host computes masks
+        tokens[t], logq[t], loga[t], alive[t] = (np.asarray(x) for x in (token_B, logq_B, loga_B, alive_B))
+        matchers.consume(tokens[t])
+        if not matchers.running_B.any():
+            break
+    return MaskedSamples(tokens.T, alive.sum(0).astype(np.int32), logq.T, logq.sum(0), loga.T, loga.sum(0))
