@@ -13,7 +13,8 @@ Token v is allowed in state s with `r` tokens left after it iff `next_state_SV[s
 satisfies b. Two builders:
 
 - `reachability_automaton`: toy ARMs, exact reachability from the enumerated b (the prefix tree of V^T);
-- `regex_automaton`: a regex over a real tokenizer's vocabulary (interegular's DFA walked by each token).
+- `regex_automaton`: a small regex over a real tokenizer's vocabulary (interegular's DFA walked by each
+  token's bytes); `guard_jax.grammars.Grammar` covers CFGs, JSON schemas and large regexes (host masks).
 
 Masking guarantees b but samples q(y) = prod_t a(y_t | u) 1[allowed] / a(allowed | u), not
 g(y) = a(y) b(y) / Z: `exact_masked_log_prob` gives that law on the grid.
@@ -174,58 +175,218 @@ def reachability_automaton(space: SequenceSpace, b) -> TokenAutomaton:
     return _automaton(next_state, accepting, 0)
 
 
-# ---- regex over a tokenizer's vocabulary: interegular's DFA, walked by every token string ----
+# ---- regex over a tokenizer's vocabulary: interegular's DFA, walked by every token's bytes ----
 
 
-def regex_automaton(pattern: str, token_strings: Mapping[int, str] | Sequence[str], eos_id: int, vocab_size: int | None = None) -> TokenAutomaton:
-    """A length-aware mask for `re.fullmatch(pattern, text)`, text = the concatenated token strings before EOS.
+def regex_automaton(pattern: str, tokens: Mapping[int, bytes | str] | Sequence[bytes | str], eos_id: int,
+                    vocab_size: int | None = None) -> TokenAutomaton:
+    """A length-aware mask for `re.fullmatch(pattern, text)`, text = the UTF-8 decoding of the concatenated bytes
+    of the tokens before EOS (a sequence whose bytes are not valid UTF-8 fails).
 
-    `token_strings` maps token id -> its decoded string (a list or a dict; special tokens left out); `eos_id`
-    ends a sequence and is allowed only where the text so far matches; `vocab_size` (default: one more than
-    the largest id) is the model's output size: ids absent from `token_strings` are never allowed.
+    `tokens` maps token id -> the bytes it spells (`guard_jax.grammars.token_bytes`; a str is taken as its
+    UTF-8 bytes), as a list or a dict, special tokens left out. Tokens are bytes: the two byte-level pieces of
+    "é" spell it only together. `eos_id` ends a sequence and is allowed only where the text so far matches;
+    `vocab_size` (default: one more than the largest id) is the model's output size: ids absent from `tokens`
+    are never allowed.
 
-    The regex is compiled to a character DFA by `interegular` (the engine outlines 0.x used); every token
-    string is then walked through it for all states at once (vectorized), giving [states, vocab_size].
-    outlines-core's `Index` (0.2.10-0.2.14) would be the direct route, but it drops transitions that loop
-    back through accepting states (its index for `(ab)*` accepts only the empty string), so it is not used.
+    The regex is compiled to a character DFA by `interegular`; each state of the token automaton is a DFA state
+    with the bytes of an unfinished character (pending bytes whose completions the regex does not name are
+    merged into one state per count of missing bytes), and every token's bytes are walked through it for all
+    DFA states at once (vectorized), giving [states, vocab_size]. This dense table is for small regexes (its
+    size is states x V); `guard_jax.grammars.Grammar.regex` has no such limit. outlines-core's `Index` is not
+    used: it drops transitions that loop back through accepting states (its `(ab)*` accepts only "").
     """
     import interegular
 
-    items = dict(enumerate(token_strings)) if not isinstance(token_strings, Mapping) else dict(token_strings)
+    items = dict(enumerate(tokens)) if not isinstance(tokens, Mapping) else dict(tokens)
     items.pop(eos_id, None)
     if not items:
-        raise ValueError("token_strings must hold at least one non-EOS token")
+        raise ValueError("tokens must hold at least one non-EOS token")
+    items = {int(i): (t.encode("utf-8") if isinstance(t, str) else bytes(t)) for i, t in items.items()}
     V = vocab_size if vocab_size is not None else max(max(items), eos_id) + 1
     if max(max(items), eos_id) >= V:
         raise ValueError(f"vocab_size={V} is smaller than the largest token id {max(max(items), eos_id)}")
-    if any(not s for s in items.values()):
-        raise ValueError("every non-special token needs its (non-empty) text in token_strings; leave special tokens out")
+    if any(not t for t in items.values()):
+        raise ValueError("every non-special token needs its (non-empty) bytes in tokens; leave special tokens out")
     try:
         fsm = interegular.parse_pattern(pattern).to_fsm()
     except Exception as e:  # interegular raises several types for unsupported syntax
         raise ValueError(f"pattern {pattern!r} is not a regex interegular can compile to a DFA: {e}") from e
-    states = sorted(fsm.states)
-    sid = {s: k for k, s in enumerate(states)}
-    S, K = len(states), max(fsm.alphabet.by_transition) + 1
-    char_next_SK = np.full((S + 1, K + 1), S, np.int64)  # row S: the dead state; column K: a character outside the regex
-    for s, row in fsm.map.items():
-        for sym, s2 in row.items():
-            char_next_SK[sid[s], sym] = sid[s2]
+    walker = _ByteWalker(fsm)
+    S = walker.num_states
     ids = np.fromiter(items, np.int64, len(items))
-    L = max(len(t) for t in items.values())
-    sym_NL = np.full((len(ids), L), -1, np.int64)
-    for n, i in enumerate(ids):
-        sym_NL[n, : len(items[i])] = [K if fsm.alphabet[c] is None else fsm.alphabet[c] for c in items[i]]
-    state_SN = np.broadcast_to(np.arange(S)[:, None], (S, len(ids))).copy()
-    for k in range(L):
-        sym_N = sym_NL[:, k]
-        state_SN = np.where(sym_N[None] >= 0, char_next_SK[state_SN, np.maximum(sym_N, 0)[None]], state_SN)
-    accepting = np.zeros(S, bool)
-    accepting[[sid[s] for s in fsm.finals]] = True
-    next_state = np.full((S, V), -1, np.int64)
-    next_state[:, ids] = np.where(state_SN < S, state_SN, -1)
+    data = [items[i] for i in ids]
+    pairs: dict[tuple[int, int], int] = {}  # (DFA state, pending id) -> automaton state
+    order: list[tuple[int, int]] = []
+
+    def pair_id(s: int, p: int) -> int:
+        if (s, p) not in pairs:
+            pairs[(s, p)] = len(order)
+            order.append((s, p))
+        return pairs[(s, p)]
+
+    pair_id(walker.initial, walker.pending_id(b""))
+    walks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    rows = []
+    k = 0
+    while k < len(order):
+        s, p = order[k]
+        if p not in walks:
+            walks[p] = walker.walk(p, data)
+        state_SN, tail_N = walks[p]
+        nxt_N = state_SN[s]
+        live_N = (nxt_N < S) & (tail_N >= 0)
+        live_N[live_N] = walker.live(nxt_N[live_N], tail_N[live_N])
+        row = np.full(V, -1, np.int64)
+        codes = nxt_N[live_N] * (walker.max_pending + 1) + tail_N[live_N]
+        uniq, inverse = np.unique(codes, return_inverse=True)
+        targets = np.asarray([pair_id(int(c) // (walker.max_pending + 1), int(c) % (walker.max_pending + 1)) for c in uniq], np.int64)
+        if len(uniq):
+            row[ids[live_N]] = targets[inverse]
+        rows.append(row)
+        k += 1
+    next_state = np.stack(rows)
+    empty = walker.pending_id(b"")
+    accepting = np.asarray([p == empty and s in walker.finals for s, p in order], bool)
     next_state[accepting, eos_id] = np.flatnonzero(accepting)  # EOS ends a matching text where it is
-    return _automaton(next_state, accepting, sid[fsm.initial])
+    return _automaton(next_state, accepting, 0)
+
+
+_MAX_PENDING = 4096
+
+
+class _ByteWalker:
+    """interegular's character DFA driven by bytes: the pending bytes of an unfinished UTF-8 character are
+    part of the state. Pending values get small ids; a pending of 2+ bytes that no character named by the
+    regex starts with is merged into ("other", missing bytes), since only the regex's "anything else" class
+    can complete it."""
+
+    def __init__(self, fsm):
+        from interegular.fsm import anything_else
+
+        states = sorted(fsm.states)
+        sid = {s: k for k, s in enumerate(states)}
+        self.num_states = S = len(states)
+        K = max(fsm.alphabet.by_transition) + 1
+        self.char_next_SK = np.full((S + 1, K + 1), S, np.int64)  # row S: dead; column K: a character outside the regex
+        for s, row in fsm.map.items():
+            for sym, s2 in row.items():
+                self.char_next_SK[sid[s], sym] = sid[s2]
+        self.initial, self.finals = sid[fsm.initial], {sid[s] for s in fsm.finals}
+        explicit = {c: sym for c, sym in fsm.alphabet._symbol_mapping.items() if isinstance(c, str)}
+        other = fsm.alphabet._symbol_mapping.get(anything_else)
+        self.explicit, self.other = explicit, (K if other is None else other)
+        self.prefixes: dict[bytes, set[int]] = {}  # proper prefixes of named multi-byte characters -> their symbols
+        for c, sym in explicit.items():
+            enc = c.encode("utf-8")
+            for n in range(1, len(enc)):
+                self.prefixes.setdefault(enc[:n], set()).add(sym)
+        self._ids: dict = {}
+        self._keys: list = []
+        self.max_pending = _MAX_PENDING
+
+    def symbol(self, char: str) -> int:
+        return self.explicit.get(char, self.other)
+
+    def pending_id(self, tail) -> int:
+        """The id of a pending value: b"" (none), the bytes themselves, or ("other", missing) when merged."""
+        if isinstance(tail, bytes) and len(tail) >= 2 and tail not in self.prefixes:
+            tail = ("other", _utf8_length(tail[0]) - len(tail))
+        if tail not in self._ids:
+            if len(self._keys) >= self.max_pending:
+                raise ValueError(f"the regex over this vocabulary needs over {self.max_pending} pending-byte states; "
+                                 "use guard_jax.grammars.Grammar.regex")
+            self._ids[tail] = len(self._keys)
+            self._keys.append(tail)
+        return self._ids[tail]
+
+    def _split(self, pending, data: bytes):
+        """pending + data -> (character symbols, pending id after) or None where the bytes are not UTF-8."""
+        syms, i = [], 0
+        if isinstance(pending, tuple):  # ("other", missing): continuation bytes only, then "anything else"
+            missing = pending[1]
+            head = data[:missing]
+            if any(not 0x80 <= x <= 0xBF for x in head):
+                return None
+            if len(head) < missing:
+                return syms, self.pending_id(("other", missing - len(head)))
+            syms.append(self.other)
+            i = missing
+            buf = b""
+        else:
+            buf = pending
+        buf += data[i:]
+        j = 0
+        while j < len(buf):
+            n = _utf8_length(buf[j])
+            if n == 0:
+                return None
+            if j + n > len(buf):
+                tail = buf[j:]
+                return (syms, self.pending_id(tail)) if _valid_partial(tail) else None
+            try:
+                char = buf[j : j + n].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            syms.append(self.symbol(char))
+            j += n
+        return syms, self.pending_id(b"")
+
+    def walk(self, pending_id: int, data: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Every token from every DFA state with this pending value -> (state_SN: DFA state after, S = dead;
+        tail_N: pending id after, -1 where the bytes are not UTF-8)."""
+        pending = self._keys[pending_id]
+        split = [self._split(pending, d) for d in data]
+        tail_N = np.asarray([-1 if r is None else r[1] for r in split], np.int64)
+        L = max([len(r[0]) for r in split if r is not None] + [0])
+        sym_NL = np.full((len(data), max(L, 1)), -1, np.int64)
+        for n, r in enumerate(split):
+            if r is not None and r[0]:
+                sym_NL[n, : len(r[0])] = r[0]
+        S = self.num_states
+        state_SN = np.broadcast_to(np.arange(S)[:, None], (S, len(data))).copy()
+        for k in range(L):
+            sym_N = sym_NL[:, k]
+            state_SN = np.where(sym_N[None] >= 0, self.char_next_SK[state_SN, np.maximum(sym_N, 0)[None]], state_SN)
+        return state_SN, tail_N
+
+    def live(self, state_M: np.ndarray, tail_M: np.ndarray) -> np.ndarray:
+        """False where (DFA state, pending) cannot finish its character into a live state (a safe prune: the
+        automaton's reachability search would find such states dead anyway)."""
+        out = np.ones(len(state_M), bool)
+        dead = self.num_states
+        for m, (s, p) in enumerate(zip(state_M.tolist(), tail_M.tolist())):
+            key = self._keys[p]
+            if key == b"":
+                continue
+            syms = set(self.prefixes.get(key, ())) if isinstance(key, bytes) else set()
+            syms.add(self.other)
+            out[m] = any(self.char_next_SK[s, sym] != dead for sym in syms)
+        return out
+
+
+def _utf8_length(lead: int) -> int:
+    """Bytes in the UTF-8 character that starts with `lead` (0: not a lead byte)."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+def _valid_partial(tail: bytes) -> bool:
+    """`tail` (shorter than its character) can still be completed to a valid UTF-8 character."""
+    lead = tail[0]
+    if _utf8_length(lead) <= len(tail) or any(not 0x80 <= x <= 0xBF for x in tail[1:]):
+        return False
+    if len(tail) >= 2:
+        lo, hi = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF))
+        return lo <= tail[1] <= hi
+    return True
 
 
 def unconstrained_automaton(vocab_size: int) -> TokenAutomaton:
