@@ -15,7 +15,7 @@ switched off (`no_forcing`), so masks never drop a non-canonical path that b acc
 length-aware: masked decoding can run out of tokens inside a string, and that sample fails b.
 
 Regexes are llguidance's (Rust `regex` syntax, full match); JSON schemas follow llguidance's JSON support
-(compact separators, no whitespace by default: see `json_options`).
+(flexible whitespace by default; `json_options={"whitespace_flexible": False}` gives compact JSON only).
 """
 
 from __future__ import annotations
@@ -90,16 +90,19 @@ class Grammar:
     tokenizer: object  # llguidance.LLTokenizer
     vocab_size: int
     eos_id: int
+    _start: object = dataclasses.field(default=None, repr=False)  # a compiled matcher at the start, copied per use
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
     def _build(cls, program: str, kind: str, source: str, tokenizer, vocab_size, eos_id) -> "Grammar":
+        import llguidance
+
         lt = llg_tokenizer(tokenizer, vocab_size, eos_id)
-        g = cls(_NO_FORCING + program, kind, source, lt, int(lt.vocab_size), int(lt.eos_token))
-        m = g.matcher()
-        if m.is_error():
-            raise ValueError(f"the {kind} {source!r} is not a grammar llguidance accepts: {m.get_error()}")
-        return g
+        program = _NO_FORCING + program
+        start = llguidance.LLMatcher(lt, llguidance.grammar_from("lark", program), log_level=0)
+        if start.is_error():
+            raise ValueError(f"the {kind} {source!r} is not a grammar llguidance accepts: {start.get_error()}")
+        return cls(program, kind, source, lt, int(lt.vocab_size), int(lt.eos_token), start)
 
     @classmethod
     def lark(cls, text: str, tokenizer, *, vocab_size: int | None = None, eos_id: int | None = None) -> "Grammar":
@@ -126,10 +129,8 @@ class Grammar:
 
     # --- matchers -----------------------------------------------------------------------------------------
     def matcher(self):
-        """A fresh llguidance `LLMatcher` at the start of the language."""
-        import llguidance
-
-        return llguidance.LLMatcher(self.tokenizer, llguidance.grammar_from("lark", self.program), log_level=0)
+        """A fresh llguidance `LLMatcher` at the start of the language (a copy of the compiled one: microseconds)."""
+        return self._start.deep_copy()
 
     def batch(self, batch_size: int) -> "MatcherBatch":
         """`batch_size` fresh matchers whose masks are computed together (see `MatcherBatch`)."""
@@ -152,15 +153,17 @@ class Grammar:
     def accepts(self, tokens_BT, lengths_B) -> np.ndarray:
         """b(y) for each row: the bytes of its first `lengths_B` tokens before EOS are in the language -> bool_B."""
         tokens_BT, lengths_B = np.asarray(tokens_BT), np.asarray(lengths_B)
+        seen: dict[tuple[int, ...], bool] = {}
         out = np.zeros(len(tokens_BT), bool)
         for i, (row, n) in enumerate(zip(tokens_BT, lengths_B)):
-            ids = row[: int(n)].tolist()
+            ids = tuple(row[: int(n)].tolist())
             if self.eos_id in ids:
                 ids = ids[: ids.index(self.eos_id)]
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                continue
-            m = self.matcher()
-            out[i] = m.consume_tokens(ids) and not m.is_error() and m.is_accepting()
+            if ids not in seen:
+                m = self.matcher()
+                seen[ids] = (all(0 <= t < self.vocab_size for t in ids) and m.consume_tokens(list(ids))
+                             and not m.is_error() and m.is_accepting())
+            out[i] = seen[ids]
         return out
 
     def constraint(self, name: str | None = None) -> Constraint:
