@@ -189,3 +189,19 @@ def test_json_schema_gives_b_masks_and_asap_on_the_embedded_model(embedded_token
     assert grammar.accepts(s.tokens_BT, s.lengths_B)[ended].all()
     out = Asap(lm.model, lm.params, grammar, 12, prompt_1P=np.asarray(lm.prompt)).sample(jax.random.PRNGKey(1), 4, batch_size=4)
     np.testing.assert_array_equal(out.accepted_N, grammar.accepts(out.tokens_NT, out.lengths_N))
+
+
+def test_regex_automaton_reads_bytes_as_the_tokenizer_decodes_them(embedded_tokenizer):
+    """Random sequences of byte pieces, multi-byte tokens and ASCII tokens: b of the dense automaton is
+    re.fullmatch on tokenizer.decode (unfinished or invalid bytes read as U+FFFD)."""
+    import re
+
+    tok = embedded_tokenizer
+    tb = token_bytes(tok, 8192)
+    pool = np.asarray([i for i, t in tb.items() if len(t) == 1 or any(x >= 0x80 for x in t)] + list(range(60, 120)))
+    pattern = "(\ufffd|a|é)+"
+    mask = regex_automaton(pattern, tb, eos_id=tok.eos_token_id, vocab_size=8192)
+    tokens = np.random.default_rng(0).choice(pool, size=(3000, 4))
+    want = np.asarray([re.fullmatch(pattern, tok.decode(row.tolist())) is not None for row in tokens])
+    np.testing.assert_array_equal(np.asarray(mask.accepts(tokens, np.full(3000, 4))), want)
+    assert 0.01 < want.mean() < 0.99  # both outcomes occur

@@ -22,6 +22,7 @@ g(y) = a(y) b(y) / Z: `exact_masked_log_prob` gives that law on the grid.
 
 from __future__ import annotations
 
+import codecs
 import functools
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -180,8 +181,9 @@ def reachability_automaton(space: SequenceSpace, b) -> TokenAutomaton:
 
 def regex_automaton(pattern: str, tokens: Mapping[int, bytes | str] | Sequence[bytes | str], eos_id: int,
                     vocab_size: int | None = None) -> TokenAutomaton:
-    """A length-aware mask for `re.fullmatch(pattern, text)`, text = the UTF-8 decoding of the concatenated bytes
-    of the tokens before EOS (a sequence whose bytes are not valid UTF-8 fails).
+    """A length-aware mask for `re.fullmatch(pattern, text)`, text = the concatenated bytes of the tokens before
+    EOS decoded as UTF-8 with each invalid or unfinished byte sequence read as U+FFFD (what a byte-level
+    tokenizer's `decode` returns).
 
     `tokens` maps token id -> the bytes it spells (`guard_jax.grammars.token_bytes`; a str is taken as its
     UTF-8 bytes), as a list or a dict, special tokens left out. Tokens are bytes: the two byte-level pieces of
@@ -189,12 +191,12 @@ def regex_automaton(pattern: str, tokens: Mapping[int, bytes | str] | Sequence[b
     `vocab_size` (default: one more than the largest id) is the model's output size: ids absent from `tokens`
     are never allowed.
 
-    The regex is compiled to a character DFA by `interegular`; each state of the token automaton is a DFA state
+    The regex is compiled to a character DFA by `interegular`; a state of the token automaton is a DFA state
     with the bytes of an unfinished character (pending bytes whose completions the regex does not name are
-    merged into one state per count of missing bytes), and every token's bytes are walked through it for all
-    DFA states at once (vectorized), giving [states, vocab_size]. This dense table is for small regexes (its
-    size is states x V); `guard_jax.grammars.Grammar.regex` has no such limit. outlines-core's `Index` is not
-    used: it drops transitions that loop back through accepting states (its `(ab)*` accepts only "").
+    merged into one state per length), and every token's bytes are walked through it for all DFA states at
+    once (vectorized), giving [states, vocab_size]. This dense table is for small regexes (its size is
+    states x V); `guard_jax.grammars.Grammar.regex` has no such limit. outlines-core's `Index` is not used: it
+    drops transitions that loop back through accepting states (its `(ab)*` accepts only "").
     """
     import interegular
 
@@ -213,7 +215,7 @@ def regex_automaton(pattern: str, tokens: Mapping[int, bytes | str] | Sequence[b
     except Exception as e:  # interegular raises several types for unsupported syntax
         raise ValueError(f"pattern {pattern!r} is not a regex interegular can compile to a DFA: {e}") from e
     walker = _ByteWalker(fsm)
-    S = walker.num_states
+    S, width = walker.num_states, _MAX_PENDING
     ids = np.fromiter(items, np.int64, len(items))
     data = [items[i] for i in ids]
     pairs: dict[tuple[int, int], int] = {}  # (DFA state, pending id) -> automaton state
@@ -226,40 +228,36 @@ def regex_automaton(pattern: str, tokens: Mapping[int, bytes | str] | Sequence[b
         return pairs[(s, p)]
 
     pair_id(walker.initial, walker.pending_id(b""))
-    walks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     rows = []
-    k = 0
-    while k < len(order):
-        s, p = order[k]
-        if p not in walks:
-            walks[p] = walker.walk(p, data)
-        state_SN, tail_N = walks[p]
+    while len(rows) < len(order):
+        s, p = order[len(rows)]
+        state_SN, tail_N = walker.walk(p, data)
         nxt_N = state_SN[s]
-        live_N = (nxt_N < S) & (tail_N >= 0)
+        live_N = nxt_N < S
         live_N[live_N] = walker.live(nxt_N[live_N], tail_N[live_N])
+        uniq, inverse = np.unique(nxt_N[live_N] * width + tail_N[live_N], return_inverse=True)
         row = np.full(V, -1, np.int64)
-        codes = nxt_N[live_N] * (walker.max_pending + 1) + tail_N[live_N]
-        uniq, inverse = np.unique(codes, return_inverse=True)
-        targets = np.asarray([pair_id(int(c) // (walker.max_pending + 1), int(c) % (walker.max_pending + 1)) for c in uniq], np.int64)
         if len(uniq):
-            row[ids[live_N]] = targets[inverse]
+            row[ids[live_N]] = np.asarray([pair_id(int(c) // width, int(c) % width) for c in uniq], np.int64)[inverse]
         rows.append(row)
-        k += 1
     next_state = np.stack(rows)
-    empty = walker.pending_id(b"")
-    accepting = np.asarray([p == empty and s in walker.finals for s, p in order], bool)
+    accepting = np.asarray([walker.accepting(s, p) for s, p in order], bool)
     next_state[accepting, eos_id] = np.flatnonzero(accepting)  # EOS ends a matching text where it is
     return _automaton(next_state, accepting, 0)
 
 
 _MAX_PENDING = 4096
+_REPLACEMENT = "\ufffd"
+# a stand-in for merged pending bytes, by (character length, bytes pending): past the second byte, every
+# continuation byte is valid, so these behave as any pending of their length
+_STAND_IN = {(3, 2): b"\xe1\x80", (4, 2): b"\xf1\x80", (4, 3): b"\xf1\x80\x80"}
 
 
 class _ByteWalker:
-    """interegular's character DFA driven by bytes: the pending bytes of an unfinished UTF-8 character are
-    part of the state. Pending values get small ids; a pending of 2+ bytes that no character named by the
-    regex starts with is merged into ("other", missing bytes), since only the regex's "anything else" class
-    can complete it."""
+    """interegular's character DFA driven by bytes, decoded as UTF-8 with U+FFFD for each invalid or unfinished
+    byte sequence (Python's "replace" error handler, the same substitution as a tokenizer's decode). The
+    pending bytes of an unfinished character are part of the state; a pending of 2+ bytes that no character
+    named by the regex starts with is merged with every other such pending of its length."""
 
     def __init__(self, fsm):
         from interegular.fsm import anything_else
@@ -273,76 +271,54 @@ class _ByteWalker:
             for sym, s2 in row.items():
                 self.char_next_SK[sid[s], sym] = sid[s2]
         self.initial, self.finals = sid[fsm.initial], {sid[s] for s in fsm.finals}
-        explicit = {c: sym for c, sym in fsm.alphabet._symbol_mapping.items() if isinstance(c, str)}
+        self.explicit = {c: sym for c, sym in fsm.alphabet._symbol_mapping.items() if isinstance(c, str)}
         other = fsm.alphabet._symbol_mapping.get(anything_else)
-        self.explicit, self.other = explicit, (K if other is None else other)
+        self.other = K if other is None else other
         self.prefixes: dict[bytes, set[int]] = {}  # proper prefixes of named multi-byte characters -> their symbols
-        for c, sym in explicit.items():
+        for c, sym in self.explicit.items():
             enc = c.encode("utf-8")
             for n in range(1, len(enc)):
                 self.prefixes.setdefault(enc[:n], set()).add(sym)
         self._ids: dict = {}
         self._keys: list = []
-        self.max_pending = _MAX_PENDING
+        self._walks: dict = {}
 
     def symbol(self, char: str) -> int:
         return self.explicit.get(char, self.other)
 
-    def pending_id(self, tail) -> int:
-        """The id of a pending value: b"" (none), the bytes themselves, or ("other", missing) when merged."""
-        if isinstance(tail, bytes) and len(tail) >= 2 and tail not in self.prefixes:
-            tail = ("other", _utf8_length(tail[0]) - len(tail))
-        if tail not in self._ids:
-            if len(self._keys) >= self.max_pending:
-                raise ValueError(f"the regex over this vocabulary needs over {self.max_pending} pending-byte states; "
+    def pending_id(self, tail: bytes) -> int:
+        """The id of a pending value: b"" (none), the bytes themselves, or ("other", length, pending) merged."""
+        key = tail
+        if len(tail) >= 2 and tail not in self.prefixes:
+            key = ("other", _utf8_length(tail[0]), len(tail))
+        if key not in self._ids:
+            if len(self._keys) >= _MAX_PENDING:
+                raise ValueError(f"the regex over this vocabulary needs over {_MAX_PENDING} pending-byte states; "
                                  "use guard_jax.grammars.Grammar.regex")
-            self._ids[tail] = len(self._keys)
-            self._keys.append(tail)
-        return self._ids[tail]
+            self._ids[key] = len(self._keys)
+            self._keys.append(key)
+        return self._ids[key]
 
-    def _split(self, pending, data: bytes):
-        """pending + data -> (character symbols, pending id after) or None where the bytes are not UTF-8."""
-        syms, i = [], 0
-        if isinstance(pending, tuple):  # ("other", missing): continuation bytes only, then "anything else"
-            missing = pending[1]
-            head = data[:missing]
-            if any(not 0x80 <= x <= 0xBF for x in head):
-                return None
-            if len(head) < missing:
-                return syms, self.pending_id(("other", missing - len(head)))
-            syms.append(self.other)
-            i = missing
-            buf = b""
-        else:
-            buf = pending
-        buf += data[i:]
-        j = 0
-        while j < len(buf):
-            n = _utf8_length(buf[j])
-            if n == 0:
-                return None
-            if j + n > len(buf):
-                tail = buf[j:]
-                return (syms, self.pending_id(tail)) if _valid_partial(tail) else None
-            try:
-                char = buf[j : j + n].decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-            syms.append(self.symbol(char))
-            j += n
-        return syms, self.pending_id(b"")
+    def _split(self, pending_id: int, data: bytes) -> tuple[list[int], int]:
+        """pending + data -> (the symbols of the characters completed, the pending id after)."""
+        key = self._keys[pending_id]
+        merged = isinstance(key, tuple)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.setstate((_STAND_IN[key[1:]] if merged else key, 0))
+        chars = decoder.decode(data)
+        syms = [self.symbol(c) for c in chars]
+        if merged and chars and chars[0] != _REPLACEMENT:  # the merged pending's character: one the regex does not name
+            syms[0] = self.other
+        return syms, self.pending_id(decoder.getstate()[0])
 
-    def walk(self, pending_id: int, data: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """Every token from every DFA state with this pending value -> (state_SN: DFA state after, S = dead;
-        tail_N: pending id after, -1 where the bytes are not UTF-8)."""
-        pending = self._keys[pending_id]
-        split = [self._split(pending, d) for d in data]
-        tail_N = np.asarray([-1 if r is None else r[1] for r in split], np.int64)
-        L = max([len(r[0]) for r in split if r is not None] + [0])
-        sym_NL = np.full((len(data), max(L, 1)), -1, np.int64)
-        for n, r in enumerate(split):
-            if r is not None and r[0]:
-                sym_NL[n, : len(r[0])] = r[0]
+    def _walk_tokens(self, pending_id: int, data: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """`data` from every DFA state with this pending value -> (state_SN, S = dead; tail_N: pending ids)."""
+        split = [self._split(pending_id, d) for d in data]
+        tail_N = np.asarray([r[1] for r in split], np.int64)
+        L = max([len(r[0]) for r in split] + [1])
+        sym_NL = np.full((len(data), L), -1, np.int64)
+        for n, (syms, _) in enumerate(split):
+            sym_NL[n, : len(syms)] = syms
         S = self.num_states
         state_SN = np.broadcast_to(np.arange(S)[:, None], (S, len(data))).copy()
         for k in range(L):
@@ -350,19 +326,49 @@ class _ByteWalker:
             state_SN = np.where(sym_N[None] >= 0, self.char_next_SK[state_SN, np.maximum(sym_N, 0)[None]], state_SN)
         return state_SN, tail_N
 
-    def live(self, state_M: np.ndarray, tail_M: np.ndarray) -> np.ndarray:
-        """False where (DFA state, pending) cannot finish its character into a live state (a safe prune: the
-        automaton's reachability search would find such states dead anyway)."""
-        out = np.ones(len(state_M), bool)
-        dead = self.num_states
-        for m, (s, p) in enumerate(zip(state_M.tolist(), tail_M.tolist())):
-            key = self._keys[p]
-            if key == b"":
-                continue
-            syms = set(self.prefixes.get(key, ())) if isinstance(key, bytes) else set()
-            syms.add(self.other)
-            out[m] = any(self.char_next_SK[s, sym] != dead for sym in syms)
+    def walk(self, pending_id: int, data: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Every token from every DFA state with this pending value -> (state_SN: the DFA state after, S = dead;
+        tail_N: the pending id after). With pending bytes, a token that starts a new character first closes
+        them as one U+FFFD and then reads as from no pending: only tokens that start with a continuation byte
+        are walked again."""
+        if pending_id in self._walks:
+            return self._walks[pending_id]
+        empty = self.pending_id(b"")
+        if pending_id == empty:
+            out = self._walk_tokens(empty, data)
+        else:
+            base_SN, base_N = self.walk(empty, data)
+            S = self.num_states
+            after_fffd_S = self.char_next_SK[:S, self.symbol(_REPLACEMENT)]
+            state_SN = np.where(after_fffd_S[:, None] < S, base_SN[np.minimum(after_fffd_S, S - 1)], S)
+            tail_N = base_N.copy()
+            cont = np.asarray([n for n, d in enumerate(data) if 0x80 <= d[0] <= 0xBF], np.int64)
+            if len(cont):
+                state_SN[:, cont], tail_N[cont] = self._walk_tokens(pending_id, [data[n] for n in cont])
+            out = (state_SN, tail_N)
+        self._walks[pending_id] = out
         return out
+
+    def _finishing(self, pending_id: int) -> set[int]:
+        """Symbols of the characters a pending value can turn into: a completion, or U+FFFD."""
+        key = self._keys[pending_id]
+        syms = {self.symbol(_REPLACEMENT)}
+        if key != b"":
+            syms |= {self.other} | (set(self.prefixes.get(key, ())) if isinstance(key, bytes) else set())
+        return syms
+
+    def live(self, state_M: np.ndarray, tail_M: np.ndarray) -> np.ndarray:
+        """False where (DFA state, pending) cannot finish its character into a live DFA state (a safe prune: the
+        automaton's reachability search would find such states dead anyway)."""
+        dead, empty = self.num_states, self.pending_id(b"")
+        return np.asarray([p == empty or any(self.char_next_SK[s, sym] != dead for sym in self._finishing(p))
+                           for s, p in zip(state_M.tolist(), tail_M.tolist())], bool)
+
+    def accepting(self, s: int, p: int) -> bool:
+        """The text ends here: unfinished pending bytes read as one U+FFFD."""
+        if p == self.pending_id(b""):
+            return s in self.finals
+        return int(self.char_next_SK[s, self.symbol(_REPLACEMENT)]) in self.finals
 
 
 def _utf8_length(lead: int) -> int:
@@ -376,17 +382,6 @@ def _utf8_length(lead: int) -> int:
     if 0xF0 <= lead <= 0xF4:
         return 4
     return 0
-
-
-def _valid_partial(tail: bytes) -> bool:
-    """`tail` (shorter than its character) can still be completed to a valid UTF-8 character."""
-    lead = tail[0]
-    if _utf8_length(lead) <= len(tail) or any(not 0x80 <= x <= 0xBF for x in tail[1:]):
-        return False
-    if len(tail) >= 2:
-        lo, hi = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF))
-        return lo <= tail[1] <= hi
-    return True
 
 
 def unconstrained_automaton(vocab_size: int) -> TokenAutomaton:
