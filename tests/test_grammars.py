@@ -205,3 +205,21 @@ def test_regex_automaton_reads_bytes_as_the_tokenizer_decodes_them(embedded_toke
     want = np.asarray([re.fullmatch(pattern, tok.decode(row.tolist())) is not None for row in tokens])
     np.testing.assert_array_equal(np.asarray(mask.accepts(tokens, np.full(3000, 4))), want)
     assert 0.01 < want.mean() < 0.99  # both outcomes occur
+
+
+def test_asap_log_prob_is_the_exact_law_of_its_trie(toy, b_grid, x64):
+    """Asap.log_prob on every grid point: masking's law with an empty trie, the trie's exact law after sampling."""
+    grammar, params, space, log_a = toy
+    allowed = grammar.allowed_levels(space)
+    tokens = np.asarray(space.tokens(np.arange(space.size)))
+    lengths, valid = (np.asarray(x) for x in space.lengths_and_valid(tokens))
+    keep = np.flatnonzero(valid)[::17]  # a spread of grid points, b = 0 and b = 1
+    asap = Asap(MODEL, params, grammar, 5)
+    masking = exact_masked_log_prob(space, log_a, b_grid, allowed_levels=allowed)
+    np.testing.assert_allclose(asap.log_prob(tokens[keep], lengths[keep]), masking[keep], atol=1e-4)
+    asap.sample(jax.random.PRNGKey(5), 60, batch_size=4)
+    exact = exact_masked_log_prob(space, log_a, b_grid, asap.log_theta_levels(space), allowed)
+    got = asap.log_prob(tokens[keep], lengths[keep])
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(exact[keep]))
+    np.testing.assert_allclose(got[np.isfinite(got)], exact[keep][np.isfinite(got)], atol=1e-4)
+    assert not np.allclose(exact, masking)

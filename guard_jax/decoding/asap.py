@@ -111,6 +111,13 @@ def _next_log_probs(model: ARM, params: Params, tokens_BL, mask_BL, position):
     return jax.nn.log_softmax(logits_BV.astype(jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames=("model", "prompt_len"))
+def _teacher_forced_log_probs(model: ARM, params: Params, tokens_BL, prompt_len: int):
+    """log softmax of a's logits at the positions that predict the generated tokens -> logp_BTV (float32)."""
+    logits_BLV = model.apply(params, tokens_BL, jnp.ones_like(tokens_BL))
+    return jax.nn.log_softmax(logits_BLV[:, prompt_len - 1 : -1].astype(jnp.float32))
+
+
 class Asap:
     """The ASAp sampler for a model, a mask and a length. The mask is a `TokenAutomaton` (its accepting states
     define b; length-aware masks) or a `guard_jax.grammars.Grammar` (b = the text is in the language; its masks
@@ -214,6 +221,47 @@ class Asap:
             node.log_theta[k] = min(node.log_theta[k], value)  # bounds only fall (guards against rounding)
             value = node.log_value()
         self.history.append(self.root_log_theta)
+
+    def log_prob(self, tokens_NT, lengths_N, batch_size: int = 32) -> np.ndarray:
+        """log q(y) of the law the next sample is drawn from (the current trie), for any sequences -> float64 [N].
+
+        q(y_t | u) = P(y_t | u) theta~(u y_t) / sum_{v allowed} P(v | u) theta~(uv), with theta~ = 1 below the
+        explored trie (and -inf off the mask). With an empty trie this is the law of masked decoding with the
+        same mask, so it scores masking's proposal too. a's conditionals come from one teacher-forced pass per
+        `batch_size` rows.
+        """
+        tokens_NT, lengths_N = np.asarray(tokens_NT, np.int32), np.asarray(lengths_N)
+        N, T = tokens_NT.shape
+        if T != self.max_new_tokens:
+            raise ValueError(f"tokens_NT has {T} positions; this sampler generates max_new_tokens={self.max_new_tokens}")
+        P = len(self.prompt_P)
+        out = np.zeros(N)
+        for start in range(0, N, batch_size):
+            rows = tokens_NT[start : start + batch_size]
+            full = np.zeros((batch_size, T), np.int32)  # one shape for every chunk: one compilation
+            full[: len(rows)] = rows
+            buf_BL = np.concatenate([np.broadcast_to(self.prompt_P, (batch_size, P)), full], axis=1)
+            logp_BTV = np.asarray(_teacher_forced_log_probs(self.model, self.params, jnp.asarray(buf_BL), P), np.float64)
+            states = self._sets.start(len(rows))
+            for b, row in enumerate(rows):
+                out[start + b] = self._row_log_prob(row[: int(lengths_N[start + b])].tolist(), logp_BTV[b], states[b])
+        return out
+
+    def _row_log_prob(self, row: list[int], logp_TV: np.ndarray, state) -> float:
+        total, T = 0.0, self.max_new_tokens
+        for t, v in enumerate(row):
+            node = self.nodes.get(tuple(row[:t]))
+            if node is not None:
+                allowed, w = node.allowed, node.logp + node.log_theta
+            else:
+                allowed = self._sets.allowed(state, T - t - 1)
+                w = logp_TV[t, allowed]
+            k = int(np.searchsorted(allowed, v))
+            if k == len(allowed) or allowed[k] != v or not np.isfinite(w[k]):
+                return -np.inf
+            total += w[k] - np.logaddexp.reduce(w)
+            state = self._sets.advance(state, v)
+        return total
 
     def log_theta_levels(self, space: SequenceSpace) -> list[np.ndarray]:
         """The trie as dense log theta~(uv) arrays: element t has shape [V^t, V] (0 where unexplored).
