@@ -154,7 +154,16 @@ class Asap:
             out.append(self._round(jax.random.fold_in(key, r), min(batch_size, num_samples - start)))
         return AsapSamples(*(np.concatenate(parts) for parts in zip(*out)))
 
-    def _round(self, key: jax.Array, B: int) -> AsapSamples:
+    def draw(self, key: jax.Array, num_samples: int, batch_size: int = 256) -> AsapSamples:
+        """`num_samples` samples of the current law q (`log_prob`'s), without updating the bounds: every row comes
+        from the same trie, in rounds of `batch_size` rows."""
+        if num_samples <= 0 or batch_size <= 0:
+            raise ValueError(f"num_samples and batch_size must be > 0, got {num_samples} and {batch_size}")
+        out = [self._round(jax.random.fold_in(key, r), min(batch_size, num_samples - start), update=False)
+               for r, start in enumerate(range(0, num_samples, batch_size))]
+        return AsapSamples(*(np.concatenate(parts) for parts in zip(*out)))
+
+    def _round(self, key: jax.Array, B: int, update: bool = True) -> AsapSamples:
         model, T, P = self.model, self.max_new_tokens, len(self.prompt_P)
         u_TB = np.asarray(1.0 - jax.random.uniform(key, (T, B)), np.float64)
         buf_BL = np.full((B, P + T), model.pad_id, np.int32)
@@ -196,7 +205,7 @@ class Asap:
                 if model.eos_id is not None and v == model.eos_id:
                     done_B[b] = True
         accepted_B = ~dead_B & np.asarray([self._sets.accepting(state) for state in state_B], bool)
-        for b in range(B):
+        for b in range(B if update else 0):
             self._update(tokens_BT[b, : lengths_B[b]], bool(accepted_B[b]), dead=bool(dead_B[b]))
         return AsapSamples(tokens_BT, lengths_B, logq_B, loga_B, accepted_B)
 
