@@ -10,9 +10,8 @@
 Masking needs the constraint as a full-match regex over the decoded text: hp `regex`, else derived from the
 config's `constraint` spec (`keyword:W` -> `([\\s\\S]*[^A-Za-z0-9_])?W([^A-Za-z0-9_][\\s\\S]*)?`, i.e. `\\bW\\b`
 with ASCII word characters; `regex:P` -> `[\\s\\S]*(P)[\\s\\S]*`, re.search's semantics). The automaton walks
-each token's own decoded text (`tokenizer.decode([id])`): a byte-level BPE piece that is part of a multi-byte
-character decodes to U+FFFD alone, so the mask is exact for ASCII text and approximate elsewhere; training
-data are filtered by the task's own b.
+each token's bytes (`guard_jax.grammars.token_bytes`), so multi-byte characters split across byte-level pieces
+are matched exactly; training data are filtered by the task's own b.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from experiments.proposals import Builder, Proposal, _base_point, _filtered_draw
 from guard_jax.decoding import Asap, TokenAutomaton, check_feasible, regex_automaton
 from guard_jax.decoding.masked_arm import MaskedARM
 from guard_jax.evaluate import LM
+from guard_jax.grammars import token_bytes
 from guard_jax.train.aux import AuxConfig, AuxTrainer
 from guard_jax.train.l3m import L3M, L3MConfig
 from guard_jax.train.rl import RL, RLConfig
@@ -142,14 +142,6 @@ def fullmatch_regex(config: dict, hp: dict) -> str:
                      "give train.<proposal>.regex (a full-match regex over the decoded text)")
 
 
-def token_strings(tokenizer, vocab_size: int) -> dict[int, str]:
-    """id -> tokenizer.decode([id]) for every non-special id below vocab_size with a non-empty text."""
-    special = set(tokenizer.all_special_ids)
-    ids = [i for i in range(min(len(tokenizer), vocab_size)) if i not in special]
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    return {i: t for i, t in zip(ids, texts) if t}
-
-
 def automaton(b: Builder, hp: dict) -> TokenAutomaton:
     """The task's token automaton (built once per regex and task)."""
     s = b.setup
@@ -159,7 +151,7 @@ def automaton(b: Builder, hp: dict) -> TokenAutomaton:
         eos = s.model.eos_id
         if eos is None:
             raise ValueError("masking needs a model with an eos_id (EOS is allowed only where the text matches)")
-        mask = regex_automaton(pattern, token_strings(s.tokenizer, s.model.vocab_size), eos_id=eos, vocab_size=s.model.vocab_size)
+        mask = regex_automaton(pattern, token_bytes(s.tokenizer, s.model.vocab_size), eos_id=eos, vocab_size=s.model.vocab_size)
         check_feasible(mask, s.max_new_tokens)
         b.extra[key] = mask
     return b.extra[key]
