@@ -14,7 +14,7 @@ from guard_jax.decoding import Asap, exact_masked_log_prob, grammar_masked_sampl
 from guard_jax.estimators import estimate_ar
 from guard_jax.exact import exact_constraint, exact_log_prob, exact_quantities
 from guard_jax.grammars import Grammar, token_bytes
-from guard_jax.lm import EMBEDDED
+from guard_jax.lm import EMBEDDED, LM
 from guard_jax.rejection import guard_sample
 from guard_jax.sampling import bos_prompt, sample
 from tests.grammar_toy import CFG, MODEL, TOKENS, language, text_of, toy_grammar_problem, toy_tokenizer
@@ -68,7 +68,7 @@ def test_guard_returns_g_prime_exactly(toy, b_grid, x64):
     # a proposal a' != a: a's logits raised by 2 on the tokens the grammar allows (rows in TabularARM's prefix order)
     params2 = {"logits_NV": params["logits_NV"] + 2.0 * np.concatenate(grammar.allowed_levels(space))}
     log_a2 = np.asarray(exact_log_prob(MODEL, params2, MODEL.max_len), np.float64)
-    out = guard_sample(jax.random.PRNGKey(0), MODEL, params2, grammar.constraint(), 3000, max_new_tokens=5,
+    out = guard_sample(jax.random.PRNGKey(0), LM.of(MODEL, params2), grammar.constraint(), 3000, max_new_tokens=5,
                        batch_size=1024, progress=False)
     index = space.index(out.tokens_NT)
     assert b_grid[index].all()
