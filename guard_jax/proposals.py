@@ -457,25 +457,18 @@ def fullmatch_regex(spec: str) -> str:
                      "give the recipe's `regex` (a full-match regex over the decoded text)")
 
 
-def token_strings(tokenizer, vocab_size: int) -> dict[int, str]:
-    """id -> tokenizer.decode([id]) for every non-special id below vocab_size with a non-empty text."""
-    special = set(tokenizer.all_special_ids)
-    ids = [i for i in range(min(len(tokenizer), vocab_size)) if i not in special]
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    return {i: t for i, t in zip(ids, texts) if t}
-
-
 def text_automaton(a: LM, pattern: str, max_new_tokens: int):
-    """The token automaton of a full-match regex over the decoded text, for a's tokenizer. The automaton walks
-    each token's own decoded text: a byte-level BPE piece of a multi-byte character decodes to U+FFFD alone,
-    so the mask is exact for ASCII text and approximate elsewhere."""
+    """The token automaton of a full-match regex over the decoded text, for a's tokenizer. It walks each token's
+    bytes (`guard_jax.grammars.token_bytes`), so multi-byte characters split across byte-level pieces are
+    matched exactly."""
     from guard_jax.decoding import check_feasible, regex_automaton
+    from guard_jax.grammars import token_bytes
 
     if a.model.eos_id is None:
         raise ValueError("masking needs a model with an eos_id (EOS is allowed only where the text matches)")
     if a.tokenizer is None:
         raise ValueError("text_automaton needs an LM with a tokenizer (LM.load(path) or LM.of(..., tokenizer=))")
-    mask = regex_automaton(pattern, token_strings(a.tokenizer, a.model.vocab_size), eos_id=a.model.eos_id, vocab_size=a.model.vocab_size)
+    mask = regex_automaton(pattern, token_bytes(a.tokenizer, a.model.vocab_size), eos_id=a.model.eos_id, vocab_size=a.model.vocab_size)
     check_feasible(mask, max_new_tokens)
     return mask
 
@@ -746,4 +739,4 @@ def _sft_asap(bld: Builder, name: str, config) -> Proposal:
 __all__ = ["AuxRecipeConfig", "Builder", "CAPConfig", "DPGRecipeConfig", "L3MRecipeConfig", "MaskedConfig", "NoConfig", "Proposal",
            "RECIPES", "RLRecipeConfig", "Recipe", "SFTAsapConfig", "SFTMaskedConfig", "SFTRecipeConfig", "Schedule", "WarmStartConfig",
            "aux", "cap", "dpg", "filtered_draws", "fullmatch_regex", "l3m", "lookup", "masked", "masked_lm", "named_key", "register",
-           "resolve_config", "rl", "sft", "sft_asap", "sft_masked", "text_automaton", "token_strings", "warm_start_dpg"]
+           "resolve_config", "rl", "sft", "sft_asap", "sft_masked", "text_automaton", "warm_start_dpg"]

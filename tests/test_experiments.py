@@ -204,7 +204,7 @@ def test_baseline_proposals_end_to_end(tiny_model, tmp_path):
     assert m["l3m"]["train_samples"] == 1024 + 2 * 64 and m["rl"]["train_samples"] == m["rl:0.5"]["train_samples"] == 2 * 64
     assert m["aux"]["train_samples"] == m["aux_q"]["train_samples"] == 2 * 64
     assert m["masked"]["train_samples"] == 0 and m["sft_masked"]["train_samples"] == 64 and m["sft_asap"]["train_samples"] == 32
-    # masking guarantees b (every token of the tiny vocabulary decodes to ASCII-or-FFFD text that the regex walks)
+    # masking guarantees b (the automaton walks every token's bytes, multi-byte characters included)
     assert m["masked"]["estimates"]["AR_a2"]["value"] == 1.0
     # rl and rl:0.5 are different runs (different beta) in different folders
     assert m["rl"]["metrics_jsonl"] != m["rl:0.5"]["metrics_jsonl"]

@@ -240,8 +240,8 @@ def test_load_errors(ref, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         hf.load(tmp_path / "empty")
-    with pytest.raises(ValueError, match=r"unknown model_type 'llama'.*supported: .*gpt2"):
-        hf.load(_copy_with_config(path, tmp_path / "llama", model_type="llama"))
+    with pytest.raises(ValueError, match=r"unknown model_type 'falcon'.*supported: .*gpt2"):
+        hf.load(_copy_with_config(path, tmp_path / "falcon", model_type="falcon"))
     nofile = _copy_with_config(path, tmp_path / "nofile")
     (nofile / "model.safetensors").rename(nofile / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match=r"no model.safetensors.*pytorch_model.bin.*safetensors"):
