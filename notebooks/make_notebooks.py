@@ -1,6 +1,7 @@
 """Writes the notebooks of this folder from the cell sources below (run it after editing a cell).
 
-Each notebook is Colab-ready: its first cell installs guard_jax when it is not importable.
+Each notebook is Colab-ready: its first cell (INSTALL) installs guard_jax into the running kernel when it is not
+importable, from the path or URL in its one variable GUARD_JAX_SOURCE.
 """
 
 import pathlib
@@ -9,12 +10,20 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = pathlib.Path(__file__).parent
-INSTALL = """# Colab / a fresh kernel: make guard_jax importable. In Colab, clone the repository first
-# (!git clone <its URL> guard_jax) and set GUARD_JAX_REPO to that folder.
-import importlib.util, os, subprocess, sys
+INSTALL = """# Run first. Where guard_jax is importable (a clone set up by `bash scripts/dev.sh`, a pip install) it does nothing.
+# Elsewhere (Colab, a fresh kernel) it pip-installs guard_jax into this kernel from GUARD_JAX_SOURCE: a folder holding
+# the repository (upload it, or `!git clone <its URL> /content/guard_jax`), a wheel file or a pip URL ("git+https://...").
+import importlib, importlib.util, os, site, subprocess, sys
+GUARD_JAX_SOURCE = ".." if os.path.isfile("../pyproject.toml") else "/content/guard_jax"
 if importlib.util.find_spec("guard_jax") is None:
-    repo = os.environ.get("GUARD_JAX_REPO", "..")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", repo], check=True)"""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", GUARD_JAX_SOURCE], check=True)
+    importlib.invalidate_caches()  # the running kernel sees the new files: no restart needed
+    folders = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    for folder in folders:
+        if os.path.isdir(folder) and folder not in sys.path:
+            site.addsitedir(folder)  # e.g. a user site-packages that this install created
+import guard_jax
+print("guard_jax from", os.path.dirname(guard_jax.__file__))"""
 
 # Small settings by default; the test suite runs the notebook as it is.
 THEOREM2 = [
@@ -134,11 +143,15 @@ for n in (0, 10, 100, 400):
 print(f"Z = {ex.z:.4f}; prefixes in the full tree: {(4**T - 1) // 3}")"""),
 ]
 
-SETUP = """import os, pathlib, sys, tempfile
+MODEL_SETUP = """import os
+from guard_jax.lm import EMBEDDED
+# The embedded base LM, or any local GPT-2/Gemma Hugging Face folder (set GUARD_JAX_MODEL or edit this line).
+MODEL = os.environ.get("GUARD_JAX_MODEL", str(EMBEDDED))"""
+
+SETUP = MODEL_SETUP + """
+import pathlib, sys, tempfile
 REPO = pathlib.Path(os.environ.get("GUARD_JAX_REPO", "..")).resolve()
 sys.path.insert(0, str(REPO))  # the experiments/ scripts live beside the package
-# The embedded base LM, or any local GPT-2/Gemma Hugging Face folder (set GUARD_JAX_MODEL or edit this line).
-MODEL = os.environ.get("GUARD_JAX_MODEL", str(REPO / "guard_jax" / "assets" / "base_lm"))
 OUT = pathlib.Path(os.environ.get("GUARD_JAX_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="guard_jax_notebook_"))  # results folder"""
 
 QUICKSTART = [
@@ -153,7 +166,7 @@ Colab: Runtime → Change runtime type picks CPU, GPU or TPU; JAX uses whatever 
     new_code_cell(INSTALL),
     new_code_cell("""import jax
 print("JAX backend:", jax.default_backend(), jax.devices())"""),
-    new_code_cell(SETUP),
+    new_code_cell(MODEL_SETUP),
     new_code_cell("""from guard_jax.models import hf
 from guard_jax import constraints as C
 from guard_jax.rejection import guard_sample

@@ -112,15 +112,11 @@ def _check_installed(venv: pathlib.Path, cwd: pathlib.Path) -> None:
 
 
 def test_installed_wheel_runs_outside_the_repository(wheel, tmp_path):
-    """`pip install --no-deps` of the wheel into a fresh venv that sees this venv's packages (not its
-    guard_jax: a plain path in a .pth file runs none of that folder's own .pth hooks)."""
+    """`pip install --no-deps` of the wheel into a fresh venv that sees this venv's dependencies."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
-                    "--no-index", str(wheel)], check=True, capture_output=True, text=True)
-    site = pathlib.Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                       check=True, capture_output=True, text=True).stdout.strip())
-    (site / "shared_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = _fresh_venv_seeing_shared_packages(venv)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True, capture_output=True, text=True)
     _check_installed(venv, tmp_path)
 
 
@@ -132,3 +128,33 @@ def test_pip_install_pulls_the_dependencies_into_a_clean_venv(wheel, tmp_path):
     out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     _check_installed(venv, tmp_path)
+
+
+def _fresh_venv_seeing_shared_packages(venv: pathlib.Path) -> pathlib.Path:
+    """A venv without guard_jax whose interpreter imports this venv's packages (pip included) through a
+    .pth path: a plain path line runs none of that folder's own .pth hooks, so its guard_jax stays hidden."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = pathlib.Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                       check=True, capture_output=True, text=True).stdout.strip())
+    (site / "shared_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv / "bin" / "python"
+
+
+def test_notebook_install_cell_makes_guard_jax_importable_in_the_same_process(wheel, tmp_path):
+    """The notebooks' first cell, with GUARD_JAX_SOURCE pointing at the wheel, in an interpreter where
+    guard_jax is not importable: after the cell, `import guard_jax` works without a restart."""
+    import re
+
+    from notebooks.make_notebooks import INSTALL, NOTEBOOKS
+
+    assert all(cells[1].source == INSTALL for cells in NOTEBOOKS.values()), "every notebook starts with the install cell"
+    cell, n = re.subn(r"^GUARD_JAX_SOURCE = .*$", f"GUARD_JAX_SOURCE = {str(wheel)!r}", INSTALL, flags=re.M)
+    assert n == 1, "the install cell sets GUARD_JAX_SOURCE on one line"
+    python = _fresh_venv_seeing_shared_packages(tmp_path / "venv")
+    check = "import importlib.util; assert importlib.util.find_spec('guard_jax') is None\n" + cell + "\nfrom guard_jax import exact\n"
+    # offline, no dependency resolution, and nothing of the shared venv uninstalled or replaced
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home()), "PIP_NO_DEPS": "1", "PIP_NO_INDEX": "1", "PIP_IGNORE_INSTALLED": "1"}
+    out = subprocess.run([str(python), "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    installed = pathlib.Path(out.stdout.split("guard_jax from", 1)[1].strip())
+    assert installed.is_relative_to(tmp_path / "venv"), installed
