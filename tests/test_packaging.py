@@ -97,16 +97,15 @@ def test_wheel_ships_the_licence_assets_and_the_command(wheel):
     assert not [n for n in names if n.startswith(("tests/", "experiments/", "bench/", "notebooks/"))]
 
 
-def _run_outside(cmd: list[str], cwd: pathlib.Path) -> str:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
 def _check_installed(venv: pathlib.Path, cwd: pathlib.Path) -> None:
-    assert "usage: guard-jax" in _run_outside([str(venv / "bin" / "guard-jax"), "--help"], cwd)
-    file, vocab, round_trip = _run_outside([str(venv / "bin" / "python"), "-c", SNIPPET], cwd).split()
+    """`guard-jax --help` and the three-line snippet, run side by side from `cwd` with a bare environment."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
+    cmds = [[str(venv / "bin" / "guard-jax"), "--help"], [str(venv / "bin" / "python"), "-c", SNIPPET]]
+    procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    (help_out, help_err), (out, err) = (p.communicate(timeout=600) for p in procs)
+    assert procs[0].returncode == 0 and "usage: guard-jax" in help_out, help_err[-3000:]
+    assert procs[1].returncode == 0, err[-3000:]
+    file, vocab, round_trip = out.split()
     assert pathlib.Path(file).is_relative_to(venv), f"imported {file}, not the installed copy"
     assert (vocab, round_trip) == ("8192", "True")
 
