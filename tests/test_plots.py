@@ -89,7 +89,7 @@ def _results(n_methods: int) -> dict:
 
 
 def test_experiment_figures_keep_one_look_per_proposal_with_legends_outside(tmp_path, monkeypatch):
-    (tmp_path / "results.json").write_text(json.dumps(_results(18)))
+    (tmp_path / "results.json").write_text(json.dumps(_results(12)))
     saved = {}
 
     def keep_and_save(fig, stem):
@@ -104,7 +104,7 @@ def test_experiment_figures_keep_one_look_per_proposal_with_legends_outside(tmp_
     for name in ("ar_vs_samples_bos", "sample_efficiency_bos", "positional_bias_bos"):
         looks = _line_looks(saved[name].axes[0])
         methods = [lk for lk in looks if lk != (figures.GOLD.color, figures.GOLD.marker) and lk[1] != "None"]  # not g, not the Z line
-        assert len(methods) == 18 and len(set(methods)) == 18 and len({m for _, m in methods}) == 18, name
+        assert len(methods) == 12 and len(set(methods)) == 12 and len({m for _, m in methods}) == 12, name
         _legend_outside_axes(saved[name])
     # the same proposal has the same look in every figure
     expected = figures.styles([json.loads((tmp_path / "results.json").read_text())], 0)
