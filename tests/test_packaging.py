@@ -157,3 +157,18 @@ def test_notebook_install_cell_makes_guard_jax_importable_in_the_same_process(wh
     assert out.returncode == 0, out.stderr[-3000:]
     installed = pathlib.Path(out.stdout.split("guard_jax from", 1)[1].strip())
     assert installed.is_relative_to(tmp_path / "venv"), installed
+
+
+def test_notebooks_import_only_the_installed_library():
+    """No notebook reaches into the repository: no `experiments` import, no sys.path edit (the install cell
+    only adds site-packages folders that pip created)."""
+    import re
+
+    from notebooks.make_notebooks import INSTALL, NOTEBOOKS
+
+    for name, cells in NOTEBOOKS.items():
+        for cell in cells:
+            if cell.cell_type != "code" or cell.source == INSTALL:
+                continue
+            assert not re.search(r"^\s*(from|import)\s+experiments\b", cell.source, re.M), f"{name} imports experiments"
+            assert "sys.path" not in cell.source, f"{name} edits sys.path"
