@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -40,9 +41,48 @@ def test_readme_starts_with_the_two_commands_and_stays_short():
     assert "bash scripts/dev.sh test" in (ROOT / ".ci" / "run").read_text(), "CI must run the README's default test command"
 
 
-def test_readme_quickstart_runs_as_printed(tmp_path):
+def _resolve(node: ast.expr, names: dict):
+    """The object an expression like `gj.proposals.sft` or `SFTRecipeConfig` names, or None (a local value)."""
+    if isinstance(node, ast.Name):
+        return names.get(node.id)
+    if isinstance(node, ast.Attribute):
+        base = _resolve(node.value, names)
+        if base is None:
+            return None
+        assert hasattr(base, node.attr), f"the quickstart uses {ast.unparse(node)}, which the library does not have"
+        return getattr(base, node.attr)
+    return None
+
+
+def test_readme_quickstart_calls_match_the_library():
+    """Every library call of the quickstart names an existing function and binds to its signature (argument
+    count and keyword names): the API the README prints is the one the package has. The run is the slow test."""
+    import inspect
+
     code = quickstart()
     assert len(code.strip().splitlines()) <= 15, "the quickstart should stay about 10 lines"
+    tree = ast.parse(code)
+    names: dict = {}
+    for stmt in tree.body:  # the imports, executed as printed
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            exec(compile(ast.Module([stmt], []), "<quickstart>", "exec"), names)
+    assert "gj" in names, "the quickstart imports guard_jax as gj"
+    checked = []
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+        fn = _resolve(call.func, names)
+        if fn is None or getattr(fn, "__module__", "").split(".")[0] != "guard_jax":
+            continue
+        args = [object()] * len(call.args)
+        kwargs = {k.arg: object() for k in call.keywords}
+        inspect.signature(fn).bind(*args, **kwargs)  # TypeError names a wrong or missing argument
+        checked.append(ast.unparse(call.func))
+    for name in ("gj.LM.load", "gj.draw_gold", "gj.proposals.warm_start_dpg", "gj.guard_sample", "gj.evaluate_proposal"):
+        assert name in checked, f"{name} is not called (or not found) in the quickstart"
+
+
+@pytest.mark.slow
+def test_readme_quickstart_runs_as_printed(tmp_path):
+    code = quickstart()
     env = {**os.environ, "GUARD_JAX_QUICK_N": "2048", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
