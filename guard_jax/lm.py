@@ -49,8 +49,9 @@ class LM:
         if not prompt:
             raise ValueError("LM.prompt needs at least one token (BOS for an unconditional model)")
         vocab = getattr(self.model, "vocab_size", None)
-        if vocab is not None and not all(0 <= t < vocab for t in prompt):
-            raise ValueError(f"LM.prompt has token ids outside [0, vocab_size={vocab}): {prompt}")
+        bos = getattr(self.model, "bos_id", None)
+        if vocab is not None and not all(0 <= t < vocab or t == bos for t in prompt):
+            raise ValueError(f"LM.prompt has token ids outside [0, vocab_size={vocab}) other than bos_id={bos}: {prompt}")
         object.__setattr__(self, "prompt", prompt)
 
     # --- construction -------------------------------------------------------------------------------------
