@@ -7,7 +7,8 @@
 - `awrs`: SMC whose token step is adaptive weighted rejection against a token mask; properly weighted for g.
 """
 
+from guard_jax.samplers.imh import IMHExact, guard_start, imh, imh_exact
 from guard_jax.samplers.qrs import QRSExact, qrs, qrs_exact
 from guard_jax.samplers.result import SamplerResult, effective_sample_size
 
-__all__ = ["QRSExact", "SamplerResult", "effective_sample_size", "qrs", "qrs_exact"]
+__all__ = ["IMHExact", "QRSExact", "guard_start", "imh", "imh_exact", "SamplerResult", "effective_sample_size", "qrs", "qrs_exact"]
