@@ -1,7 +1,8 @@
 """The tiny toy problem behind the samplers' exact tests, and the goodness-of-fit checks they share.
 
-a and a′ are random tabular ARMs over 3 tokens, 4 positions, EOS = 0 (31 valid sequences); b holds on 16 of
-them (Z ≈ 0.115, AR_a′ ≈ 0.217, max P/a′ ≈ 14). Everything exact is computed in float64 on the grid.
+a is a random tabular ARM over 3 tokens, 4 positions, EOS = 0 (31 valid sequences); a′ is the exact ARM of
+the mixture (a + c) / 2 with c another random ARM, so P/a′ <= 2 and importance weights stay bounded; b holds
+on 16 sequences. Everything exact is computed in float64 on the grid.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from scipy import stats
 
 from guard_jax import constraints as C
-from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, log_gold
+from guard_jax.exact import SequenceSpace, arm_from_law, exact_constraint, exact_log_prob, log_gold
 from guard_jax.lm import LM
 from guard_jax.models.toy import TabularARM
 
@@ -46,14 +47,17 @@ class Toy(NamedTuple):
 def toy(seed: int = 0) -> Toy:
     model = TabularARM(V, T, eos_id=0)
     key_a, key_a2 = jax.random.split(jax.random.PRNGKey(seed))
-    params_a, params_a2 = model.init(key_a, 1.0), model.init(key_a2, 1.0)
+    params_a, params_c = model.init(key_a, 1.0), model.init(key_a2, 1.0)
     constraint = C.contains_ngram([2, 2]) | C.contains_ngram([1, 1, 1])
     space = SequenceSpace.of(model, T)
     with jax.enable_x64(True):
         log_a = np.asarray(exact_log_prob(model, params_a, T), np.float64)
-        log_a2 = np.asarray(exact_log_prob(model, params_a2, T), np.float64)
+        log_c = np.asarray(exact_log_prob(model, params_c, T), np.float64)
+        model2, params_a2 = arm_from_law(space, np.logaddexp(log_a, log_c) - np.log(2.0))
+        log_a2 = np.asarray(exact_log_prob(model2, params_a2, T), np.float64)
+    params_a2 = jax.tree.map(lambda x: np.asarray(x, np.float32), params_a2)
     b = exact_constraint(space, constraint)
-    return Toy(LM.of(model, params_a), LM.of(model, params_a2), constraint, space, log_a, log_a2, b, log_gold(log_a, b))
+    return Toy(LM.of(model, params_a), LM.of(model2, params_a2), constraint, space, log_a, log_a2, b, log_gold(log_a, b))
 
 
 def chi_square_p(index_N, probs) -> float:
@@ -74,20 +78,33 @@ def chi_square_p(index_N, probs) -> float:
     return float(stats.chisquare(bins_o, bins_e).pvalue)
 
 
-def weighted_fit_p(index_RN, log_w_RN, target_K: np.ndarray, support_K: np.ndarray) -> float:
-    """Does E[sum_i w_i 1[y_i = y]] = target(y) hold for every y of the support? (R independent runs.)
+def weighted_fit_p(index_RN, log_w_RN, log_p, min_hits: float = 100.0) -> float:
+    """Does E[sum_i w_i 1[y_i in bin]] = P(bin) hold for every bin? (R independent runs of N weighted particles.)
 
-    X_rk = sum_i w_ri 1[y_ri = k]; Hotelling's T^2 of the R rows against target_K, its p-value from
-    F(K, R - K). Cells outside the support must carry no weight (returns 0 if they do)."""
+    Bins pool the support of the unnormalised target P (a grid of log values) in increasing order of P until
+    each holds P/Z >= min_hits / (R N), so rare cells do not make the test statistic non-normal. X_rk =
+    sum_i w_ri 1[y_ri in bin k]; Hotelling's T^2 of the R rows against P(bin), p-value from F(K, R - K).
+    Particles off the support must carry no weight (returns 0 if any does)."""
     w_RN = np.exp(np.asarray(log_w_RN, np.float64))
-    R = w_RN.shape[0]
-    off = ~np.isin(index_RN, support_K) & (w_RN > 0)
-    if off.any():
+    R, N = w_RN.shape
+    p = np.exp(np.asarray(log_p, np.float64))
+    support = np.flatnonzero(p > 0)
+    if np.any(~np.isin(index_RN, support) & (w_RN > 0)):
         return 0.0
-    X_RK = np.stack([np.sum(w_RN * (index_RN == k), axis=1) for k in support_K], axis=1)
+    bin_of = np.full(p.size, -1)
+    k, mass = 0, 0.0
+    for i in support[np.argsort(p[support])]:
+        bin_of[i], mass = k, mass + p[i] / p.sum()
+        if mass >= min_hits / (R * N):
+            k, mass = k + 1, 0.0
+    if mass > 0:
+        bin_of[bin_of == k] = k - 1
+    K = int(bin_of.max()) + 1
+    cell_RN = bin_of[index_RN]
+    X_RK = np.stack([np.sum(w_RN * (cell_RN == j), axis=1) for j in range(K)], axis=1)
+    target_K = np.array([p[bin_of == j].sum() for j in range(K)])
     d_K = X_RK.mean(0) - target_K
-    S_KK = np.cov(X_RK, rowvar=False)
-    K = len(support_K)
+    S_KK = np.atleast_2d(np.cov(X_RK, rowvar=False))
     t2 = R * d_K @ np.linalg.solve(S_KK, d_K)
     f = t2 * (R - K) / (K * (R - 1))
     return float(stats.f.sf(f, K, R - K))

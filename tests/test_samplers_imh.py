@@ -28,7 +28,7 @@ def test_imh_matrix_is_stochastic_with_g_stationary_and_converges_to_g(problem):
     assert tv[0] > 0.1 and all(x > y for x, y in zip(tv, tv[1:])) and tv[-1] < 1e-3
 
 
-@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("steps", [2, 5])
 def test_imh_chains_follow_the_matrix_power_from_guard_starts(problem, steps):
     p = problem
     ex = imh_exact(p.log_a, p.log_a2, p.b)
@@ -38,9 +38,9 @@ def test_imh_chains_follow_the_matrix_power_from_guard_starts(problem, steps):
     law = np.zeros(p.space.size)
     law[ex.support_K] = ex.law_after(start, steps)
     assert chi_square_p(p.index(out.tokens_NT), law) > 1e-3
-    # and not the law one round earlier: the test sees the moves
+    # and not the starting law g′: the test sees the moves
     before = np.zeros(p.space.size)
-    before[ex.support_K] = ex.law_after(start, steps - 1)
+    before[ex.support_K] = start
     assert chi_square_p(p.index(out.tokens_NT), before) < 1e-3
     init_draws = out.info["init_draws"]
     assert out.model_calls == init_draws + 3000 + 2 * 3000 * steps  # GUARD draws, their scores, proposals and scores

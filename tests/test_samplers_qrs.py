@@ -17,7 +17,7 @@ def problem():
     return toy()
 
 
-@pytest.mark.parametrize("beta", [0.5, 3.0])
+@pytest.mark.parametrize("beta", [0.3, 1.0])
 def test_qrs_samples_follow_the_closed_form_law(problem, beta):
     ex = qrs_exact(problem.log_a, problem.log_a2, problem.b, beta)
     out = qrs(jax.random.PRNGKey(1), problem.a, problem.a2, problem.constraint, 2000, beta=beta, max_new_tokens=4,
@@ -57,7 +57,7 @@ def test_qrs_exact_law_runs_from_guard_to_g_as_beta_grows(problem):
 
 def test_qrs_at_a_large_beta_samples_g(problem):
     p = problem
-    beta = float(p.ratio[p.b].max())
+    beta = 1.01 * float(p.ratio[p.b].max())  # margin: the LM holds float32 params
     out = qrs(jax.random.PRNGKey(2), p.a, p.a2, p.constraint, 2000, beta=beta, max_new_tokens=4, batch_size=2048)
     assert out.info["clipped_fraction"] == 0.0
     assert chi_square_p(p.index(out.tokens_NT), np.exp(p.log_g)) > 1e-3
