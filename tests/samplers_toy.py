@@ -7,10 +7,12 @@ on 16 sequences. Everything exact is computed in float64 on the grid.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import numpy as np
+import pytest
 from scipy import stats
 
 from guard_jax import constraints as C
@@ -108,3 +110,20 @@ def weighted_fit_p(index_RN, log_w_RN, log_p, min_hits: float = 100.0) -> float:
     t2 = R * d_K @ np.linalg.solve(S_KK, d_K)
     f = t2 * (R - K) / (K * (R - 1))
     return float(stats.f.sf(f, K, R - K))
+
+
+def check_unbiased_and_properly_weighted(problem: Toy, out, runs: int, particles: int) -> None:
+    """A weighted sampler's result of `runs` runs: mean Ẑ within 4 s.e. of Z, weights of a run summing to its Ẑ,
+    zero weight wherever b fails, and `weighted_fit_p` > 1e-3."""
+    z = math.exp(np.logaddexp.reduce(problem.log_p))
+    z_runs = np.exp(out.info["log_z_runs"])
+    se = z_runs.std(ddof=1) / math.sqrt(runs)
+    assert abs(z_runs.mean() - z) < 4 * se, f"mean Ẑ {z_runs.mean():.5f} vs Z {z:.5f} (s.e. {se:.5f})"
+    assert math.exp(out.log_z) == pytest.approx(z_runs.mean(), rel=1e-5)
+    # the weights of each run sum to its Ẑ
+    w_RN = np.exp(out.log_weights_N.reshape(runs, particles))
+    np.testing.assert_allclose(w_RN.sum(1), z_runs, rtol=1e-4)
+    assert np.all(out.satisfied_N | (w_RN.reshape(-1) == 0))
+    index = problem.index(out.tokens_NT).reshape(runs, particles)
+    p_value = weighted_fit_p(index, out.log_weights_N.reshape(runs, particles), problem.log_p)
+    assert p_value > 1e-3

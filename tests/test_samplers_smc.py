@@ -2,8 +2,6 @@
 particles properly weighted for g (Hotelling's test of E[sum_i w_i 1[y_i = y]] = a(y) b(y)), and exact samples
 of g with Ẑ = Z when the twist is the exact prefix value and a′ the twisted proposal."""
 
-import math
-
 import jax
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from guard_jax.exact import exact_prefix_values
 from guard_jax.lm import LM
 from guard_jax.samplers import Twist, smc
 from guard_jax.train.aux import AuxProposal
-from tests.samplers_toy import T, chi_square_p, toy, weighted_fit_p
+from tests.samplers_toy import T, check_unbiased_and_properly_weighted, chi_square_p, toy
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +31,6 @@ def noisy_twist(twist: Twist, seed: int = 0) -> Twist:
     logits = np.asarray(twist.params["logits_NV"])
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), logits.shape))
     return Twist(twist.model, {"logits_NV": np.where(np.isfinite(logits), logits + noise, logits).astype(np.float32)})
-
-
-def check_unbiased_and_properly_weighted(problem, out, runs, particles):
-    z = math.exp(np.logaddexp.reduce(problem.log_p))
-    z_runs = np.exp(out.info["log_z_runs"])
-    se = z_runs.std(ddof=1) / math.sqrt(runs)
-    assert abs(z_runs.mean() - z) < 4 * se, f"mean Ẑ {z_runs.mean():.5f} vs Z {z:.5f} (s.e. {se:.5f})"
-    assert math.exp(out.log_z) == pytest.approx(z_runs.mean(), rel=1e-5)
-    # the weights of each run sum to its Ẑ
-    w_RN = np.exp(out.log_weights_N.reshape(runs, particles))
-    np.testing.assert_allclose(w_RN.sum(1), z_runs, rtol=1e-4)
-    assert np.all(out.satisfied_N | (w_RN.reshape(-1) == 0))
-    index = problem.index(out.tokens_NT).reshape(runs, particles)
-    p_value = weighted_fit_p(index, out.log_weights_N.reshape(runs, particles), problem.log_p)
-    assert p_value > 1e-3
 
 
 @pytest.mark.parametrize("variant", ["bootstrap", "noisy_twist", "mask"])

@@ -7,9 +7,10 @@
 - `awrs`: SMC whose token step is adaptive weighted rejection against a token mask; properly weighted for g.
 """
 
+from guard_jax.samplers.awrs import awrs, awrs_from_order, awrs_step
 from guard_jax.samplers.imh import IMHExact, guard_start, imh, imh_exact
 from guard_jax.samplers.qrs import QRSExact, qrs, qrs_exact
 from guard_jax.samplers.result import SamplerResult, effective_sample_size
 from guard_jax.samplers.smc import Twist, direct_step, smc
 
-__all__ = ["IMHExact", "QRSExact", "guard_start", "imh", "imh_exact", "SamplerResult", "effective_sample_size", "qrs", "qrs_exact", "Twist", "direct_step", "smc"]
+__all__ = ["awrs", "awrs_from_order", "awrs_step", "IMHExact", "QRSExact", "guard_start", "imh", "imh_exact", "SamplerResult", "effective_sample_size", "qrs", "qrs_exact", "Twist", "direct_step", "smc"]
