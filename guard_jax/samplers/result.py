@@ -77,14 +77,20 @@ def check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value}")
 
 
+def batch_rows(n: int, batch_size: int) -> int:
+    """The batch shape used for n rows: batch_size, or the power of two >= n when n is smaller (few shapes,
+    few compilations)."""
+    return min(batch_size, 1 << max(0, int(n) - 1).bit_length())
+
+
 def draw_sequences(key: jax.Array, lm: LM, n: int, max_new_tokens: int, batch_size: int = 1024
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`n` ancestral samples of `lm` -> (tokens_NT, lengths_N, logp_N under lm), numpy.
 
-    Batch i uses `fold_in(key, i)` and a fixed batch shape (the last batch is trimmed), so the same key gives
-    the same samples and one compilation serves every call."""
+    Batch i uses `fold_in(key, i)` and the shape `batch_rows(n, batch_size)` (the last batch is trimmed), so the
+    same arguments give the same samples."""
     check_positive(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    B = min(batch_size, n)
+    B = batch_rows(n, batch_size)
     prompt_BP, mask_BP = lm.prompt_arrays(B)
     parts = []
     for i, start in enumerate(range(0, n, B)):
@@ -101,7 +107,7 @@ def score_sequences(lm: LM, tokens_NT, lengths_N, batch_size: int = 1024) -> np.
     n = len(tokens_NT)
     if n == 0:
         return np.zeros((0,), np.float64)
-    B = min(batch_size, n)
+    B = batch_rows(n, batch_size)
     prompt_BP, mask_BP = lm.prompt_arrays(B)
     out = []
     for start in range(0, n, B):
