@@ -15,7 +15,8 @@ GUARD-started chains of `steps` rounds as the budget allows at the measured AR_a
 weighted particles), calls per effective sample, log Ẑ where the method gives one, KL(g‖law) where the law has
 a closed form (GUARD: g′ by Theorem 2; QRS: min(P, βa′) / (β AR_β)), and for every sampler the bias of a test
 function, E_out[log a(y)] − E_g[log a(y)] (weighted for SMC and AWRS), with its standard error. Writes
-results.json, results.md and samplers_compare.png/.svg (atomically); `--plot-only` redraws from results.json.
+results.json (rewritten after every row, "complete" once all are done), results.md and samplers_compare.png/.svg
+(atomically); `--plot-only` redraws from results.json; `--only cap:awrs ...` runs the named rows alone.
 
 The same samplers' exact laws on the toy problem of `guard_jax.toy_demo` (a′ = a mixture that raises AR but
 distorts g) come first: model calls per sample and KL(g‖law) for GUARD, QRS at each β and IMH after k
@@ -162,7 +163,9 @@ def toy_exact_rows(cfg: CompareConfig) -> list[dict]:
     return rows
 
 
-def compute(cfg: CompareConfig, progress=print) -> dict:
+def compute(cfg: CompareConfig, progress=print, only: set[str] | None = None, save=None) -> dict:
+    """Every (proposal, sampler) row, or those named "proposal:sampler" in `only` (the same keys as in a full run);
+    `save(partial_results)` is called after the gold draws and after each row."""
     key = jax.random.PRNGKey(cfg.seed)
     toy = toy_exact_rows(cfg)
     a = LM.load("embedded")
@@ -181,19 +184,26 @@ def compute(cfg: CompareConfig, progress=print) -> dict:
     gold_se = float(g_logp.std(ddof=1) / math.sqrt(k_a))
     progress(f"gold: {k_a} of {cfg.n_gold} draws satisfy b, Z = {z}")
     rows = []
+    res = {"config": dataclasses.asdict(cfg), "gold": {"n_gold": cfg.n_gold, "accepted": k_a, "Z": z._asdict(),
+           "log_Z": math.log(z.value), "E_g[log a]": gold_mean, "se": gold_se}, "rows": rows, "toy_exact": toy,
+           "complete": False}
     for pi, pname in enumerate(cfg.proposals):
         a2 = lms[pname]
         logp_a2_G = g_logp if a2 is a else score_sequences(a2, g_tok, g_len, cfg.batch_size)
         ar_hat = None
         for si, (sname, spec) in enumerate(cfg.samplers.items()):
+            if only is not None and f"{pname}:{sname}" not in only and spec.kind != "guard":
+                continue  # GUARD runs anyway: IMH sizes its chains by GUARD's measured AR
             out = run_sampler(jax.random.fold_in(key, 1000 * (pi + 1) + si), spec, a, a2, b, mask, cfg, z.value,
                               ar_hat if ar_hat is not None else z.value)
             if spec.kind == "guard":
                 ar_hat = out.acceptance_rate
             rows.append(row(sname, pname, spec, out, a, a2, b, cfg, z, k_a, g_logp, logp_a2_G, gold_mean, gold_se))
             progress(f"{pname:>4} {sname:<10} " + ", ".join(f"{k}={v}" for k, v in rows[-1].items() if k not in ("proposal", "sampler")))
-    return {"config": dataclasses.asdict(cfg), "gold": {"n_gold": cfg.n_gold, "accepted": k_a, "Z": z._asdict(),
-            "log_Z": math.log(z.value), "E_g[log a]": gold_mean, "se": gold_se}, "rows": rows, "toy_exact": toy}
+            if save is not None:
+                save(res)
+    res["complete"] = True
+    return res
 
 
 def row(sname, pname, spec, out: SamplerResult, a, a2, b, cfg, z, k_a, g_logp, logp_a2_G, gold_mean, gold_se) -> dict:
@@ -275,12 +285,14 @@ def main(argv=None) -> int:
     parser.add_argument("--config", type=pathlib.Path, default=pathlib.Path("experiments/configs/samplers_quick.json"))
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/samplers/quick"))
     parser.add_argument("--plot-only", action="store_true", help="redraw the figure and table from results.json")
+    parser.add_argument("--only", nargs="+", metavar="PROPOSAL:SAMPLER", help="run only these rows (GUARD's rows always run)")
     args = parser.parse_args(argv)
     if args.plot_only:
         res = json.loads((args.out / "results.json").read_text())
     else:
         cfg = CompareConfig.from_dict(json.loads(args.config.read_text()))
-        res = compute(cfg)
+        res = compute(cfg, only=set(args.only) if args.only else None,
+                      save=lambda r: atomic_write_json(args.out / "results.json", r))
         atomic_write_json(args.out / "results.json", res)
     atomic_write_text(args.out / "results.md", table(res))
     plot(res, args.out / "samplers_compare")
