@@ -25,7 +25,8 @@ from guard_jax import constraints as C
 from guard_jax.estimators import wilson
 from guard_jax.evaluate import draw
 from guard_jax.io import atomic_write_json
-from guard_jax.metrics.position import first_positions, keyword_pattern
+from guard_jax.constraints import keyword_pattern
+from guard_jax.metrics.position import first_positions
 
 CONFIGS = pathlib.Path(__file__).parent / "configs"
 WORD = re.compile(r"\b[a-z]{4,}\b")
