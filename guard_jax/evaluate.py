@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from guard_jax import estimators as E
 from guard_jax.constraints import Constraint
 from guard_jax.models.base import ARM, Params
-from guard_jax.sampling import log_prob, sample
+from guard_jax.sampling import check_finite_logp, log_prob, sample
 
 
 class LM(NamedTuple):
@@ -64,6 +64,7 @@ def draw(key: jax.Array, lm: LM, n: int, max_new_tokens: int, batch_size: int = 
         for i, start in enumerate(range(0, n, batch_size)):
             s = sample(jax.random.fold_in(key, i), lm.model, lm.params, prompt_BP, mask_BP, max_new_tokens)
             take = min(batch_size, n - start)
+            check_finite_logp(np.asarray(s.logp_B)[:take], f"{desc}: {type(lm.model).__name__} (batch {i})")
             parts.append([np.asarray(x)[:take] for x in (s.tokens_BT, s.lengths_B, s.logp_B)])
             bar.update(take)
     return Draws(*(np.concatenate(p) for p in zip(*parts)))
@@ -83,6 +84,7 @@ def score(lm: LM, tokens_NT: np.ndarray, lengths_N: np.ndarray, batch_size: int 
         length = np.pad(length, (0, pad))
         logp_B, _ = log_prob(lm.model, lm.params, prompt_BP, mask_BP, jnp.asarray(tok), jnp.asarray(length))
         out.append(np.asarray(logp_B)[: batch_size - pad])
+        check_finite_logp(out[-1], f"scoring with {type(lm.model).__name__} (rows {start}-{start + len(out[-1]) - 1})")
     return np.concatenate(out)
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from guard_jax.constraints import Constraint
 from guard_jax.estimators import Estimate, estimate_ar
 from guard_jax.models.base import ARM, Params
-from guard_jax.sampling import bos_prompt, sample
+from guard_jax.sampling import bos_prompt, check_finite_logp, sample
 
 
 class GuardResult(NamedTuple):
@@ -81,6 +81,7 @@ def guard_sample(
         s = sample(jax.random.fold_in(key, batch_index), model, params, prompt_BP, mask_BP, max_new_tokens)
         batch_index += 1
         take = min(batch_size, max_draws - draws)
+        check_finite_logp(np.asarray(s.logp_B)[:take], f"GUARD sampler, proposal {type(model).__name__} (batch {batch_index - 1})")
         tokens, lengths = np.asarray(s.tokens_BT)[:take], np.asarray(s.lengths_B)[:take]
         ok = np.asarray(constraint(tokens, lengths))
         draws += take

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from guard_jax.models.base import ARM, Params
 
@@ -37,7 +38,8 @@ def bos_prompt(model: ARM, batch_size: int) -> tuple[jax.Array, jax.Array]:
 def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
     """One draw per row by inverse CDF from one uniform u in (0, 1] per row -> (token_B int32, logp_B).
 
-    logp_B is the token's log-probability under softmax(logits_BV) (-inf logits have probability 0). The
+    logp_B is the token's log-probability under softmax(logits_BV) (-inf logits have probability 0), NaN
+    for a row whose logits hold a NaN or +inf or are all -inf (see `check_finite_logp`). The
     search is two-level, so no cumulative sum runs over the whole vocabulary (XLA's CPU cumsum over V = 8192
     cost more than a transformer layer): sum the weights in blocks of `block` tokens, find the block where
     the cumulative mass first reaches u * total, then the token inside it. A token of probability zero is
@@ -58,7 +60,10 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple
     idx_B = jnp.minimum(jnp.sum(jnp.cumsum(w_BC, axis=-1) < (target_B - before_B)[:, None], axis=-1), last_B)
     token_B = (blk_B * C + idx_B).astype(jnp.int32)
     logp_B = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0] - max_B1[:, 0] - jnp.log(cum_BN[:, -1])
-    return token_B, logp_B
+    # a row with a NaN or +inf logit, or no finite one, has no law to draw from: its logp is NaN, so the
+    # host-side `check_finite_logp` refuses the sample instead of returning a token drawn from garbage
+    finite_B = jnp.isfinite(max_B1[:, 0]) & ~jnp.any(jnp.isnan(logits_BV) | (logits_BV == jnp.inf), axis=-1)
+    return token_B, jnp.where(finite_B, logp_B, jnp.nan)
 
 
 def uniforms(key: jax.Array, batch_size: int, max_new_tokens: int) -> jax.Array:
@@ -174,3 +179,21 @@ def log_prob(
     logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
     logp_BT = jnp.where(jnp.arange(T)[None] < lengths_B[:, None], logp_BT, 0.0)
     return logp_BT.sum(-1), logp_BT
+
+
+class NonFiniteError(FloatingPointError):
+    """A model produced NaN/Inf (logits, log-probs or a training metric); the message names the model and where."""
+
+
+def check_finite_logp(logp_N, where: str) -> None:
+    """Raise NonFiniteError when a sequence log-prob is NaN or +inf (its logits were not finite).
+
+    `where` names the model and the call, e.g. "GUARD sampler, proposal GPT2 (batch 3)". Cheap: one pass
+    over N numbers on the host, next to the transfer of the samples that is made anyway.
+    """
+    logp_N = np.asarray(logp_N)
+    bad_N = np.isnan(logp_N) | (logp_N == np.inf)
+    if bad_N.any():
+        raise NonFiniteError(f"{where}: {int(bad_N.sum())} of {logp_N.size} sequence log-probs are NaN/inf because the model's "
+                             f"logits are not finite; no sample is returned. Check the weights for NaN/Inf (guard_jax.models.hf.load "
+                             f"names a bad tensor), or lower the learning rate of the run that produced them")

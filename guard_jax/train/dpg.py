@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from guard_jax.models.base import ARM
-from guard_jax.sampling import log_prob
+from guard_jax.sampling import check_finite_logp, log_prob
 from guard_jax.parallel import check_divisible, replicate, split_batch
 from guard_jax.train.common import adam, check_split, host_constraint, left_pad_prompts, minibatched_log_prob, sample_many
 from guard_jax.train.loop import TrainState
@@ -86,6 +86,7 @@ class DPG:
         else:
             q_params, q_prompt, q_mask = state.extra["proposal"], state.extra["q_prompt"], state.extra["q_mask"]
         tokens, lengths, logq = sample_many(key, self.model, q_params, q_prompt, q_mask, M, c.minibatch, c.max_new_tokens, self.mesh)
+        check_finite_logp(logq, f"DPG step {int(state.step)}: samples of the {'policy' if c.on_policy else 'proposal q'}")
         b = host_constraint(self.constraint, tokens, lengths)
         if not b.any() and float(state.extra["n_seen"]) == 0.0:
             raise ValueError(f"no sample of the proposal satisfied the constraint in the first DPG step ({c.n_samples} samples): "

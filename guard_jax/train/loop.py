@@ -26,6 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from guard_jax.sampling import NonFiniteError
+
 
 class TrainState(NamedTuple):
     """step (int32 scalar), params, optimizer state, and trainer-specific state (e.g. log Z-hat, proposal)."""
@@ -40,10 +42,6 @@ class Trainer(Protocol):
     def init_state(self, params) -> TrainState: ...
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]: ...
-
-
-class NonFiniteError(FloatingPointError):
-    """A metric became NaN or infinite; the message names the step and the quantity."""
 
 
 @dataclasses.dataclass(frozen=True)
