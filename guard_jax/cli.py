@@ -247,7 +247,7 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--vocab must be >= 4 (the toy constraint uses tokens 1, 2, 3), got {args.vocab}")
         if not 0 <= args.beta <= 1:
             raise UsageError(f"--beta must be in [0, 1] (0: a' = a, 1: a' = g), got {args.beta}")
-        if args.vocab ** args.max_len > _TOY_MAX_SEQUENCES:
+        if args.max_len * math.log(args.vocab) > math.log(_TOY_MAX_SEQUENCES):  # V^T, without computing a huge power
             raise UsageError(f"--vocab {args.vocab} --max-len {args.max_len}: the toy enumerates {args.vocab}^{args.max_len} sequences, "
                              f"more than {_TOY_MAX_SEQUENCES:,}; lower --vocab or --max-len")
         return

@@ -46,6 +46,7 @@ def no_work(monkeypatch):
     (["toy", "--num-guard", "0"], "--num-guard must be >= 1"),
     (["toy", "--beta", "2"], "--beta must be in \\[0, 1\\]"),
     (["toy", "--vocab", "40", "--max-len", "9"], "enumerates 40\\^9 sequences"),
+    (["toy", "--max-len", "99999999999"], "enumerates 6\\^99999999999 sequences"),
     (["sample", "--model", LM_DIR, "--constraint", "keyword:the", "--max-new-tokens", "300"],
      "need 301 positions but --model .* has 256; use --max-new-tokens 255 or less"),
     (["sample", "--model", LM_DIR, "--constraint", "keyword:the", "--out", "/proc/x.jsonl"], "--out /proc/x.jsonl: cannot create files"),

@@ -6,7 +6,7 @@ For samples y ~ q, the gradient of KL(g || pi) is estimated by
 
 the pi/q term being the baseline of disco v1 (= 1 on-policy, where q = pi). Z-hat is the running
 importance-sampling mean of P/q over every sample seen so far, kept in log space in the train state.
-With `z_hat="running"` (the paper's and disco's choice) a step's Z-hat includes its own samples, which
+With `z_hat="running"` (the default) a step's Z-hat includes its own samples, which
 correlates it with their weights: the expected step gradient is off by O(1/N) in direction as well as
 size (measured at N = 128 in 4 minibatches, first step, on-policy, 2,000 trials against the exact gradient:
 0.41 |grad| away on a tabular toy ARM, 0.50 on a tiny transformer; off-policy from q = a it is unbiased, as
