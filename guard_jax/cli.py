@@ -55,9 +55,10 @@ def _toy(args: argparse.Namespace) -> int:
 
 
 def _load(path: str):
+    from guard_jax.lm import EMBEDDED
     from guard_jax.models import hf
 
-    model, params, tokenizer = hf.load(path)
+    model, params, tokenizer = hf.load(EMBEDDED if path == "embedded" else path)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json): this command decodes "
                          f"text; save the tokenizer into the folder with tokenizer.save_pretrained({path!r})")
