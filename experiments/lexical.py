@@ -29,7 +29,8 @@ from experiments.config import LexicalConfig, load
 from guard_jax import constraints as C
 from guard_jax.estimators import wilson
 from guard_jax.io import atomic_write_json
-from guard_jax.metrics.position import first_positions, keyword_pattern
+from guard_jax.constraints import keyword_pattern
+from guard_jax.metrics.position import first_positions
 from guard_jax.sampling import draw
 
 CONFIGS = pathlib.Path(__file__).parent / "configs"

@@ -48,7 +48,8 @@ def bos_prompt(model: ARM, batch_size: int) -> tuple[jax.Array, jax.Array]:
 def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
     """One draw per row by inverse CDF from one uniform u in (0, 1] per row -> (token_B int32, logp_B).
 
-    logp_B is the token's log-probability under softmax(logits_BV) (-inf logits have probability 0). The
+    logp_B is the token's log-probability under softmax(logits_BV) (-inf logits have probability 0), NaN
+    for a row whose logits hold a NaN or +inf or are all -inf (see `check_finite_logp`). The
     search is two-level, so no cumulative sum runs over the whole vocabulary (XLA's CPU cumsum over V = 8192
     cost more than a transformer layer): sum the weights in blocks of `block` tokens, find the block where
     the cumulative mass first reaches u * total, then the token inside it. A token of probability zero is
@@ -69,7 +70,10 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple
     idx_B = jnp.minimum(jnp.sum(jnp.cumsum(w_BC, axis=-1) < (target_B - before_B)[:, None], axis=-1), last_B)
     token_B = (blk_B * C + idx_B).astype(jnp.int32)
     logp_B = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0] - max_B1[:, 0] - jnp.log(cum_BN[:, -1])
-    return token_B, logp_B
+    # a row with a NaN or +inf logit, or no finite one, has no law to draw from: its logp is NaN, so the
+    # host-side `check_finite_logp` refuses the sample instead of returning a token drawn from garbage
+    finite_B = jnp.isfinite(max_B1[:, 0]) & ~jnp.any(jnp.isnan(logits_BV) | (logits_BV == jnp.inf), axis=-1)
+    return token_B, jnp.where(finite_B, logp_B, jnp.nan)
 
 
 def uniforms(key: jax.Array, batch_size: int, max_new_tokens: int) -> jax.Array:
@@ -229,7 +233,9 @@ def draw_batches(key: jax.Array, lm: LM, batch_size: int, max_new_tokens: int) -
     def batches():
         for i in itertools.count():
             s = sample(jax.random.fold_in(key, i), lm.model, params, prompt_BP, mask_BP, max_new_tokens)
-            yield Draws(np.asarray(s.tokens_BT), np.asarray(s.lengths_B), np.asarray(s.logp_B))
+            logp_B = np.asarray(s.logp_B)
+            check_finite_logp(logp_B, f"sampling {type(lm.model).__name__} (batch {i})")
+            yield Draws(np.asarray(s.tokens_BT), np.asarray(s.lengths_B), logp_B)
 
     return batches()
 
@@ -273,4 +279,5 @@ def score(lm: LM, tokens_NT, lengths_N, *, batch_size: int = 1024) -> np.ndarray
         tokens_BT, lengths_B = split(jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(lengths_B, jnp.int32))
         logp_B, _ = log_prob(lm.model, params, prompt_BP, mask_BP, tokens_BT, lengths_B)
         out.append(np.asarray(logp_B)[: batch_size - pad])
+        check_finite_logp(out[-1], f"scoring with {type(lm.model).__name__} (rows {start}-{start + len(out[-1]) - 1})")
     return np.concatenate(out)

@@ -14,16 +14,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from guard_jax.constraints import keyword_pattern
 from guard_jax.plots import Style, legend_outside, new_figure, save_figure, series_styles
 
 UNITS = ("relative", "char", "word")
-
-
-def keyword_pattern(word: str, case_sensitive: bool = True) -> re.Pattern:
-    """The regex of guard_jax.constraints.keyword: `word` with word boundaries on both sides."""
-    if not word or not word.strip():
-        raise ValueError("word must be a non-empty string")
-    return re.compile(rf"\b{re.escape(word)}\b", 0 if case_sensitive else re.IGNORECASE)
 
 
 def _compile(pattern: str | re.Pattern) -> re.Pattern:

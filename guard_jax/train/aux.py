@@ -23,6 +23,7 @@ import optax
 
 from guard_jax.lm import LM
 from guard_jax.models.base import ARM
+from guard_jax.sampling import check_finite_logp
 from guard_jax.train.common import adam, check_split, host_constraint, sample_many
 from guard_jax.train.loop import TrainState
 
@@ -187,7 +188,8 @@ class AuxTrainer:
         c = self.config
         mb = c.minibatch or c.n_samples
         M = c.n_samples // mb
-        tokens, lengths, _ = sample_many(key, self.aux.base, self.base_params, self.prompt, self.mask, M, mb, c.max_new_tokens)
+        tokens, lengths, logp = sample_many(key, self.aux.base, self.base_params, self.prompt, self.mask, M, mb, c.max_new_tokens)
+        check_finite_logp(logp, f"aux step {int(state.step)}: samples of the base model")
         labels = jnp.asarray(host_constraint(self.constraint, tokens, lengths))
         tokens, lengths, labels = tokens.reshape(M, mb, -1), lengths.reshape(M, mb), labels.reshape(M, mb)
         state, metrics = _aux_update(state, self.base_params, self.prompt, self.mask, tokens, lengths, labels,
