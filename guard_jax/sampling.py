@@ -191,6 +191,24 @@ def log_prob(
     return logp_BT.sum(-1), logp_BT
 
 
+class NonFiniteError(FloatingPointError):
+    """A model produced NaN/Inf (logits, log-probs or a training metric); the message names the model and where."""
+
+
+def check_finite_logp(logp_N, where: str) -> None:
+    """Raise NonFiniteError when a sequence log-prob is NaN or +inf (its logits were not finite).
+
+    `where` names the model and the call, e.g. "sampling GPT2 (batch 3)". Cheap: one pass over N numbers on
+    the host, next to the transfer of the samples that is made anyway.
+    """
+    logp_N = np.asarray(logp_N)
+    bad_N = np.isnan(logp_N) | (logp_N == np.inf)
+    if bad_N.any():
+        raise NonFiniteError(f"{where}: {int(bad_N.sum())} of {logp_N.size} sequence log-probs are NaN/inf because the model's "
+                             f"logits are not finite; no sample is returned. Check the weights for NaN/Inf (guard_jax.models.hf.load "
+                             f"names a bad tensor), or lower the learning rate of the run that produced them")
+
+
 # --- the batch-drawing driver over an LM ----------------------------------------------------------------
 
 

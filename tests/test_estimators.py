@@ -98,8 +98,8 @@ def test_importance_sampling_effective_sample_size():
     (lambda: E.estimate_kl_g_a2([0.0, 1.0], [0.0, -np.inf], 1, 10), "zero probability"),
     (lambda: E.estimate_log_z_is(np.full(3, -np.inf), np.zeros(3)), "every importance weight is 0"),
     (lambda: E.estimate_kl_g_a(E.estimate_ar(0, 10)), "needs Z > 0"),
-    (lambda: E.estimate_ar_gain(0, 10, 3, 10), "accepted samples of both"),
-    (lambda: E.estimate_kl_g_g2_from(E.Estimate(1.0, 0.5, 1.5, 0.95, 10), 0, 10), "accepted samples of a'"),
+    (lambda: E.estimate_ar_gain(0, 10, 3, 10), "accepted_a = 0 of draws_a = 10"),
+    (lambda: E.estimate_kl_g_g2_from(E.Estimate(1.0, 0.5, 1.5, 0.95, 10), 0, 10), "accepted_a2 = 0 of draws_a2 = 10"),
 ])
 def test_bad_inputs(call, name):
     with pytest.raises(ValueError, match=name):
