@@ -1,6 +1,6 @@
 """Every proposal guard_jax has, trained on one toy ARM and measured EXACTLY against the number of samples drawn.
 
-    python -m experiments.toy_proposals --config quick --out results/toy_proposals       # <= 60 s on 2 cores
+    python -m experiments.toy_proposals --config quick --out results/toy_proposals       # 3 min on 2 loaded cores
     python -m experiments.toy_proposals --config full --out results/toy_proposals
     python -m experiments.toy_proposals --config full --out results/toy_proposals --plot-only
 
