@@ -90,6 +90,15 @@ def histogram(positions_N: np.ndarray, bins: int | Sequence[float] = 10, value_r
     return {"counts": counts_K, "fractions": fractions_K, "edges": edges, "matched": len(found), "total": len(positions_N)}
 
 
+def position_report(positions_N, bins: int | Sequence[float] = 10, value_range: tuple[float, float] | None = (0.0, 1.0)) -> dict:
+    """A JSON-ready summary of matched positions (e.g. `first_positions` of the samples of g or of a g'):
+    {"positions": the non-NaN values, "fractions": per bin, "edges", "matched", "total"}."""
+    positions_N = np.asarray(positions_N, np.float64)
+    h = histogram(positions_N, bins, value_range)
+    return {"positions": [float(p) for p in positions_N[~np.isnan(positions_N)]], "fractions": [float(f) for f in h["fractions"]],
+            "edges": [float(e) for e in h["edges"]], "matched": int(h["matched"]), "total": int(h["total"])}
+
+
 def positions_figure(series: Mapping[str, np.ndarray], *, bins: int | Sequence[float] = 10,
                      value_range: tuple[float, float] | None = (0.0, 1.0), xlabel: str = "relative position of the first match",
                      title: str = "positional bias", styles: Mapping[str, Style] | None = None):
