@@ -6,7 +6,7 @@ step measured in the same run. One JSON line per config.
 The reference is a plain PyTorch implementation of the same on-policy DPG update on the same weights:
 Hugging Face `generate(do_sample=True, top_k=0)` from BOS, the frozen base scores the samples, the policy's
 log-probs with gradients, the running importance-sampling Z-hat, the loss -mean[(P/(Z q) - pi/q) log pi],
-Adam. Goal (issue 5): >= 3x the reference on a 2-core CPU; training MFU against the measured matmul peak.
+Adam. Goal: >= 3x the reference on a 2-core CPU; training MFU against the measured matmul peak.
 
 torch keeps its OpenMP default (threads spin briefly, then sleep), its fastest setting on a quiet machine
 (measured 2026-11-26 on the 2-core CPU: a tiny DPG step 0.10 s, against 0.20 s with OMP_WAIT_POLICY=PASSIVE;

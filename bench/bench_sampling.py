@@ -24,7 +24,7 @@ one program one after another and does a batched attention product on one core, 
 split batch runs N programs side by side (the weight matmuls then share the cores). Every line says
 `host_devices`; the sampling line also times the sampler on one of the devices in the same turns.
 
-Goals (issue 4, 2-core CPU): >= 3x transformers' tokens/s on tiny and small; per-token time at T=512
+Goals (2-core CPU): >= 3x transformers' tokens/s on tiny and small; per-token time at T=512
 within 1.5x of T=32.
 """
 

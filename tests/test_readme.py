@@ -168,3 +168,13 @@ def test_docs_pages_hold_well_formed_table_markers():
     for p in pages:
         after, used, missing = make_docs.regenerate(p.read_text(), ROOT / "no_such_results_folder")
         assert after == p.read_text() and not used
+
+
+def test_no_issue_numbers_in_code_or_docs():
+    """Code, docs and notebooks say what they do, not which tracker item asked for it."""
+    pattern = re.compile(r"\bissues?\s+#?\d", re.I)
+    files = [README, *(p for d in ("guard_jax", "experiments", "bench", "tests", "docs", "notebooks", "scripts")
+                       for p in (ROOT / d).rglob("*") if p.suffix in {".py", ".md", ".ipynb", ".json", ".sh", ".toml"})]
+    hits = [f"{p.relative_to(ROOT)}:{i + 1}" for p in files for i, line in enumerate(p.read_text(errors="ignore").splitlines())
+            if pattern.search(line)]
+    assert not hits, hits
