@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from guard_jax.logprob import token_log_prob
 from guard_jax.models.base import ARM, Params
 
 
@@ -164,13 +165,23 @@ def log_prob(
     lengths_B: jax.Array,
     temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0."""
+    """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0.
+
+    A model with `apply_features` (features and output embedding, logits = features @ w.T) is scored by
+    `guard_jax.logprob.token_log_prob`, which never holds the B×T×V logits; any other through its logits.
+    """
     _check_temperature(temperature)
-    P, T = prompt_BP.shape[1], tokens_BT.shape[1]
+    (B, P), T = prompt_BP.shape, tokens_BT.shape[1]
     inputs_BS = jnp.concatenate([prompt_BP, tokens_BT[:, :-1]], axis=1).astype(jnp.int32)
     mask_BS = jnp.concatenate([prompt_mask_BP, jnp.ones_like(tokens_BT[:, :-1])], axis=1)
-    logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
-    logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
-    logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    tokens_BT = tokens_BT.astype(jnp.int32)
+    if hasattr(model, "apply_features"):
+        x_BSD, w_VD = model.apply_features(params, inputs_BS, mask_BS)
+        x_ND = x_BSD[:, P - 1 : P - 1 + T].reshape(B * T, -1)
+        logp_BT = token_log_prob(x_ND, w_VD, tokens_BT.reshape(-1), float(temperature)).reshape(B, T)
+    else:
+        logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
+        logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
+        logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None], axis=-1)[..., 0]
     logp_BT = jnp.where(jnp.arange(T)[None] < lengths_B[:, None], logp_BT, 0.0)
     return logp_BT.sum(-1), logp_BT
