@@ -96,7 +96,7 @@ def scan_segments(model: ARM, step, carry, xs_T, prompt_len: int, ends: list[int
     prompt_len + ends[0]) to prompt_len + end before each segment -> the stacked per-step outputs."""
     outs, start = [], 0
     for end in ends:
-        if start:
+        if outs:
             carry = (carry[0], model.grow_cache(carry[1], prompt_len + end), *carry[2:])
         carry, out = jax.lax.scan(step, carry, jax.tree.map(lambda x: x[start:end], xs_T))
         outs.append(out)
@@ -139,19 +139,27 @@ def sample_from_uniforms(
     cache = model.init_cache(B, P + ends[0])
     logits_BV, cache = model.prefill(params, prompt_BP, prompt_mask_BP, cache)
 
-    def step(carry, u_B):
-        logits_BV, cache, done_B = carry
-        logits_BV = logits_BV.astype(jnp.float32) / temperature
-        token_B, logp_B = categorical(u_B, logits_BV)
+    def draw(logits_BV, u_B, done_B):
+        token_B, logp_B = categorical(u_B, logits_BV.astype(jnp.float32) / temperature)
         token_B = jnp.where(done_B, model.pad_id, token_B)
         logp_B = jnp.where(done_B, 0.0, logp_B)
         alive_B = ~done_B
         if model.eos_id is not None:
             done_B = done_B | (token_B == model.eos_id)
-        logits_BV, cache = model.decode(params, token_B, cache)
-        return (logits_BV, cache, done_B), (token_B, logp_B, alive_B)
+        return token_B, logp_B, alive_B, done_B
 
-    tokens_TB, logp_TB, alive_TB = scan_segments(model, step, (logits_BV, cache, jnp.zeros((B,), bool)), u_TB, P, ends)
+    def step(carry, u_B):
+        token_B, cache, done_B = carry
+        logits_BV, cache = model.decode(params, token_B, cache)
+        token_B, logp_B, alive_B, done_B = draw(logits_BV, u_B, done_B)
+        return (token_B, cache, done_B), (token_B, logp_B, alive_B)
+
+    # The first token comes from the prefill's logits; step t decodes token t - 1 and draws token t, so the
+    # logits never ride in the scan's carry (XLA copied them every step) and no step decodes the last token
+    # for nothing. Step t writes slot P + t - 1: the cache grows at the same sizes P + end as before.
+    first = draw(logits_BV, u_TB[0], jnp.zeros((B,), bool))
+    rest = scan_segments(model, step, (first[0], cache, first[3]), u_TB[1:], P + 1, [end - 1 for end in ends])
+    tokens_TB, logp_TB, alive_TB = (jnp.concatenate([x_B[None], x_TB]) for x_B, x_TB in zip(first[:3], rest))
     return Samples(tokens_TB.T, alive_TB.sum(0).astype(jnp.int32), logp_TB.T, logp_TB.sum(0))
 
 
