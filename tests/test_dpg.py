@@ -7,11 +7,12 @@ import pytest
 
 from guard_jax import constraints as C
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_quantities, grid_log_prob, log_gold
+from guard_jax.lm import LM
 from guard_jax.models.toy import TinyTransformerARM
 from guard_jax.sampling import bos_prompt, log_prob, sample
 from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
 from guard_jax.train.loop import LoopConfig, run
-from guard_jax.train.sft import SFT
+from guard_jax.train.sft import SFT, SFTConfig
 from guard_jax.train.warm import load_params
 
 MODEL = TinyTransformerARM(4, 4, eos_id=0, d_model=32)
@@ -94,7 +95,7 @@ def test_warm_start_from_sft_needs_fewer_steps(toy, tmp_path):
     prompt, mask = bos_prompt(MODEL, 4096)
     s = sample(jax.random.PRNGKey(7), MODEL, a_params, prompt, mask, 4)
     keep = np.asarray(B(s.tokens_BT, s.lengths_B))
-    sft = SFT(MODEL, np.asarray(s.tokens_BT)[keep], np.asarray(s.lengths_B)[keep], batch_size=64, learning_rate=3e-3)
+    sft = SFT(LM.of(MODEL, a_params), np.asarray(s.tokens_BT)[keep], np.asarray(s.lengths_B)[keep], SFTConfig(batch_size=64, learning_rate=3e-3))
     sft_state, _ = run(sft, sft.init_state(a_params), LoopConfig(steps=2 * sft.steps_per_epoch, out_dir=tmp_path, progress=False, tensorboard=False))
     warm_params = load_params(tmp_path, like=a_params)  # SFT -> DPG through the Orbax checkpoint
     jax.tree.map(np.testing.assert_array_equal, warm_params, sft_state.params)
