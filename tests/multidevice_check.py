@@ -53,7 +53,8 @@ def _dpg_agrees(mesh) -> None:
     params = jax.tree.map(lambda x: 3 * x, model.init(jax.random.PRNGKey(2)))
     constraint = C.predicate(lambda t, n: np.any((t < 10) & (np.arange(t.shape[1])[None] < n[:, None]), axis=1), "any token < 10")
     cfg = DPGConfig(n_samples=32, minibatch=16, max_new_tokens=6, learning_rate=1e-2)
-    one, split = DPG(model, params, constraint, cfg), DPG(model, params, constraint, cfg, mesh=mesh)
+    a = LM.of(model, params)
+    one, split = DPG(a, constraint, cfg), DPG(a.with_mesh(mesh), constraint, cfg)
     s1, s2 = one.init_state(params), split.init_state(params)
     for i in range(2):
         s1, m1 = one.step(s1, step_key(0, i))
@@ -71,7 +72,7 @@ def _dpg_agrees(mesh) -> None:
     lp0 = log_prob(model, params, prompt, mask, ys.tokens_BT, ys.lengths_B)[0]
     assert float(np.abs(np.asarray(lp1) - np.asarray(lp0)).max()) > 1e-2  # and the updates moved it
     try:
-        DPG(model, params, constraint, DPGConfig(n_samples=12, minibatch=12, max_new_tokens=6, learning_rate=1e-2), mesh=mesh)
+        DPG(a.with_mesh(mesh), constraint, DPGConfig(n_samples=12, minibatch=12, max_new_tokens=6, learning_rate=1e-2))
         raise AssertionError("a minibatch of 12 over 8 devices must be refused")
     except ValueError as e:
         assert "minibatch=12 must be divisible" in str(e), e

@@ -1,6 +1,8 @@
 """Smoke test: every GUARD proposal runs end to end on a tiny random GPT-2 (a few steps each) and the
 GUARD sampler, the batch-drawing driver and the Monte-Carlo estimators work unchanged on it."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -40,15 +42,15 @@ def test_sft_then_dpg_warm_start_through_a_checkpoint(base, tmp_path):
     _, hist = run(sft, sft.init_state(base), LoopConfig(steps=3, out_dir=tmp_path / "sft", progress=False, tensorboard=False))
     _finite(hist)
     warm = load_params(tmp_path / "sft", like=base)
-    dpg = DPG(MODEL, base, B, CFG)
+    dpg = DPG(LM.of(MODEL, base), B, CFG)
     state, hist = run(dpg, dpg.init_state(warm), LoopConfig(steps=3, out_dir=tmp_path / "dpg", progress=False, tensorboard=False))
     _finite(hist)
     assert {"kl_g_pi", "ar_pi", "z", "grad_norm", "samples_per_s"} <= set(hist[-1])
 
 
 def test_cap_then_off_policy_dpg(base):
-    dpg = DPG(MODEL, base, B, DPGConfig(**{**CFG.__dict__, "on_policy": False, "swap_every": 1}),
-              proposal_context=cap_context(MODEL.bos_id, [5, 6]))
+    a = LM.of(MODEL, base)
+    dpg = DPG(a, B, dataclasses.replace(CFG, on_policy=False, swap_every=1), proposal=a.with_prompt(cap_context(MODEL.bos_id, [5, 6])))
     state, hist = run(dpg, dpg.init_state(base), LoopConfig(steps=3, progress=False))
     _finite(hist)
     assert "swapped" in hist[-1]
