@@ -224,7 +224,7 @@ def bench_embedded(B: int, repeats: int, threads: int) -> dict:
     T = EMBEDDED_NEW_TOKENS
     base_torch, lm = embedded_models()
     constraint = _constraint(lm.model.vocab_size)
-    trainer = DPG(lm.model, lm.params, constraint, DPGConfig(n_samples=B, minibatch=B, max_new_tokens=T, learning_rate=LR))
+    trainer = DPG(lm, constraint, DPGConfig(n_samples=B, minibatch=B, max_new_tokens=T, learning_rate=LR))
     policy = copy.deepcopy(base_torch).train()
     opt = torch.optim.Adam(policy.parameters(), lr=LR)
     torch_fns = torch_parts(policy, base_torch, opt, {"log_z_sum": -math.inf, "n_seen": 0}, B, T, constraint)
