@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_sampling_quick_on_two_host_devices():
     env = {**os.environ, "XLA_FLAGS": ""}  # the bench sets the device count itself
@@ -28,6 +30,7 @@ def test_bench_sampling_refuses_bad_host_devices():
     assert r.returncode == 2 and "--host-devices must be >= 1" in r.stderr
 
 
+@pytest.mark.slow  # compiles the DPG update and runs torch beside it: minutes on the shared CPU
 def test_bench_dpg_embedded_times_each_part_beside_torch():
     out = subprocess.run([sys.executable, "-m", "bench.bench_dpg", "--configs", "embedded", "--batches", "8", "--repeats", "1"],
                          capture_output=True, text=True, timeout=900, check=True).stdout
@@ -42,6 +45,7 @@ def test_bench_dpg_embedded_times_each_part_beside_torch():
     assert len(record["load_average_1min"]) == 2
 
 
+@pytest.mark.slow
 def test_bench_sampling_embedded_lines():
     out = subprocess.run([sys.executable, "-m", "bench.bench_sampling", "--configs", "embedded", "--batches", "8", "--repeats", "1"],
                          capture_output=True, text=True, timeout=900, check=True).stdout
