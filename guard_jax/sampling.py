@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from guard_jax.lm import LM
+from guard_jax.logprob import token_log_prob
 from guard_jax.models.base import ARM, Params
 
 
@@ -110,7 +111,7 @@ def scan_segments(model: ARM, step, carry, xs_T, prompt_len: int, ends: list[int
     prompt_len + ends[0]) to prompt_len + end before each segment -> the stacked per-step outputs."""
     outs, start = [], 0
     for end in ends:
-        if start:
+        if outs:
             carry = (carry[0], model.grow_cache(carry[1], prompt_len + end), *carry[2:])
         carry, out = jax.lax.scan(step, carry, jax.tree.map(lambda x: x[start:end], xs_T))
         outs.append(out)
@@ -153,19 +154,27 @@ def sample_from_uniforms(
     cache = model.init_cache(B, P + ends[0])
     logits_BV, cache = model.prefill(params, prompt_BP, prompt_mask_BP, cache)
 
-    def step(carry, u_B):
-        logits_BV, cache, done_B = carry
-        logits_BV = logits_BV.astype(jnp.float32) / temperature
-        token_B, logp_B = categorical(u_B, logits_BV)
+    def draw(logits_BV, u_B, done_B):
+        token_B, logp_B = categorical(u_B, logits_BV.astype(jnp.float32) / temperature)
         token_B = jnp.where(done_B, model.pad_id, token_B)
         logp_B = jnp.where(done_B, 0.0, logp_B)
         alive_B = ~done_B
         if model.eos_id is not None:
             done_B = done_B | (token_B == model.eos_id)
-        logits_BV, cache = model.decode(params, token_B, cache)
-        return (logits_BV, cache, done_B), (token_B, logp_B, alive_B)
+        return token_B, logp_B, alive_B, done_B
 
-    tokens_TB, logp_TB, alive_TB = scan_segments(model, step, (logits_BV, cache, jnp.zeros((B,), bool)), u_TB, P, ends)
+    def step(carry, u_B):
+        token_B, cache, done_B = carry
+        logits_BV, cache = model.decode(params, token_B, cache)
+        token_B, logp_B, alive_B, done_B = draw(logits_BV, u_B, done_B)
+        return (token_B, cache, done_B), (token_B, logp_B, alive_B)
+
+    # The first token comes from the prefill's logits; step t decodes token t - 1 and draws token t, so the
+    # logits never ride in the scan's carry (XLA copied them every step) and no step decodes the last token
+    # for nothing. Step t writes slot P + t - 1: the cache grows at the same sizes P + end as before.
+    first = draw(logits_BV, u_TB[0], jnp.zeros((B,), bool))
+    rest = scan_segments(model, step, (first[0], cache, first[3]), u_TB[1:], P + 1, [end - 1 for end in ends])
+    tokens_TB, logp_TB, alive_TB = (jnp.concatenate([x_B[None], x_TB]) for x_B, x_TB in zip(first[:3], rest))
     return Samples(tokens_TB.T, alive_TB.sum(0).astype(jnp.int32), logp_TB.T, logp_TB.sum(0))
 
 
@@ -179,14 +188,24 @@ def log_prob(
     lengths_B: jax.Array,
     temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0."""
+    """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0.
+
+    A model with `apply_features` (features and output embedding, logits = features @ w.T) is scored by
+    `guard_jax.logprob.token_log_prob`, which never holds the B×T×V logits; any other through its logits.
+    """
     _check_temperature(temperature)
-    P, T = prompt_BP.shape[1], tokens_BT.shape[1]
+    (B, P), T = prompt_BP.shape, tokens_BT.shape[1]
     inputs_BS = jnp.concatenate([prompt_BP, tokens_BT[:, :-1]], axis=1).astype(jnp.int32)
     mask_BS = jnp.concatenate([prompt_mask_BP, jnp.ones_like(tokens_BT[:, :-1])], axis=1)
-    logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
-    logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
-    logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    tokens_BT = tokens_BT.astype(jnp.int32)
+    if hasattr(model, "apply_features"):
+        x_BSD, w_VD = model.apply_features(params, inputs_BS, mask_BS)
+        x_ND = x_BSD[:, P - 1 : P - 1 + T].reshape(B * T, -1)
+        logp_BT = token_log_prob(x_ND, w_VD, tokens_BT.reshape(-1), float(temperature)).reshape(B, T)
+    else:
+        logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
+        logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
+        logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None], axis=-1)[..., 0]
     logp_BT = jnp.where(jnp.arange(T)[None] < lengths_B[:, None], logp_BT, 0.0)
     return logp_BT.sum(-1), logp_BT
 
