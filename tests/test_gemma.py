@@ -1,11 +1,11 @@
-"""Gemma 1 / Gemma 2 against transformers' PyTorch models on small random checkpoints.
+"""Gemma 1 / 2 / 3 (text) against transformers' PyTorch models on small random checkpoints.
 
 The reference models get large random weights (std 0.3, norm weights too) so that attention is far from
-uniform and both soft-caps bite; Gemma 2 has a sliding window (4) shorter than the test sequences.
+uniform and both soft-caps bite; Gemma 2 and 3 have a sliding window (4) shorter than the test sequences,
+Gemma 3 q/k norms and two RoPE bases (linear scaling on the global layer).
 """
 
 import dataclasses
-import functools
 import json
 
 import jax
@@ -19,9 +19,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from guard_jax.constraints import contains_token  # noqa: E402
+from guard_jax.lm import LM  # noqa: E402
 from guard_jax.models import gemma, hf  # noqa: E402
 from guard_jax.rejection import guard_sample  # noqa: E402
-from guard_jax.sampling import bos_prompt, log_prob, sample  # noqa: E402
+from guard_jax.sampling import bos_prompt, log_prob  # noqa: E402
+from tests.hf_parity import (  # noqa: E402
+    apply, check_sampler_matches_log_prob, decode, left_pad_mask, make_case, prefill, random_tokens,
+)
 
 V = 128
 COMMON = dict(
@@ -36,6 +40,13 @@ CONFIGS = {
         COMMON, num_hidden_layers=2, num_key_value_heads=2, sliding_window=4, query_pre_attn_scalar=16,
         attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
     )),
+    # q/k norms, a sliding and a global layer with their own RoPE bases, linear scaling on the global one
+    "gemma3_text": (transformers.Gemma3TextConfig, dict(
+        COMMON, num_hidden_layers=2, num_key_value_heads=2, sliding_window=4, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000.0, "factor": 4.0}},
+    )),
 }
 
 
@@ -46,60 +57,12 @@ def load_local(path, dtype=jnp.float32):
     return model, params
 
 
-@dataclasses.dataclass
-class Case:
-    name: str
-    path: object
-    hf: object
-    model: gemma.Gemma
-    params: dict
-
-    def hf_logits(self, tokens_BT, mask_BT=None, hf=None):
-        """Reference logits; left-padded rows get positions cumsum(mask) - 1 like ours."""
-        mask_BT = np.ones_like(tokens_BT) if mask_BT is None else mask_BT
-        pos_BT = np.maximum(np.cumsum(mask_BT, axis=1) - 1, 0)
-        with torch.no_grad():
-            out = (hf or self.hf)(
-                torch.tensor(tokens_BT), attention_mask=torch.tensor(mask_BT), position_ids=torch.tensor(pos_BT)
-            )
-        return out.logits.float().numpy()
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def case(request, tmp_path_factory):
     cls, kwargs = CONFIGS[request.param]
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cls(**kwargs), attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    model, params = load_local(path)
-    return Case(request.param, path, hf, model, params)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def apply(model, params, tokens_BT, mask_BT):
-    return model.apply(params, tokens_BT, mask_BT)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def prefill(model, params, tokens_BP, mask_BP, max_len):
-    return model.prefill(params, tokens_BP, mask_BP, model.init_cache(tokens_BP.shape[0], max_len))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def decode(model, params, token_B, cache):
-    return model.decode(params, token_B, cache)
-
-
-def random_tokens(seed, shape):
-    return np.random.default_rng(seed).integers(0, V, shape).astype(np.int32)
-
-
-def left_pad_mask(pads, T):
-    return (np.arange(T)[None, :] >= np.asarray(pads)[:, None]).astype(np.int32)
+    case = make_case(request.param, cls(**kwargs), tmp_path_factory.mktemp(request.param))
+    assert isinstance(case.model, gemma.Gemma)
+    return case
 
 
 def test_logits_match_transformers(case):
@@ -134,13 +97,16 @@ def test_kv_cache_decode_equals_teacher_forced(case):
         np.testing.assert_allclose(np.asarray(logits_BV), want_BTV[:, P + s], atol=1e-5, rtol=0, err_msg=f"step {s}")
 
 
-@pytest.mark.parametrize("case", ["gemma2"], indirect=True)
-def test_gemma2_window_and_soft_caps_change_the_logits(case):
-    """The parity tests above would catch a missing sliding window or soft-cap: each changes the logits."""
+@pytest.mark.parametrize(("case", "changes"), [
+    ("gemma2", (dict(sliding_window=64), dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None))),
+    ("gemma3_text", (dict(sliding_window=64), dict(rope_local_theta=None), dict(rope_linear_factor=None))),
+], indirect=["case"])
+def test_windows_soft_caps_and_rope_bases_change_the_logits(case, changes):
+    """The parity tests above would catch a missing sliding window, soft-cap or RoPE base: each changes the logits."""
     tokens_BT = random_tokens(5, (2, 12))
     ones = np.ones_like(tokens_BT)
     base = np.asarray(apply(case.model, case.params, tokens_BT, ones))
-    for change in (dict(sliding_window=64), dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None)):
+    for change in changes:
         other = np.asarray(apply(dataclasses.replace(case.model, **change), case.params, tokens_BT, ones))
         assert np.abs(other - base).max() > 1e-2, change
 
@@ -166,12 +132,7 @@ def test_export_loads_in_transformers_with_identical_logits(case, tmp_path):
 
 
 def test_sampler_log_probs_equal_log_prob(case):
-    prompt_BP, mask_BP = jnp.asarray(random_tokens(7, (4, 3))), jnp.asarray(left_pad_mask([0, 1, 2, 0], 3))
-    out = sample(jax.random.PRNGKey(0), case.model, case.params, prompt_BP, mask_BP, max_new_tokens=8)
-    assert out.tokens_BT.shape == (4, 8)
-    logp_B, logp_BT = log_prob(case.model, case.params, prompt_BP, mask_BP, out.tokens_BT, out.lengths_B)
-    np.testing.assert_allclose(np.asarray(logp_BT), np.asarray(out.logp_BT), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(logp_B), np.asarray(out.logp_B), atol=1e-5, rtol=0)
+    check_sampler_matches_log_prob(case.model, case.params, max_new_tokens=8)
 
 
 @pytest.mark.parametrize("case", ["gemma2"], indirect=True)
@@ -181,7 +142,7 @@ def test_guard_sampler_runs_unchanged(case):
     likely = int(jnp.argmax(apply(case.model, case.params, bos_B1, ones_B1)[0, 0]))
     b = contains_token(likely)
     out = guard_sample(
-        jax.random.PRNGKey(3), case.model, case.params, b, 8, max_new_tokens=6, batch_size=16, progress=False
+        jax.random.PRNGKey(3), LM.of(case.model, case.params), b, 8, max_new_tokens=6, batch_size=16, progress=False
     )
     assert out.tokens_NT.shape == (8, 6) and np.all(b(out.tokens_NT, out.lengths_N))
     prompt_BP, mask_BP = bos_prompt(case.model, 8)
@@ -239,9 +200,66 @@ def test_clear_errors(case):
     config = gemma.to_hf_config(case.model)
     with pytest.raises(ValueError, match="gemma2"):
         gemma.from_hf_config(dict(config, model_type="llama"))
-    with pytest.raises(ValueError, match="linear"):
-        gemma.from_hf_config(dict(config, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}))
+    with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
+        gemma.from_hf_config(dict(config, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}))
+    if case.model.version < 3:
+        with pytest.raises(ValueError, match="'linear' is not supported"):
+            gemma.from_hf_config(dict(config, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}))
     with pytest.raises(ValueError, match="max_len=3"):
         case.model.prefill(case.params, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32), case.model.init_cache(1, 3))
     with pytest.raises(ValueError, match="param_dtype"):
         gemma.from_hf_config(config, param_dtype=jnp.float16)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"factor": 8.0, "rope_type": "linear"}])
+def test_gemma3_released_config_shape_reads_as_transformers_reads_it(rope_scaling):
+    """A config.json in the shape of gemma-3-1b / 4b (rope_theta, rope_local_base_freq, sliding_window_pattern,
+    rope_scaling for the global layers) gives the layer types and per-layer RoPE transformers derives."""
+    config = dict(
+        model_type="gemma3_text", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=7,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        rope_scaling=rope_scaling, sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=16,
+    )
+    model = gemma.from_hf_config(config)
+    theirs = transformers.Gemma3TextConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    assert list(model.layer_types) == theirs.layer_types
+    for i, layer_type in enumerate(theirs.layer_types):
+        want = {k: v for k, v in theirs.rope_parameters[layer_type].items() if v is not None}
+        assert model.rope(i).to_hf() == want, (i, layer_type)
+    assert model.final_logit_softcapping is None and model.attn_logit_softcapping is None
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (model_type "gemma3", tensors under language_model.model.) loads as
+    its text model: the same logits as transformers' multimodal model on text, exported as gemma3_text."""
+    text = dict(CONFIGS["gemma3_text"][1], vocab_size=V + 4)
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=V + 1, eoi_token_index=V + 2, image_token_index=V + 3)
+    case = make_case("gemma3", config, tmp_path / "mm")
+    assert json.loads((case.path / "config.json").read_text())["model_type"] == "gemma3"
+    assert case.model == gemma.from_hf_config(dict(text, model_type="gemma3_text"))
+    tokens_BT, mask_BT = random_tokens(9, (2, 12)), left_pad_mask([0, 3], 12)
+    real = mask_BT > 0
+    ours = np.asarray(apply(case.model, case.params, tokens_BT, mask_BT))
+    np.testing.assert_allclose(ours[real], case.hf_logits(tokens_BT, mask_BT)[real], atol=1e-4, rtol=0)
+    hf.export(tmp_path / "text", case.model, case.params)
+    text_only = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager").eval()
+    assert type(text_only) is transformers.Gemma3ForCausalLM
+    np.testing.assert_allclose(case.hf_logits(tokens_BT, mask_BT, hf=text_only)[real], ours[real], atol=1e-4, rtol=0)
+
+
+def test_gemma3_sparse_text_config_gets_transformers_defaults():
+    """Released multimodal configs list only what differs from Gemma3TextConfig's defaults."""
+    sparse = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+              "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}
+    model = gemma.from_hf_config({"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": sparse})
+    theirs = transformers.Gemma3Config(text_config=sparse).text_config
+    for field in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "query_pre_attn_scalar", "sliding_window", "max_position_embeddings"):
+        assert getattr(model, field) == getattr(theirs, field), field
+    assert list(model.layer_types) == theirs.layer_types
+    assert (model.bos_id, model.eos_id) == (2, 1)
+    for i, layer_type in enumerate(theirs.layer_types):
+        assert model.rope(i).to_hf() == {k: v for k, v in theirs.rope_parameters[layer_type].items() if v is not None}

@@ -22,9 +22,9 @@ import tempfile
 import jax.numpy as jnp
 
 from guard_jax.io import atomic_write_json
-from guard_jax.models import gemma, gpt2
+from guard_jax.models import gemma, gpt2, llama
 
-_MODULES = (gpt2, gemma)
+_MODULES = (gpt2, gemma, llama)
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
