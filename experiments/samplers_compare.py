@@ -261,22 +261,20 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, stem: pathlib.Path):
-    from guard_jax.plots import plt, save_figure
+    from guard_jax.plots import legend_outside, new_figure, save_figure, series_styles
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    markers = {"a": "o", "cap": "s"}
-    for r in res["rows"]:
-        if r["bias_log_a"] is None or not math.isfinite(r["calls_per_effective"]):
-            continue
-        ax.errorbar(r["calls_per_effective"], abs(r["bias_log_a"]), yerr=r["bias_se"], fmt=markers[r["proposal"]],
-                    capsize=2, label=f"{r['sampler']} (a′={r['proposal']})")
-        ax.annotate(r["sampler"], (r["calls_per_effective"], abs(r["bias_log_a"])), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+    rows = [r for r in res["rows"] if r["bias_log_a"] is not None and math.isfinite(r["calls_per_effective"])]
+    labels = [f"{r['sampler']} (a′={r['proposal']})" for r in rows]
+    styles = series_styles(labels)
+    fig, ax = new_figure((6.5, 4.2))
+    for r, label in zip(rows, labels):
+        ax.errorbar(r["calls_per_effective"], abs(r["bias_log_a"]), yerr=r["bias_se"], fmt=styles[label].marker,
+                    color=styles[label].color, capsize=2, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("model calls per effective sample of g")
     ax.set_ylabel("|E_out[log a] − E_g[log a]| (nats)")
     ax.set_title(f"{res['config']['name']}: cost vs distortion at {res['config']['budget']} calls")
-    ax.legend(fontsize=6, ncol=2)
+    legend_outside(ax, fontsize=7)
     return save_figure(fig, stem)
 
 
