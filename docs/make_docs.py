@@ -43,10 +43,17 @@ def _diversity(d: dict) -> list[str]:
         [f"{sem:.3f}" if sem is not None else "n/a"]
 
 
-def context_table(context: dict) -> str:
-    """The table of one context of a results.json: gold g, then one row per proposal."""
+def _ordered(names, config: dict) -> list[str]:
+    """The proposals in the config's order (results.json stores them sorted by name), then any others."""
+    listed = [n for n in config.get("proposals", []) if n in names]
+    return listed + sorted(set(names) - set(listed))
+
+
+def context_table(context: dict, config: dict) -> str:
+    """The table of one context of a results.json: gold g, then one row per proposal in the config's order."""
     lines = [HEADER, "| gold g | – | – | – | – | – | – | " + " | ".join(_diversity(context["gold"])) + " |"]
-    for name, m in context["methods"].items():
+    for name in _ordered(context["methods"], config):
+        m = context["methods"][name]
         cells = [_estimate(m["estimates"][q]) for q in QUANTITIES]
         lines.append(f"| {name} | {m['train_samples']:,} | " + " | ".join(cells + _diversity(m)) + " |")
     return "\n".join(lines)
@@ -55,9 +62,9 @@ def context_table(context: dict) -> str:
 def average_table(results: dict) -> str:
     """The mean of each estimate over a run's contexts (results.json's "average")."""
     lines = [AVERAGE_HEADER]
-    for name, row in results["average"].items():
-        if name != "_Z":
-            lines.append(f"| {name} | " + " | ".join("n/a" if row[q] is None else f"{row[q]:.3g}" for q in QUANTITIES) + " |")
+    for name in _ordered([n for n in results["average"] if n != "_Z"], results.get("config", {})):
+        row = results["average"][name]
+        lines.append(f"| {name} | " + " | ".join("n/a" if row[q] is None else f"{row[q]:.3g}" for q in QUANTITIES) + " |")
     return "\n".join(lines)
 
 
@@ -68,7 +75,7 @@ def table(results: dict, which: str) -> str:
     contexts = results["contexts"]
     if int(which) >= len(contexts):
         raise ValueError(f"the marker asks for context {which} but the run has {len(contexts)}: fix the marker")
-    return context_table(contexts[int(which)])
+    return context_table(contexts[int(which)], results.get("config", {}))
 
 
 def regenerate(text: str, results_root: pathlib.Path) -> tuple[str, list[str], list[str]]:

@@ -119,7 +119,8 @@ def _results(n_contexts: int) -> dict:
         return {"train_samples": 1024 * i, "estimates": est, "diversity": _diversity(20 + i)}
     contexts = [{"gold": {"diversity": _diversity(50)}, "methods": {"cap": method(0), "sft_a": method(1)}} for _ in range(n_contexts)]
     average = {"cap": {"AR_a2": 0.1, "AR_gain": 1.5, "KL(g||a2)": 2.0, "KL(g||g2)": 1.0, "KL(g2||g)": None}, "_Z": 0.01}
-    return {"contexts": contexts, "average": average}
+    # results.json stores methods sorted by name; the tables follow the config's order
+    return {"config": {"proposals": ["sft_a", "cap"]}, "contexts": contexts, "average": average}
 
 
 PAGE = """# a page
@@ -154,7 +155,8 @@ def test_docs_tables_regenerate_from_results_json(tmp_path):
     table = text.split("<!-- table: run_seed0 1 -->\n")[1].split("<!-- /table -->")[0].splitlines()
     assert table[0].startswith("| proposal | train samples | AR_a' |") and len(table) == 5
     assert table[2] == "| gold g | – | – | – | – | – | – | 50 | 0.250 | 0.100 | 0.050 | 0.030 | n/a |"
-    assert table[4] == "| sft_a | 1,024 | 0.2 [0.1, 0.4] | 0.2 [0.1, 0.4] | 0.2 [0.1, 0.4] | 0.2 [0.1, 0.4] | n/a | 21 | 0.250 | 0.100 | 0.050 | 0.030 | n/a |"
+    assert table[3].startswith("| sft_a |") and table[4].startswith("| cap |")
+    assert table[3] == "| sft_a | 1,024 | 0.2 [0.1, 0.4] | 0.2 [0.1, 0.4] | 0.2 [0.1, 0.4] | 0.2 [0.1, 0.4] | n/a | 21 | 0.250 | 0.100 | 0.050 | 0.030 | n/a |"
     assert "| cap | 0.1 | 1.5 | 2 | 1 | n/a |" in text
     assert make_docs.main(argv + ["--check"]) == 0  # regenerating again changes nothing
 
