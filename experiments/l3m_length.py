@@ -154,6 +154,7 @@ def run_experiment(cfg: LengthConfig, *, progress: bool = False) -> dict:
         "l3m_long": (L3M(base, train_tokens, train_lengths, [long_reward], L3MConfig(thresholds=(cfg.long_target / T,), **l3m_common)),
                      ">=", cfg.long_target),
     }
+    trainers["l3m_long"][0].optimizer = trainers["l3m_short"][0].optimizer  # one optimizer instance: one compiled L3M update
     prompts = validation_prompts(base, cfg.n_prompts, cfg.prompt_tokens)
     models = {"base": (base, None, None, [], 0.0)}
     for name, (trainer, side, target) in trainers.items():
