@@ -1,4 +1,4 @@
-"""The one result type every sampler returns, and the batched draw / score helpers they share.
+"""The one result type every sampler returns, and the shape-bucketed draw / score calls they share.
 
 Cost is counted in *model calls*: one call is one model (a, a′ or a twist head) run over one sequence of
 `max_new_tokens` positions, whether it draws the sequence or scores it (teacher-forced). Drawing N sequences
@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from guard_jax.lm import LM
-from guard_jax.sampling import log_prob, sample
+from guard_jax.sampling import draw, score
 
 
 class SamplerResult(NamedTuple):
@@ -85,38 +84,21 @@ def batch_rows(n: int, batch_size: int) -> int:
 
 def draw_sequences(key: jax.Array, lm: LM, n: int, max_new_tokens: int, batch_size: int = 1024
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`n` ancestral samples of `lm` -> (tokens_NT, lengths_N, logp_N under lm), numpy.
+    """`n` ancestral samples of `lm` -> (tokens_NT, lengths_N, logp_N under lm, float64), numpy.
 
-    Batch i uses `fold_in(key, i)` and the shape `batch_rows(n, batch_size)` (the last batch is trimmed), so the
-    same arguments give the same samples."""
+    `sampling.draw` in batches of `batch_rows(n, batch_size)` (batch i uses `fold_in(key, i)`; few shapes, few
+    compilations), so the same arguments give the same samples and non-finite log-probs stop the run."""
     check_positive(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    B = batch_rows(n, batch_size)
-    prompt_BP, mask_BP = lm.prompt_arrays(B)
-    parts = []
-    for i, start in enumerate(range(0, n, B)):
-        s = sample(jax.random.fold_in(key, i), lm.model, lm.params, prompt_BP, mask_BP, max_new_tokens)
-        take = min(B, n - start)
-        parts.append([np.asarray(x)[:take] for x in (s.tokens_BT, s.lengths_B, s.logp_B)])
-    tokens, lengths, logp = (np.concatenate(p) for p in zip(*parts))
-    return tokens, lengths, logp.astype(np.float64)
+    d = draw(key, lm, n, max_new_tokens=max_new_tokens, batch_size=batch_rows(n, batch_size), progress=False)
+    return d.tokens_NT, d.lengths_N, d.logp_N.astype(np.float64)
 
 
 def score_sequences(lm: LM, tokens_NT, lengths_N, batch_size: int = 1024) -> np.ndarray:
-    """log lm(y) per row (teacher-forced, batches padded to one shape) -> logp_N float64."""
-    tokens_NT, lengths_N = np.asarray(tokens_NT), np.asarray(lengths_N)
+    """log lm(y) per row: `sampling.score` in batches of `batch_rows(N, batch_size)` -> logp_N float64."""
     n = len(tokens_NT)
     if n == 0:
         return np.zeros((0,), np.float64)
-    B = batch_rows(n, batch_size)
-    prompt_BP, mask_BP = lm.prompt_arrays(B)
-    out = []
-    for start in range(0, n, B):
-        tok, length = tokens_NT[start : start + B], lengths_N[start : start + B]
-        pad = B - len(tok)
-        tok = np.pad(tok, ((0, pad), (0, 0)), constant_values=lm.model.pad_id)
-        logp_B, _ = log_prob(lm.model, lm.params, prompt_BP, mask_BP, jnp.asarray(tok), jnp.asarray(np.pad(length, (0, pad))))
-        out.append(np.asarray(logp_B, np.float64)[: B - pad])
-    return np.concatenate(out)
+    return score(lm, tokens_NT, lengths_N, batch_size=batch_rows(n, batch_size)).astype(np.float64)
 
 
 def log_target(a: LM, a2: LM, constraint, tokens_NT, lengths_N, logp_a2_N, batch_size: int = 1024
