@@ -36,9 +36,10 @@ def _toy(args: argparse.Namespace) -> int:
     for col in ("quantity", "exact", "estimate", "95% CI", "exact in CI"):
         table.add_column(col, justify="right")
     for name, est in mc.items():
-        table.add_row(name.replace("a2", "a'").replace("g2", "g'"), f"{exact[name]:.5g}", f"{est.value:.5g}",
+        table.add_row(_label(name), f"{exact[name]:.5g}", f"{est.value:.5g}",
                       f"[{est.lo:.4g}, {est.hi:.4g}]", "yes" if est.contains(exact[name]) else "[red]no[/]")
     console.print(table)
+    _print_notes(console, mc)
     rhs_exact = -ex.log_ar + ex.kl_g_g2
     rhs_mc = -math.log(mc["AR_a2"].value) + mc["KL(g||g2)"].value
     console.print(f"Theorem 2  KL(g||a') = -log AR_a' + KL(g||g'):  exact {ex.kl_g_a2:.6f} = {rhs_exact:.6f} "
@@ -53,6 +54,18 @@ def _toy(args: argparse.Namespace) -> int:
                                      "guard": {"draws": r.draws, "accepted": r.accepted, "all_satisfy_b": ok}})
         console.print(f"results written to {args.out}")
     return 0 if ok else 1
+
+
+def _print_notes(console, estimates: dict) -> None:
+    """One line per estimate whose interval the estimator widened (`Estimate.note`)."""
+    for name, est in estimates.items():
+        if est is not None and est.note:
+            console.print(f"note on {_label(name)}: {est.note}")
+
+
+def _label(name: str) -> str:
+    """KL(g||a2) -> KL(g||a')."""
+    return name.replace("a2", "a'").replace("g2", "g'")
 
 
 def _load(path: str):
@@ -106,8 +119,10 @@ def _estimate(args: argparse.Namespace) -> int:
     for col in ("quantity", "estimate", "95% CI"):
         table.add_column(col, justify="right")
     for name, est in mc.items():
-        table.add_row(name.replace("a2", "a'").replace("g2", "g'"), f"{est.value:.5g}", f"[{est.lo:.4g}, {est.hi:.4g}]")
-    Console().print(table)
+        table.add_row(_label(name), f"{est.value:.5g}", f"[{est.lo:.4g}, {est.hi:.4g}]")
+    console = Console()
+    console.print(table)
+    _print_notes(console, mc)
     if args.out:
         atomic_write_json(args.out, {k: v._asdict() for k, v in mc.items()})
     return 0

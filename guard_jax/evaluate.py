@@ -52,23 +52,31 @@ class Gold(NamedTuple):
 def draw_gold(key: jax.Array, a: LM, b: Constraint, n: int, *, max_new_tokens: int, batch_size: int = 1024, progress: bool = True,
               desc: str = "sampling a (gold)") -> Gold:
     """n draws of a, kept where b holds: the samples of g. Raises when fewer than 2 satisfy b."""
+    return _draw_gold(key, a, b, n, "n", max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, desc=desc)
+
+
+def _draw_gold(key: jax.Array, a: LM, b: Constraint, n: int, n_name: str, *, max_new_tokens: int, batch_size: int, progress: bool,
+               desc: str) -> Gold:
+    """`draw_gold`, its errors naming the count `n` as `n_name` (the caller's argument)."""
     if n <= 0:
-        raise ValueError(f"n (the number of draws of a) must be > 0, got {n}")
+        raise ValueError(f"{n_name} (the number of draws of a) must be > 0, got {n}")
     d = draw(key, a, n, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, desc=desc)
     keep = np.asarray(b(d.tokens_NT, d.lengths_N), bool)
     if keep.sum() < 2:
-        raise ValueError(f"only {int(keep.sum())} of {n:,} samples of a satisfied {b.name}: raise n (AR_a is about "
+        raise ValueError(f"only {int(keep.sum())} of {n:,} samples of a satisfied {b.name}: raise {n_name} (AR_a is about "
                          f"{keep.mean():.2g}) or pick a more frequent constraint")
     return Gold(d.tokens_NT[keep], d.lengths_N[keep], d.logp_N[keep], int(keep.sum()), n, int(max_new_tokens))
 
 
 def estimate_dict(e: E.Estimate | None) -> dict | None:
-    """An Estimate as a JSON-ready dict (value, lo, hi, level, n); None stays None."""
-    return None if e is None else {"value": e.value, "lo": e.lo, "hi": e.hi, "level": e.level, "n": e.n}
+    """An Estimate as a JSON-ready dict (value, lo, hi, level, n, and its note when it has one); None stays None."""
+    if e is None:
+        return None
+    return {"value": e.value, "lo": e.lo, "hi": e.hi, "level": e.level, "n": e.n, **({"note": e.note} if e.note else {})}
 
 
 def _from_est(d: dict | None) -> E.Estimate | None:
-    return None if d is None else E.Estimate(d["value"], d["lo"], d["hi"], d["level"], d["n"])
+    return None if d is None else E.Estimate(d["value"], d["lo"], d["hi"], d["level"], d["n"], d.get("note", ""))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -135,7 +143,8 @@ def monte_carlo(key: jax.Array, a: LM, a2: LM, b: Constraint, *, max_new_tokens:
     Raises ValueError when fewer than 2 samples of g or of g' were found (raise n_a / n_a2).
     """
     key_a, key_a2 = jax.random.split(key)
-    gold = draw_gold(key_a, a, b, n_a, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    gold = _draw_gold(key_a, a, b, n_a, "n_a", max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                      desc="sampling a (gold)")
     ev = evaluate_proposal(key_a2, gold, a, a2, b, n_a2, batch_size=batch_size, level=level, progress=progress)
     if ev.accepted < 2:
         raise ValueError(f"only {ev.accepted} of {n_a2} samples of a' satisfied the constraint: raise n_a2 to estimate with confidence")

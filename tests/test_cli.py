@@ -97,3 +97,16 @@ def test_library_errors_are_shown_with_the_flags(capsys):
                    "--max-new-tokens", "4", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "draw budget exhausted" in err and "Raise --max-draws" in err and err.count("\n") == 1, err
+
+
+def test_interval_notes_are_printed_under_the_table():
+    import io
+
+    from rich.console import Console
+
+    from guard_jax import estimators as E
+
+    out = io.StringIO()
+    noted = E.Estimate(1.0, 0.0, 2.0, 0.95, 16, E.UNSEEN_G_REGION)
+    cli._print_notes(Console(file=out, width=400), {"KL(g2||g)": noted, "KL(g||a2)": E.Estimate(1.0, 0.5, 1.5, 0.95, 16), "AR_gain": None})
+    assert out.getvalue() == f"note on KL(g'||g): {E.UNSEEN_G_REGION}\n"

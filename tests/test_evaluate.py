@@ -65,6 +65,8 @@ def test_monte_carlo_is_draw_gold_then_evaluate_proposal(toy):
     assert mc.to_dict() == e.to_dict()
     with pytest.raises(ValueError, match="raise n_a2"):
         ev.monte_carlo(key, toy.a, toy.a2, toy.constraint, max_new_tokens=5, n_a=4096, n_a2=1, progress=False)
+    with pytest.raises(ValueError, match=r"of 3 samples of a satisfied .*: raise n_a \("):  # the caller's argument, not draw_gold's n
+        ev.monte_carlo(key, toy.a, toy.a2, toy.constraint, max_new_tokens=5, n_a=3, n_a2=1024, progress=False)
 
 
 def test_few_samples_of_g2_leave_estimates_out(toy, gold):

@@ -1,6 +1,8 @@
 """Fuzzing the command line and the constraint-spec parser: every input gives a result or one error line."""
 
+import argparse
 import contextlib
+import functools
 import io
 
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from guard_jax import cli
 from guard_jax import constraints as C
 from guard_jax.lm import EMBEDDED
+from guard_jax.models import hf
 
 SPEC_ALPHABET = "kewyordgxsntim:&|~()'\"\\ .+*^$ab1-_0"
 
@@ -63,8 +66,18 @@ FLAGS = {
     "sample": {"--model": _PATH, "--constraint": _SPEC, "--max-new-tokens": _INT, "--batch-size": _INT, "--num": _INT,
                "--max-draws": _INT, "--prompt": st.text(max_size=5), "--seed": _INT, "--out": _OUT, "--quiet": None, "--n": _INT},
     "estimate": {"--model": _PATH, "--proposal": _PATH, "--constraint": _SPEC, "--max-new-tokens": _INT, "--n-a": _INT,
-                 "--n-a2": _INT, "--cap-prompt": st.text(max_size=5), "--context": st.text(max_size=5), "--out": _OUT},
+                 "--n-a2": _INT, "--cap-prompt": st.text(max_size=5), "--context": st.text(max_size=5), "--out": _OUT,
+                 "--batch-size": _INT, "--seed": _INT, "--quiet": None, "--bogus": None},
 }
+
+
+def test_every_flag_of_every_subcommand_is_fuzzed():
+    """A new flag or subcommand must join FLAGS (--debug shows tracebacks on purpose; -h/--help print the usage)."""
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser_flags = {name: {o for a in p._actions for o in a.option_strings if o.startswith("--")} - {"--help", "--debug"}
+                    for name, p in sub.choices.items()}
+    fuzzed = {name: set(flags) - {"--bogus", "--n"} for name, flags in FLAGS.items()}
+    assert fuzzed == parser_flags
 
 
 @st.composite
@@ -87,6 +100,7 @@ def patched_commands():
     mp = pytest.MonkeyPatch()
     for name in ("_toy", "_sample", "_estimate"):
         mp.setattr(cli, name, lambda args: 0)
+    mp.setattr(hf, "load_tokenizer", functools.cache(hf.load_tokenizer))  # the real tokenizer, read once per folder
     yield
     mp.undo()
 

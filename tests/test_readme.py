@@ -41,6 +41,23 @@ def test_readme_starts_with_the_two_commands_and_stays_short():
     assert "bash scripts/dev.sh test" in (ROOT / ".ci" / "run").read_text(), "CI must run the README's default test command"
 
 
+def test_readme_constraint_grammar_examples_hold():
+    """The README's paragraph on --constraint: its example parses, the run-together spec is refused, and
+    the keyword rule matches as written."""
+    from guard_jax import constraints as C
+
+    text = " ".join(README.read_text().split())
+    example = re.search(r'parentheses: `"(.*?)"`', text).group(1)
+    tree = C.parse_spec(example)
+    assert tree.op == "&" and tree.operands[0] == C.SpecAtom("keyword", "love") and tree.operands[1].op == "~"
+    assert "`keyword:love&keyword:the`) is an error" in text
+    with pytest.raises(C.SpecError, match="ambiguous"):
+        C.parse_spec("keyword:love&keyword:the")
+    assert "`keyword:c++` matches \"I write c++ code.\" but not \"c++x\"" in text
+    word = C.keyword_pattern("c++")
+    assert word.search("I write c++ code.") and not word.search("c++x")
+
+
 def _resolve(node: ast.expr, names: dict):
     """The object an expression like `gj.proposals.sft` or `SFTRecipeConfig` names, or None (a local value)."""
     if isinstance(node, ast.Name):
