@@ -223,3 +223,28 @@ def test_asap_log_prob_is_the_exact_law_of_its_trie(toy, b_grid, x64):
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(exact[keep]))
     np.testing.assert_allclose(got[np.isfinite(got)], exact[keep][np.isfinite(got)], atol=1e-4)
     assert not np.allclose(exact, masking)
+
+
+def test_asap_as_lm_samples_and_scores_its_trie_law_exactly(toy, b_grid, x64):
+    """The trie's law (masking's with an empty trie) as an LM: its exact law over the grid (teacher-forced
+    scoring through the host bias) equals the trie's exact law, and the LM's own sampler draws from it."""
+    grammar, params, space, log_a = toy
+    allowed = grammar.allowed_levels(space)
+    a = LM.of(MODEL, params)
+    asap = Asap(MODEL, params, grammar, 5)
+    for n in (0, 60):
+        if n:
+            asap.sample(jax.random.PRNGKey(5), n, batch_size=4)
+        want = exact_masked_log_prob(space, log_a, b_grid, asap.log_theta_levels(space), allowed)
+        lm = asap.as_lm(a)
+        got = np.asarray(exact_log_prob(lm.model, lm.params, 5), np.float64)
+        reached = np.exp(want) > 1e-12
+        np.testing.assert_allclose(got[reached], want[reached], atol=1e-4)
+        assert np.isclose(np.exp(got).sum(), 1.0)
+    prompt, pmask = lm.prompt_arrays(3000)
+    s = sample(jax.random.PRNGKey(6), lm.model, lm.params, prompt, pmask, 5)
+    index = space.index(np.asarray(s.tokens_BT))
+    np.testing.assert_allclose(np.asarray(s.logp_B), want[index], atol=1e-4)
+    _chi_square_ok(index, np.exp(want))
+    with pytest.raises(ValueError, match="as_lm needs the LM"):
+        asap.as_lm(a.with_prompt([MODEL.bos_id, 1]))
