@@ -85,6 +85,13 @@ class _AutomatonSets:
     def child(self, state: int, token: int) -> int:
         return self.advance(state, token)
 
+    def masks(self, states: list, remaining: list[int]) -> np.ndarray:
+        """bool [n, V]: the allowed tokens of each state with its number of tokens left."""
+        out = np.zeros((len(states), self.next_SV.shape[1]), bool)
+        for i, (state, r) in enumerate(zip(states, remaining)):
+            out[i, self.allowed(state, r)] = True
+        return out
+
 
 class _GrammarSets:
     """ASAp's allowed sets from a `Grammar`: states are llguidance matchers (one per row), masks are the
@@ -112,6 +119,19 @@ class _GrammarSets:
         """The state after `token`, leaving `matcher` as it was."""
         return self.advance(matcher.deep_copy(), token)
 
+    def masks(self, matchers: list, remaining: list[int]) -> np.ndarray:
+        """bool [n, V]: the masks of the matchers (none for one in error), computed together on llguidance's pool."""
+        import llguidance
+        import llguidance.numpy as lnp
+
+        from guard_jax.grammars import _executor, _unpack_bits
+
+        bitmask_NW = np.zeros((len(matchers), self.grammar.mask_words), np.int32)
+        live = [(m, i) for i, m in enumerate(matchers) if not m.is_error()]
+        if live:
+            lnp.fill_next_token_bitmask_par(_executor(llguidance), live, bitmask_NW)
+        return _unpack_bits(bitmask_NW, self.grammar.vocab_size)
+
 
 class TrieBias:
     """The next-token log weights of ASAp's law q after a prefix u, from a snapshot of the trie (a
@@ -136,16 +156,19 @@ class TrieBias:
     def log_bias(self, prefixes: list[tuple[int, ...]]) -> np.ndarray:
         out = np.zeros((len(prefixes), self.V), np.float32)
         with self._lock:
+            fresh = [i for i, u in enumerate(prefixes) if u not in self.nodes and not (self.eos_id is not None and self.eos_id in u)]
+            if fresh:  # unexplored prefixes: the masks of the distinct ones, all at once
+                distinct = list(dict.fromkeys(prefixes[i] for i in fresh))
+                allowed_UV = self.sets.masks([self._state(u) for u in distinct], [self.T - len(u) - 1 for u in distinct])
+                rows_U = np.where(allowed_UV, 0.0, np.where(allowed_UV.any(axis=1, keepdims=True), -np.inf, 0.0)).astype(np.float32)
+                where = {u: k for k, u in enumerate(distinct)}
+                out[fresh] = rows_U[[where[prefixes[i]] for i in fresh]]
             for i, u in enumerate(prefixes):
-                if self.eos_id is not None and self.eos_id in u:
-                    continue
-                if u in self.nodes:
+                if u in self.nodes and not (self.eos_id is not None and self.eos_id in u):
                     allowed, w = self.nodes[u]
-                else:
-                    allowed, w = self.sets.allowed(self._state(u), self.T - len(u) - 1), 0.0
-                if len(allowed):
-                    out[i] = -np.inf
-                    out[i, allowed] = w
+                    if len(allowed):
+                        out[i] = -np.inf
+                        out[i, allowed] = w
         return out
 
 

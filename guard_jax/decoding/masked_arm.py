@@ -10,6 +10,10 @@ argument); its params are {"base": a's params, "mask": the TokenAutomaton} (a py
 
 A prefix where no token is allowed (only after the sequence has ended, or off the automaton) keeps a's
 conditionals instead of 0/0, as `train.aux.AuxProposal.combine` does, so log-probs stay finite there.
+
+`HostMaskedARM` is the same contract for masks that live on the host (a `guard_jax.grammars.Grammar`'s
+llguidance matchers, ASAp's trie): a `PrefixBias` gives the next-token log weights of a batch of generated
+prefixes, fetched by `jax.pure_callback` inside the jitted sampler and scorer. `Asap.as_lm` builds it.
 """
 
 from __future__ import annotations
