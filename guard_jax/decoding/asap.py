@@ -92,6 +92,14 @@ class _AutomatonSets:
             out[i, self.allowed(state, r)] = True
         return out
 
+    def bitmasks(self, states: list, remaining: list[int]) -> np.ndarray:
+        """int32 [n, ceil(V/32)]: `masks` packed (bit v % 32 of word v // 32)."""
+        allowed_NV = self.masks(states, remaining)
+        V = allowed_NV.shape[1]
+        padded = np.zeros((len(states), -(-V // 32) * 32), bool)
+        padded[:, :V] = allowed_NV
+        return np.packbits(padded, axis=1, bitorder="little").view(np.int32)
+
 
 class _GrammarSets:
     """ASAp's allowed sets from a `Grammar`: states are llguidance matchers (one per row), masks are the
@@ -119,18 +127,25 @@ class _GrammarSets:
         """The state after `token`, leaving `matcher` as it was."""
         return self.advance(matcher.deep_copy(), token)
 
-    def masks(self, matchers: list, remaining: list[int]) -> np.ndarray:
-        """bool [n, V]: the masks of the matchers (none for one in error), computed together on llguidance's pool."""
+    def bitmasks(self, matchers: list, remaining: list[int]) -> np.ndarray:
+        """int32 [n, ceil(V/32)]: the masks of the matchers (empty for one in error), computed together on
+        llguidance's pool (the matchers must be distinct objects)."""
         import llguidance
         import llguidance.numpy as lnp
 
-        from guard_jax.grammars import _executor, _unpack_bits
+        from guard_jax.grammars import _executor
 
         bitmask_NW = np.zeros((len(matchers), self.grammar.mask_words), np.int32)
         live = [(m, i) for i, m in enumerate(matchers) if not m.is_error()]
         if live:
             lnp.fill_next_token_bitmask_par(_executor(llguidance), live, bitmask_NW)
-        return _unpack_bits(bitmask_NW, self.grammar.vocab_size)
+        return bitmask_NW
+
+    def masks(self, matchers: list, remaining: list[int]) -> np.ndarray:
+        """bool [n, V]: `bitmasks` unpacked."""
+        from guard_jax.grammars import _unpack_bits
+
+        return _unpack_bits(self.bitmasks(matchers, remaining), self.grammar.vocab_size)
 
 
 class TrieBias:
@@ -153,6 +168,24 @@ class TrieBias:
             self._states[prefix] = self.sets.start(1)[0] if not prefix else self.sets.child(self._state(prefix[:-1]), prefix[-1])
         return self._states[prefix]
 
+    @property
+    def bitmask_only(self) -> bool:
+        """True for an empty trie (masking): the bias is 0 / -inf, sent as bitmasks (`bitmasks`)."""
+        return not self.nodes
+
+    def bitmasks(self, prefixes: list[tuple[int, ...]]) -> np.ndarray:
+        """int32 [len(prefixes), ceil(V/32)]: the mask after each prefix (all ones after EOS; a's conditionals),
+        the distinct prefixes' masks computed together."""
+        out = np.full((len(prefixes), -(-self.V // 32)), -1, np.int32)
+        with self._lock:
+            fresh = [i for i, u in enumerate(prefixes) if not (self.eos_id is not None and self.eos_id in u)]
+            if fresh:
+                distinct = list(dict.fromkeys(prefixes[i] for i in fresh))
+                rows_UW = self.sets.bitmasks([self._state(u) for u in distinct], [self.T - len(u) - 1 for u in distinct])
+                where = {u: k for k, u in enumerate(distinct)}
+                out[fresh] = rows_UW[[where[prefixes[i]] for i in fresh]]
+        return out
+
     def log_bias(self, prefixes: list[tuple[int, ...]]) -> np.ndarray:
         out = np.zeros((len(prefixes), self.V), np.float32)
         with self._lock:
@@ -160,9 +193,10 @@ class TrieBias:
             if fresh:  # unexplored prefixes: the masks of the distinct ones, all at once
                 distinct = list(dict.fromkeys(prefixes[i] for i in fresh))
                 allowed_UV = self.sets.masks([self._state(u) for u in distinct], [self.T - len(u) - 1 for u in distinct])
-                rows_U = np.where(allowed_UV, 0.0, np.where(allowed_UV.any(axis=1, keepdims=True), -np.inf, 0.0)).astype(np.float32)
+                rows_UV = np.full(allowed_UV.shape, -np.inf, np.float32)
+                rows_UV[allowed_UV | ~allowed_UV.any(axis=1, keepdims=True)] = 0.0
                 where = {u: k for k, u in enumerate(distinct)}
-                out[fresh] = rows_U[[where[prefixes[i]] for i in fresh]]
+                out[fresh] = rows_UV[[where[prefixes[i]] for i in fresh]]
             for i, u in enumerate(prefixes):
                 if u in self.nodes and not (self.eos_id is not None and self.eos_id in u):
                     allowed, w = self.nodes[u]

@@ -110,7 +110,9 @@ class PrefixBias(Protocol):
 
     def log_bias(self, prefixes: list[tuple[int, ...]]) -> np.ndarray:
         """float32 [len(prefixes), V]: log weight added to log a(v | u) after each prefix u (-inf: v not
-        allowed); a row of zeros keeps a's conditionals (a prefix after EOS, or one with nothing allowed)."""
+        allowed); a row of zeros keeps a's conditionals (a prefix after EOS, or one with nothing allowed).
+        A bias whose weights are all 0 / -inf may instead say `bitmask_only = True` and give
+        `bitmasks(prefixes)`: int32 [len(prefixes), ceil(V/32)] (an empty row: a's conditionals)."""
 
 
 def bias_logits(logits_BV, bias_BV):
@@ -147,15 +149,29 @@ class HostMaskedARM:
     eos_id = property(lambda self: self.base.eos_id)
     pad_id = property(lambda self: self.base.pad_id)
 
+    def _host_bias(self, prefixes_fn, shape: tuple[int, ...], *args):
+        """The bias of the prefixes `prefixes_fn(*numpy args)` lists, fetched from the host -> float32 [*shape, V].
+        A bias with `bitmask_only` (0 / -inf: a mask) comes back as int32 bitmasks, 32 times fewer bytes."""
+        V = self.vocab_size
+        if getattr(self.bias, "bitmask_only", False):
+            W = -(-V // 32)
+
+            def host(*xs):
+                return np.asarray(self.bias.bitmasks(prefixes_fn(*xs)), np.int32).reshape(*shape, W)
+
+            bits = jax.pure_callback(host, jax.ShapeDtypeStruct((*shape, W), jnp.int32), *args, vmap_method="sequential")
+            v_V = jnp.arange(V)
+            allowed = ((bits[..., v_V // 32] >> (v_V % 32)) & 1).astype(bool)
+            return jnp.where(allowed, 0.0, -jnp.inf).astype(jnp.float32)
+
+        def host(*xs):
+            return np.asarray(self.bias.log_bias(prefixes_fn(*xs)), np.float32).reshape(*shape, V)
+
+        return jax.pure_callback(host, jax.ShapeDtypeStruct((*shape, V), jnp.float32), *args, vmap_method="sequential")
+
     def _bias_after(self, gen_BT, t):
         """bias after the first t generated tokens of each row -> float32 [B, V] (host callback)."""
-        B, V = gen_BT.shape[0], self.vocab_size
-
-        def host(gen_BT, t):
-            t = int(t)
-            return np.asarray(self.bias.log_bias([tuple(row[:t].tolist()) for row in np.asarray(gen_BT)]), np.float32)
-
-        return jax.pure_callback(host, jax.ShapeDtypeStruct((B, V), jnp.float32), gen_BT, t, vmap_method="sequential")
+        return self._host_bias(lambda gen_BT, t: [tuple(row[: int(t)].tolist()) for row in np.asarray(gen_BT)], (gen_BT.shape[0],), gen_BT, t)
 
     def apply(self, params, tokens_BS, mask_BS=None):
         """Teacher-forced: positions >= P - 1 (those that predict generated tokens) are reweighted -> logprobs_BSV."""
@@ -164,15 +180,9 @@ class HostMaskedARM:
         if S < P:
             raise ValueError(f"HostMaskedARM.apply got {S} positions, fewer than prompt_len={P}")
         logits_BSV = self.base.apply(params, tokens_BS, mask_BS)
-        G, V = S - P, self.vocab_size
-
-        def host(gen_BG):
-            rows = np.asarray(gen_BG).tolist()
-            out = self.bias.log_bias([tuple(r[:t]) for r in rows for t in range(G + 1)])
-            return np.asarray(out, np.float32).reshape(B, G + 1, V)
-
-        bias_BG1V = jax.pure_callback(host, jax.ShapeDtypeStruct((B, G + 1, V), jnp.float32), tokens_BS[:, P:].astype(jnp.int32),
-                                      vmap_method="sequential")
+        G = S - P
+        bias_BG1V = self._host_bias(lambda gen_BG: [tuple(r[:t]) for r in np.asarray(gen_BG).tolist() for t in range(G + 1)], (B, G + 1),
+                                    tokens_BS[:, P:].astype(jnp.int32))
         head = jax.nn.log_softmax(logits_BSV[:, : P - 1].astype(jnp.promote_types(logits_BSV.dtype, jnp.float32)))
         return jnp.concatenate([head, bias_logits(logits_BSV[:, P - 1 :], bias_BG1V)], axis=1)
 
