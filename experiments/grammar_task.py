@@ -1,6 +1,6 @@
 """The grammar task: the embedded base LM a, b = "the continuation is one sentence of a small CFG" (at least
 two comma-separated clauses of words, parenthesised and quoted groups, ending with . ! or ?, within
-max_new_tokens; AR_a about 0.007), GUARD's trained proposals and the grammar-constrained baselines in one table
+max_new_tokens; AR_a about 0.01), GUARD's trained proposals and the grammar-constrained baselines in one table
 of AR_a', KL(g||a'), KL(g||g'), KL(g'||g) with 95% CIs, as in the lexical and sentiment experiments.
 
     python -m experiments.grammar_task --quick            # the test settings (configs/grammar_quick.json)

@@ -43,7 +43,7 @@ def test_grammar_task_quick_masking_asap_and_dpg(tmp_path):
 @pytest.mark.slow  # every proposal of the quick config: minutes on the shared CPU
 def test_grammar_task_quick_every_proposal(tmp_path):
     results = grammar_task.main(["--quick", "--quiet", "--out", str(tmp_path)])
-    quick = json.loads((grammar_task.CONFIGS / "grammar_quick.json").read_text())
+    quick = json.loads((lexical.CONFIGS / "grammar_quick.json").read_text())
     methods = _check(results, tmp_path / "grammar_quick_seed0", quick["proposals"])
     assert methods["sft_dpg"]["train_samples"] == methods["sft_a"]["train_samples"] + 128  # warm start: SFT's draws + DPG's
 
