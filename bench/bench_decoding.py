@@ -17,8 +17,11 @@ Grammars through llguidance (`guard_jax.grammars`):
   JSON schema at 256,000: <= 1 s and <= 100 MB); the dense `regex_automaton` for the same regex beside it
   (at 256,000 only with --dense-large: minutes);
 - `grammar_masked_vs_plain`: per-token time of `grammar_masked_sample` (host masks overlapped with the
-  jitted decode) / `sample` on the embedded model (B = 128, 30 tokens; goal <= 1.3x), and the dense table's
-  `masked_sample` for the regex.
+  jitted decode) / `sample` on the embedded model (B = 128, 30 tokens; goal <= 1.3x), the dense table's
+  `masked_sample` for the regex, and the CFG's masked LM (`proposals.masked_lm`: the masks come back from the
+  host inside the jitted scan, what the experiments sample and score).
+- the bind rows: the first binding of a tokenizer and the cached one (`llg_tokenizer` keeps one binding per
+  tokenizer object), with llguidance's general slices and without; `mask_ms`: one more mask after the first.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from guard_jax.grammars import Grammar, llg_tokenizer, token_bytes
 from guard_jax.lm import EMBEDDED, LM
 from guard_jax.models.gpt2 import GPT2
 from guard_jax.models.toy import TabularARM
+from guard_jax.proposals import masked_lm
 from guard_jax.sampling import bos_prompt, sample
 
 REGEX = r"([a-z]+ )+[0-9]+"
@@ -135,11 +139,14 @@ class SyntheticTokenizer:
         alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;\"{}[]-_@", np.uint8)
         tokens = [b"<eos>"] + [bytes([i]) for i in range(256)]
         seen = set(tokens)
-        while len(tokens) < vocab_size:
-            t = bytes(rng.choice(alphabet, int(rng.integers(2, 9))))
-            if t not in seen:
-                seen.add(t)
-                tokens.append(t)
+        while len(tokens) < vocab_size:  # vectorised draws, deduplicated in order
+            n = 2 * (vocab_size - len(tokens))
+            lengths, chars = rng.integers(2, 9, n), rng.choice(alphabet, (n, 8))
+            for row, k in zip(chars, lengths):
+                t = row[:k].tobytes()
+                if t not in seen and len(tokens) < vocab_size:
+                    seen.add(t)
+                    tokens.append(t)
         self.tokens, self.eos_token_id, self.bos_token_id, self.special_token_ids = tokens, 0, None, [0]
 
     def __call__(self, text):
@@ -153,23 +160,42 @@ def _grammars(tokenizer, vocab_size=None):
             "cfg": lambda: Grammar.lark(CFG, tokenizer, vocab_size=vocab_size)}
 
 
-def bench_grammar_build(name, make_tokenizer, dense: bool):
+def _bind(tok, slices):
+    """An LLTokenizer for `tok` through the cached binding (`llg_tokenizer`); the synthetic vocabulary through
+    llguidance's TokenizerWrapper (cached the same way here)."""
     import llguidance
 
+    if not isinstance(tok, SyntheticTokenizer):
+        return llg_tokenizer(tok, slices=slices)
+    key = tuple(slices) if slices is not None else None
+    cache = tok.__dict__.setdefault("_bound", {})
+    if key not in cache:
+        cache[key] = llguidance.LLTokenizer(llguidance.TokenizerWrapper(tok), slices=slices)
+    return cache[key]
+
+
+def bench_grammar_build(name, make_tokenizer, dense: bool):
     tok = make_tokenizer()
-    r0, t0 = _rss_mb(), time.perf_counter()
-    lt = llg_tokenizer(tok) if not isinstance(tok, SyntheticTokenizer) else llguidance.LLTokenizer(llguidance.TokenizerWrapper(tok))
-    emit({"bench": "grammar_build", "config": name, "what": "bind tokenizer", "V": lt.vocab_size,
-          "seconds": round(time.perf_counter() - t0, 4), "rss_mb": round(_rss_mb() - r0, 1)})
-    for kind, build in _grammars(lt).items():
-        r0, t0 = _rss_mb(), time.perf_counter()
-        g = build()
-        g.matcher().compute_bitmask()
-        dt, mb = time.perf_counter() - t0, _rss_mb() - r0
-        row = {"bench": "grammar_build", "config": name, "what": kind, "V": lt.vocab_size, "seconds": round(dt, 4), "rss_mb": round(mb, 1)}
-        if kind == "json_schema":
-            row |= {"goal_seconds": 1.0, "goal_mb": 100}
-        emit(row)
+    for slices, label in ((None, "general slices"), ([], "no slices")):
+        for what in ("bind tokenizer", "bind tokenizer again (cached)"):
+            r0, t0 = _rss_mb(), time.perf_counter()
+            lt = _bind(tok, slices)
+            emit({"bench": "grammar_build", "config": name, "what": what, "slices": label, "V": lt.vocab_size,
+                  "seconds": round(time.perf_counter() - t0, 4), "rss_mb": round(_rss_mb() - r0, 1)})
+        for kind, build in _grammars(lt).items():
+            r0, t0 = _rss_mb(), time.perf_counter()
+            g = build()
+            m = g.matcher()
+            m.compute_bitmask()
+            dt, mb = time.perf_counter() - t0, _rss_mb() - r0
+            t1 = time.perf_counter()
+            for _ in range(20):
+                m.compute_bitmask()
+            row = {"bench": "grammar_build", "config": name, "what": kind, "slices": label, "V": lt.vocab_size, "seconds": round(dt, 4),
+                   "rss_mb": round(mb, 1), "mask_ms": round(1e3 * (time.perf_counter() - t1) / 20, 4)}
+            if kind == "json_schema":
+                row |= {"goal_seconds": 1.0, "goal_mb": 100}
+            emit(row)
     if dense:
         tb = token_bytes(lt)
         r0, t0 = _rss_mb(), time.perf_counter()
@@ -189,10 +215,12 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
             for kind, build in _grammars(lm.tokenizer, model.vocab_size).items()}
     dense_mask = regex_automaton(GRAMMAR_REGEX, token_bytes(lm.tokenizer, model.vocab_size), eos_id=model.eos_id, vocab_size=model.vocab_size)
     runs["dense regex_automaton"] = lambda: masked_sample(key, model, params, prompt, pmask, dense_mask, T)
+    q = masked_lm(lm, Grammar.lark(CFG, lm.tokenizer, vocab_size=model.vocab_size), T)  # the masked LM the experiments use
+    runs["cfg, masked LM (host bias in the jitted scan)"] = lambda: sample(key, q.model, q.params, prompt, pmask, T)
     plain()
     for kind, run in runs.items():
         # the host loop stops when every row has ended: time per step it ran (the dense scan always runs T)
-        steps = T if kind.startswith("dense") else int(np.max(run().lengths_B))
+        steps = int(np.max(run().lengths_B)) if kind in ("regex", "json_schema", "cfg") else T
         pairs = [(timed(plain, 1), timed(lambda: jax.block_until_ready(run()), 1)) for _ in range(repeats)]  # interleaved
         t_plain, t_masked = (float(np.median(x)) for x in zip(*pairs))
         emit({"bench": "grammar_masked_vs_plain", "config": f"embedded GPT-2 V={model.vocab_size}", "mask": kind, "B": B, "T": T,

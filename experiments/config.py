@@ -151,3 +151,12 @@ def load(cls, path: str | pathlib.Path, settings: list[str] = (), overrides: dic
     if unread:
         raise ConfigError(f"--set {unread[0]}; drop it or add the proposal to `proposals`")
     return config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GrammarConfig(ExperimentConfig):
+    """The continuation (its tokens before EOS, or all max_new_tokens of them) must be a string of the Lark CFG
+    `grammar` (rule `start`); positions of the first match of `position_regex` in the continuation."""
+
+    grammar: str
+    position_regex: str = ","

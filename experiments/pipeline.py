@@ -21,6 +21,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -52,7 +53,8 @@ class Task:
     """One conditioning context. `context`: text after BOS ("" = unconditional); `cap_prompt`: the
     constraint-aware prompt put before the context; `positions(texts) -> positions_N` in [0, 1] (NaN where
     undefined): where in each decoded continuation the constraint is met (the positional-bias statistic);
-    `spec`: the constraint as a spec string when it has one (masking derives its regex from it)."""
+    `spec`: the constraint as a spec string when it has one (masking derives its regex from it); `automaton`:
+    the masks of b for the masked recipes when the spec has no regex (a `guard_jax.grammars.Grammar`)."""
 
     name: str
     context: str
@@ -60,6 +62,7 @@ class Task:
     constraint: Constraint
     positions: Callable[[list[str]], np.ndarray]
     spec: str | None = None
+    automaton: Any = None
 
 
 @dataclasses.dataclass
@@ -103,7 +106,8 @@ def run_task(setup: Setup, task: Task, proposals: list[str]) -> dict:
               "n_curve": ev.n_curve}
     builder = Builder(a, task.constraint, gold, cfg.train, key=setup.key(task.name), cap=a.with_prefix(task.cap_prompt) if task.cap_prompt else None,
                       run_root=setup.run_dir / task.name, evaluator=evaluator, batch_size=cfg.batch_size, progress=setup.progress,
-                      tensorboard=cfg.tensorboard, inputs=inputs, constraint_spec=task.spec)
+                      tensorboard=cfg.tensorboard, inputs=inputs, constraint_spec=task.spec,
+                      automaton=task.automaton)
     for name in tqdm(proposals, desc=f"[{task.name}] proposals", unit="proposal", disable=not setup.progress):
         t1 = time.perf_counter()
         p = builder.get(name)
@@ -119,6 +123,7 @@ def run_task(setup: Setup, task: Task, proposals: list[str]) -> dict:
             "config": to_dict(builder.config(name)), "run_dir": str(pathlib.Path(p.metrics_jsonl).parent) if p.metrics_jsonl else None,
             "estimates": estimates, "guard_draws_per_sample": (1.0 / ar) if ar > 0 else None, **desc,
             "train_seconds": builder.seconds.get(name, t2 - t1), "eval_seconds": time.perf_counter() - t2,
+            **({"summary": p.extras["summary"]} if "summary" in p.extras else {}),
         }
         rows[name] = (result["methods"][name], texts)
     set_size = common_set_size([len(t) for _, t in rows.values()], ev.n_diversity, ev.min_diversity_set)
@@ -174,6 +179,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {m['train_samples']:,} | {_fmt(e['AR_a2'])} | {_fmt(e['AR_gain'])} | {_fmt(e['KL(g||a2)'])} | "
                          f"{_fmt(e['KL(g||g2)'])} | {_fmt(e['KL(g2||g)'])} | " + " | ".join(_div_cells(m)) + " |")
         lines.append("")
+        for name, m in c["methods"].items():
+            if m.get("summary"):
+                lines += [f"`{name}`: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in m["summary"].items()), ""]
     if len(results["contexts"]) > 1:
         avg = results["average"]
         lines += [f"## average over {len(results['contexts'])} contexts (mean Z = {avg['_Z']:.3g})", "",

@@ -15,7 +15,8 @@ Every recipe is `recipe(a, b, gold, config=None, *, key, run_dir=None, evaluator
   last point before the final budget (the caller evaluates the trained proposal fully). None: no curve.
 
 Recipes: cap, sft (on b-filtered samples of a or of any proposal), dpg, warm_start_dpg (from an SFT model or
-from CAP), l3m, aux (and its q = a·sigmoid(R) in `extras["q"]`), rl, masked, sft_masked, sft_asap.
+from CAP), l3m, aux (and its q = a·sigmoid(R) in `extras["q"]`), rl, masked, sft_masked, asap (its law after N
+samples), sft_asap. The masked recipes take a dense `TokenAutomaton` or a `guard_jax.grammars.Grammar`.
 `RECIPES` / `register` name them for the experiments (`Builder.get("sft_dpg")`), incl. `rl:BETA`.
 """
 
@@ -124,6 +125,16 @@ class SFTAsapConfig(SFTMaskedConfig):
 
     draws: int = 512
     asap_batch: int = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AsapConfig:
+    """ASAp's proposal after `draws` sequential samples (`asap_batch` rows per trie update); regex: the
+    constraint as a full-match regex ("" = from the task)."""
+
+    draws: int = 512
+    asap_batch: int = 64
+    regex: str = ""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -474,9 +485,16 @@ def text_automaton(a: LM, pattern: str, max_new_tokens: int):
 
 
 def masked_lm(a: LM, automaton, max_new_tokens: int) -> LM:
-    """a masked by `automaton` (masked decoding as an LM: sampled and scored under the masked law)."""
+    """a masked by `automaton` (masked decoding as an LM: sampled and scored under the masked law): a dense
+    `TokenAutomaton` (length-aware masks inside the jitted model) or a `guard_jax.grammars.Grammar` (host-side
+    llguidance masks, the law of an ASAp sampler with an empty trie)."""
     from guard_jax.decoding.masked_arm import MaskedARM
+    from guard_jax.grammars import Grammar
 
+    if isinstance(automaton, Grammar):
+        from guard_jax.decoding import Asap
+
+        return Asap(a.model, a.params, automaton, max_new_tokens, prompt_1P=np.asarray(a.prompt)).as_lm(a)
     return dataclasses.replace(a, model=MaskedARM(a.model, len(a.prompt), max_new_tokens), params=MaskedARM.params_of(a.params, automaton))
 
 
@@ -507,6 +525,21 @@ def sft_asap(a: LM, b: Constraint, gold: Gold, config: SFTAsapConfig | None = No
     p = sft(a, b, gold, config, key=key, run_dir=run_dir, evaluator=evaluator, data=(out.tokens_NT[keep], out.lengths_N[keep], config.draws),
             progress=progress, tensorboard=tensorboard, name="sft_asap")
     return dataclasses.replace(p, extras={"asap": sampler})
+
+
+def asap(a: LM, b: Constraint, gold: Gold, config: AsapConfig | None = None, *, automaton, key: jax.Array, run_dir=None,
+         evaluator=None, progress: bool = True, tensorboard: bool = True) -> Proposal:
+    """ASAp's proposal after `config.draws` sequential samples: the law of its next sample given the trie, as an
+    LM (`Asap.as_lm`). `extras`: "asap" (the sampler) and "summary" (its samples that satisfied b, the root
+    bound theta~ >= Z, the trie's size)."""
+    from guard_jax.decoding import Asap
+
+    config = config or AsapConfig()
+    sampler = Asap(a.model, a.params, automaton, gold.max_new_tokens, prompt_1P=np.asarray(a.prompt))
+    out = sampler.sample(named_key(key, "asap-draws"), config.draws, config.asap_batch)
+    summary = {"samples": config.draws, "accepted": int(np.asarray(b(out.tokens_NT, out.lengths_N), bool).sum()),
+               "root_bound": math.exp(sampler.root_log_theta), "trie_nodes": len(sampler.nodes)}
+    return Proposal(sampler.as_lm(a), config.draws, [], None, {"asap": sampler, "summary": summary})
 
 
 # --- the registry -----------------------------------------------------------------------------------------
@@ -584,7 +617,7 @@ class Builder:
     recording what it was trained with, so changed settings train afresh in another folder and a rerun with the
     same settings resumes. `inputs`: what else the runs depend on (the model, the context, the budgets), hashed
     into every fingerprint. `automaton`: the token automaton of b for masked recipes (default: from a's
-    tokenizer and `regex` or the `constraint_spec`).
+    tokenizer and `regex` or the `constraint_spec`), or a `Grammar` (a CFG, JSON schema or regex through llguidance).
     """
 
     def __init__(self, a: LM, b: Constraint, gold: Gold, configs: Mapping[str, Any] | None = None, *, key: jax.Array,
@@ -731,12 +764,17 @@ def _sft_masked(bld: Builder, name: str, config) -> Proposal:
     return sft_masked(bld.a, bld.b, bld.gold, config, automaton=bld.automaton(config.regex), batch_size=bld.batch_size, **bld.common(name))
 
 
+@register("asap", AsapConfig)
+def _asap(bld: Builder, name: str, config) -> Proposal:
+    return asap(bld.a, bld.b, bld.gold, config, automaton=bld.automaton(config.regex), **bld.common(name))
+
+
 @register("sft_asap", SFTAsapConfig)
 def _sft_asap(bld: Builder, name: str, config) -> Proposal:
     return sft_asap(bld.a, bld.b, bld.gold, config, automaton=bld.automaton(config.regex), **bld.common(name))
 
 
-__all__ = ["AuxRecipeConfig", "Builder", "CAPConfig", "DPGRecipeConfig", "L3MRecipeConfig", "MaskedConfig", "NoConfig", "Proposal",
+__all__ = ["AsapConfig", "AuxRecipeConfig", "Builder", "CAPConfig", "DPGRecipeConfig", "L3MRecipeConfig", "MaskedConfig", "NoConfig", "Proposal",
            "RECIPES", "RLRecipeConfig", "Recipe", "SFTAsapConfig", "SFTMaskedConfig", "SFTRecipeConfig", "Schedule", "WarmStartConfig",
-           "aux", "cap", "dpg", "filtered_draws", "fullmatch_regex", "l3m", "lookup", "masked", "masked_lm", "named_key", "register",
+           "asap", "aux", "cap", "dpg", "filtered_draws", "fullmatch_regex", "l3m", "lookup", "masked", "masked_lm", "named_key", "register",
            "resolve_config", "rl", "sft", "sft_asap", "sft_masked", "text_automaton", "warm_start_dpg"]

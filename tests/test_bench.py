@@ -55,3 +55,23 @@ def test_bench_sampling_embedded_lines():
     assert sampling["new_tokens"] == 30 and sampling["goal_ratio"] == 5.0
     assert sampling["jax_ms_per_step"] > 0 and sampling["matmul_peak_gflops"] > 0
     assert scoring["max_abs_logp_diff_vs_torch"] < 1e-3  # the fused scorer agrees with transformers on the shipped model
+
+
+@pytest.mark.slow  # binds two vocabularies and times five masked samplers beside plain sampling: minutes on the shared CPU
+def test_bench_decoding_grammar_lines():
+    out = subprocess.run([sys.executable, "-m", "bench.bench_decoding", "--grammars-only", "--quick", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=1200, check=True).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    builds = [r for r in records if r["bench"] == "grammar_build"]
+    for config, V in (("embedded V=8192", 8192), ("synthetic V=50257", 50257)):
+        rows = [(r["what"], r.get("slices")) for r in builds if r["config"] == config]
+        for slices in ("general slices", "no slices"):
+            assert [w for w, s in rows if s == slices] == ["bind tokenizer", "bind tokenizer again (cached)", "regex", "json_schema", "cfg"]
+        assert ("dense regex_automaton", None) in rows and all(r["V"] == V for r in builds if r["config"] == config)
+    assert all(r["goal_seconds"] == 1.0 and r["goal_mb"] == 100 for r in builds if r["what"] == "json_schema")
+    masked = [r for r in records if r["bench"] == "grammar_masked_vs_plain"]
+    assert [r["mask"] for r in masked] == ["regex", "json_schema", "cfg", "dense regex_automaton",
+                                           "cfg, masked LM (host bias in the jitted scan)"]
+    for r in masked:
+        assert r["goal_ratio"] == 1.3 and 0 < r["steps"] <= r["T"] == 30
+        assert abs(r["ratio"] - r["masked_ms_per_token"] / r["plain_ms_per_token"]) < 0.01 * r["ratio"] + 0.002

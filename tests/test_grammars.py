@@ -223,3 +223,79 @@ def test_asap_log_prob_is_the_exact_law_of_its_trie(toy, b_grid, x64):
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(exact[keep]))
     np.testing.assert_allclose(got[np.isfinite(got)], exact[keep][np.isfinite(got)], atol=1e-4)
     assert not np.allclose(exact, masking)
+
+
+def test_asap_as_lm_samples_and_scores_its_trie_law_exactly(toy, b_grid, x64):
+    """The trie's law (masking's with an empty trie) as an LM: its exact law over the grid (teacher-forced
+    scoring through the host bias) equals the trie's exact law, and the LM's own sampler draws from it."""
+    grammar, params, space, log_a = toy
+    allowed = grammar.allowed_levels(space)
+    a = LM.of(MODEL, params)
+    asap = Asap(MODEL, params, grammar, 5)
+    for n in (0, 60):
+        if n:
+            asap.sample(jax.random.PRNGKey(5), n, batch_size=4)
+        want = exact_masked_log_prob(space, log_a, b_grid, asap.log_theta_levels(space), allowed)
+        lm = asap.as_lm(a)
+        got = np.asarray(exact_log_prob(lm.model, lm.params, 5), np.float64)
+        reached = np.exp(want) > 1e-12
+        np.testing.assert_allclose(got[reached], want[reached], atol=1e-4)
+        assert np.isclose(np.exp(got).sum(), 1.0)
+    prompt, pmask = lm.prompt_arrays(3000)
+    s = sample(jax.random.PRNGKey(6), lm.model, lm.params, prompt, pmask, 5)
+    index = space.index(np.asarray(s.tokens_BT))
+    np.testing.assert_allclose(np.asarray(s.logp_B), want[index], atol=1e-4)
+    _chi_square_ok(index, np.exp(want))
+    with pytest.raises(ValueError, match="as_lm needs the LM"):
+        asap.as_lm(a.with_prompt([MODEL.bos_id, 1]))
+
+
+def test_every_mask_path_accepts_multi_byte_words_as_the_tokenizer_splits_them(embedded_tokenizer):
+    """The embedded tokenizer's own tokens of "café" and "naïve" (each with a two-byte character), through every
+    path that builds or reads a mask: b of the grammar and of the dense table, the llguidance masks and the dense
+    table's (length-aware) masks at every step, ASAp's allowed sets (Asap.log_prob over both kinds of mask) and
+    the masked LMs the experiments sample and score (`proposals.masked_lm`)."""
+    from guard_jax.proposals import masked_lm
+    from guard_jax.sampling import score
+
+    tok = embedded_tokenizer
+    lm = LM.load("embedded")
+    V, eos, T = lm.model.vocab_size, tok.eos_token_id, 8
+    words = ["café", "naïve"]
+    tb = token_bytes(tok, V)
+    pattern = "(café|naïve|plain)"
+    grammar = Grammar.regex(pattern, tok, vocab_size=V)
+    dense = regex_automaton(pattern, tb, eos_id=eos, vocab_size=V)
+    paths = [tok(w, add_special_tokens=False)["input_ids"] + [eos] for w in words]
+    for w, path in zip(words, paths):
+        assert len(b"".join(tb[i] for i in path[:-1])) > len(w) and any(any(x >= 0x80 for x in tb[i]) for i in path[:-1])
+    tokens_NT = np.asarray([p + [eos] * (T - len(p)) for p in paths])
+    lengths_N = np.asarray([len(p) for p in paths])
+    assert grammar.constraint()(tokens_NT, lengths_N).all() and np.asarray(dense.constraint()(tokens_NT, lengths_N)).all()
+    for w, path in zip(words, paths):
+        assert _walks(grammar, path), w
+        state = dense.init_state(1)
+        for t, v in enumerate(path):  # the dense table's mask allows each token with T - t - 1 tokens left after it
+            assert bool(np.asarray(dense.allowed(state, T - t - 1))[0, v]), (w, t)
+            state = dense.advance(state, np.asarray([v]))
+    logp_a = score(lm, tokens_NT, lengths_N, batch_size=2)
+    for mask in (grammar, dense):
+        asap = Asap(lm.model, lm.params, mask, T, prompt_1P=np.asarray(lm.prompt))
+        assert np.isfinite(asap.log_prob(tokens_NT, lengths_N)).all(), type(mask).__name__
+        logq = score(masked_lm(lm, mask, T), tokens_NT, lengths_N, batch_size=2)
+        assert np.isfinite(logq).all() and (logq >= logp_a - 1e-4).all(), type(mask).__name__  # masking only raises them
+
+
+def test_tokenizer_binding_is_made_once_per_tokenizer(embedded_tokenizer):
+    """Binding walks the whole vocabulary: every grammar on one tokenizer object shares one binding per
+    (vocab_size, eos_id, slices); another tokenizer object binds afresh."""
+    import transformers
+
+    from guard_jax.grammars import llg_tokenizer
+
+    tok = embedded_tokenizer
+    first = Grammar.regex("a+", tok, vocab_size=8192).tokenizer
+    assert Grammar.lark('start: "b"', tok, vocab_size=8192).tokenizer is first is llg_tokenizer(tok, 8192)
+    assert llg_tokenizer(tok, 8192, slices=[]) is not first and llg_tokenizer(tok, 8192, slices=[]) is llg_tokenizer(tok, 8192, slices=())
+    other = transformers.AutoTokenizer.from_pretrained(str(EMBEDDED))
+    assert llg_tokenizer(other, 8192) is not first

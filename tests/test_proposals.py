@@ -93,6 +93,25 @@ def test_masked_recipes_guarantee_b(toy):
     assert s.train_samples == 64 and math.log(ev.start().ar.value) - 1e-6 <= s.extras["asap"].root_log_theta < 0.0
 
 
+def test_asap_recipe_is_the_law_of_its_trie_after_its_draws(toy, x64):
+    """`asap`: the proposal is ASAp's next-sample law after `draws` samples (exactly, on the grid), closer to g
+    than masking and still guaranteeing b; its summary states the samples, the root bound and the trie."""
+    from guard_jax.decoding import exact_masked_log_prob, reachability_automaton
+
+    problem, gold, ev = toy
+    automaton = reachability_automaton(ev.space, ev.b)
+    p = P.asap(problem.a, problem.constraint, gold, P.AsapConfig(draws=96, asap_batch=8), automaton=automaton, key=jax.random.PRNGKey(8))
+    sampler = p.extras["asap"]
+    want = exact_masked_log_prob(ev.space, ev.log_a, ev.b, sampler.log_theta_levels(ev.space))
+    got = ev.log_law(p.lm)
+    reached = np.exp(want) > 1e-12
+    np.testing.assert_allclose(np.asarray(got)[reached], want[reached], atol=1e-5)
+    point, masking = ev.point(p.lm, 0, 0), ev.point(P.masked(problem.a, problem.constraint, gold, automaton=automaton).lm, 0, 0)
+    assert math.isclose(point.ar.value, 1.0, rel_tol=1e-6) and point.kl_g_g2.value < masking.kl_g_g2.value
+    assert p.train_samples == 96 and p.extras["summary"] == {"samples": 96, "accepted": 96, "root_bound": pytest.approx(math.exp(sampler.root_log_theta)),
+                                                              "trie_nodes": len(sampler.nodes)}
+
+
 def test_a_run_folder_resumes_only_the_run_it_holds(toy, tmp_path):
     problem, gold, ev = toy
     a, b = problem.a, problem.constraint
@@ -117,7 +136,7 @@ def test_registry_names_and_a_new_proposal(toy, tmp_path):
         P.lookup("rl:big")
     with pytest.raises(ValueError, match=r"unknown proposal 'sft_a:0.1'.*suffix: rl"):
         P.lookup("sft_a:0.1")
-    assert {"cap", "sft_a", "sft_cap", "dpg", "sft_dpg", "cap_dpg", "l3m", "aux", "aux_q", "rl", "masked", "sft_masked", "sft_asap"} <= set(P.RECIPES)
+    assert {"cap", "sft_a", "sft_cap", "dpg", "sft_dpg", "cap_dpg", "l3m", "aux", "aux_q", "rl", "masked", "sft_masked", "asap", "sft_asap"} <= set(P.RECIPES)
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Temper:

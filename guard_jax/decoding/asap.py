@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import NamedTuple
 
 import jax
@@ -68,6 +69,8 @@ class _AutomatonSets:
         return [self.initial] * batch_size
 
     def allowed(self, state: int, remaining: int) -> np.ndarray:
+        if state < 0:
+            return np.zeros(0, np.int64)
         nxt = self.next_SV[state]
         ok = nxt >= 0
         ok[ok] = self.steps_S[nxt[ok]] <= remaining
@@ -78,6 +81,24 @@ class _AutomatonSets:
 
     def accepting(self, state: int) -> bool:
         return state >= 0 and bool(self.accepting_S[state])
+
+    def child(self, state: int, token: int) -> int:
+        return self.advance(state, token)
+
+    def masks(self, states: list, remaining: list[int]) -> np.ndarray:
+        """bool [n, V]: the allowed tokens of each state with its number of tokens left."""
+        out = np.zeros((len(states), self.next_SV.shape[1]), bool)
+        for i, (state, r) in enumerate(zip(states, remaining)):
+            out[i, self.allowed(state, r)] = True
+        return out
+
+    def bitmasks(self, states: list, remaining: list[int]) -> np.ndarray:
+        """int32 [n, ceil(V/32)]: `masks` packed (bit v % 32 of word v // 32)."""
+        allowed_NV = self.masks(states, remaining)
+        V = allowed_NV.shape[1]
+        padded = np.zeros((len(states), -(-V // 32) * 32), bool)
+        padded[:, :V] = allowed_NV
+        return np.packbits(padded, axis=1, bitorder="little").view(np.int32)
 
 
 class _GrammarSets:
@@ -101,6 +122,88 @@ class _GrammarSets:
 
     def accepting(self, matcher) -> bool:
         return not matcher.is_error() and matcher.is_accepting()
+
+    def child(self, matcher, token: int):
+        """The state after `token`, leaving `matcher` as it was."""
+        return self.advance(matcher.deep_copy(), token)
+
+    def bitmasks(self, matchers: list, remaining: list[int]) -> np.ndarray:
+        """int32 [n, ceil(V/32)]: the masks of the matchers (empty for one in error), computed together on
+        llguidance's pool (the matchers must be distinct objects)."""
+        import llguidance
+        import llguidance.numpy as lnp
+
+        from guard_jax.grammars import _executor
+
+        bitmask_NW = np.zeros((len(matchers), self.grammar.mask_words), np.int32)
+        live = [(m, i) for i, m in enumerate(matchers) if not m.is_error()]
+        if live:
+            lnp.fill_next_token_bitmask_par(_executor(llguidance), live, bitmask_NW)
+        return bitmask_NW
+
+    def masks(self, matchers: list, remaining: list[int]) -> np.ndarray:
+        """bool [n, V]: `bitmasks` unpacked."""
+        from guard_jax.grammars import _unpack_bits
+
+        return _unpack_bits(self.bitmasks(matchers, remaining), self.grammar.vocab_size)
+
+
+class TrieBias:
+    """The next-token log weights of ASAp's law q after a prefix u, from a snapshot of the trie (a
+    `masked_arm.PrefixBias`): log theta~(uv) on the allowed tokens of an explored u, 0 on the allowed tokens of
+    an unexplored one, -inf elsewhere; zeros (a's conditionals) after EOS, off the mask or where nothing is
+    allowed (prefixes drawn with probability 0, or after b has already failed). With an empty trie: masking.
+    Mask states are memoised by prefix (at most `max_states`, then the memo starts afresh)."""
+
+    def __init__(self, sets, nodes: dict, vocab_size: int, max_new_tokens: int, eos_id: int | None, max_states: int = 50_000):
+        self.sets, self.V, self.T, self.eos_id, self.max_states = sets, int(vocab_size), int(max_new_tokens), eos_id, max_states
+        self.nodes = {u: (n.allowed.copy(), n.log_theta.astype(np.float32)) for u, n in nodes.items()}
+        self._states: dict[tuple[int, ...], object] = {}
+        self._lock = threading.Lock()
+
+    def _state(self, prefix: tuple[int, ...]):
+        if prefix not in self._states:
+            if len(self._states) >= self.max_states:
+                self._states.clear()
+            self._states[prefix] = self.sets.start(1)[0] if not prefix else self.sets.child(self._state(prefix[:-1]), prefix[-1])
+        return self._states[prefix]
+
+    @property
+    def bitmask_only(self) -> bool:
+        """True for an empty trie (masking): the bias is 0 / -inf, sent as bitmasks (`bitmasks`)."""
+        return not self.nodes
+
+    def bitmasks(self, prefixes: list[tuple[int, ...]]) -> np.ndarray:
+        """int32 [len(prefixes), ceil(V/32)]: the mask after each prefix (all ones after EOS; a's conditionals),
+        the distinct prefixes' masks computed together."""
+        out = np.full((len(prefixes), -(-self.V // 32)), -1, np.int32)
+        with self._lock:
+            fresh = [i for i, u in enumerate(prefixes) if not (self.eos_id is not None and self.eos_id in u)]
+            if fresh:
+                distinct = list(dict.fromkeys(prefixes[i] for i in fresh))
+                rows_UW = self.sets.bitmasks([self._state(u) for u in distinct], [self.T - len(u) - 1 for u in distinct])
+                where = {u: k for k, u in enumerate(distinct)}
+                out[fresh] = rows_UW[[where[prefixes[i]] for i in fresh]]
+        return out
+
+    def log_bias(self, prefixes: list[tuple[int, ...]]) -> np.ndarray:
+        out = np.zeros((len(prefixes), self.V), np.float32)
+        with self._lock:
+            fresh = [i for i, u in enumerate(prefixes) if u not in self.nodes and not (self.eos_id is not None and self.eos_id in u)]
+            if fresh:  # unexplored prefixes: the masks of the distinct ones, all at once
+                distinct = list(dict.fromkeys(prefixes[i] for i in fresh))
+                allowed_UV = self.sets.masks([self._state(u) for u in distinct], [self.T - len(u) - 1 for u in distinct])
+                rows_UV = np.full(allowed_UV.shape, -np.inf, np.float32)
+                rows_UV[allowed_UV | ~allowed_UV.any(axis=1, keepdims=True)] = 0.0
+                where = {u: k for k, u in enumerate(distinct)}
+                out[fresh] = rows_UV[[where[prefixes[i]] for i in fresh]]
+            for i, u in enumerate(prefixes):
+                if u in self.nodes and not (self.eos_id is not None and self.eos_id in u):
+                    allowed, w = self.nodes[u]
+                    if len(allowed):
+                        out[i] = -np.inf
+                        out[i, allowed] = w
+        return out
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -230,6 +333,18 @@ class Asap:
             node.log_theta[k] = min(node.log_theta[k], value)  # bounds only fall (guards against rounding)
             value = node.log_value()
         self.history.append(self.root_log_theta)
+
+    def as_lm(self, a):
+        """The law of the next sample given the current trie (a snapshot: later samples do not change it) as an
+        `LM` (`masked_arm.HostMaskedARM` over a's model, params and prompt), so the samplers, scorers and
+        estimators take it as a proposal a'. With an empty trie it is masked decoding by the same mask."""
+        from guard_jax.decoding.masked_arm import HostMaskedARM
+
+        if tuple(a.prompt) != tuple(self.prompt_P.tolist()) or a.model != self.model:
+            raise ValueError(f"as_lm needs the LM this sampler was built for (its model and prompt {self.prompt_P.tolist()}), "
+                             f"got prompt {list(a.prompt)}")
+        bias = TrieBias(self._sets, self.nodes, self.model.vocab_size, self.max_new_tokens, self.model.eos_id)
+        return dataclasses.replace(a, model=HostMaskedARM(a.model, bias, len(a.prompt), self.max_new_tokens))
 
     def log_prob(self, tokens_NT, lengths_N, batch_size: int = 32) -> np.ndarray:
         """log q(y) of the law the next sample is drawn from (the current trie), for any sequences -> float64 [N].
