@@ -70,7 +70,7 @@ def check_results(results, cfg):
         assert g["cost"]["lo"] <= g["cost"]["value"] <= g["cost"]["hi"]
 
 
-@pytest.mark.slow  # about 2-3 min on 2 loaded cores, nearly all compilation: trains two aux models, SFT and DPG
+@pytest.mark.slow  # 3-8 min on 2 loaded cores, nearly all compilation: trains two aux models, SFT and DPG
 def test_quick_attribute_experiment_runs(tmp_path):
     results = attribute_finetune.main(["--quick", "--out", str(tmp_path)])
     on_disk = json.loads((tmp_path / "results.json").read_text())
