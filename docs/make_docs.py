@@ -5,9 +5,10 @@
 
 A table in a page sits between two markers,
 
-    <!-- table: lexical_main_seed0 0 -->            (the run folder under --results, then a context index
-    | proposal | train samples | ... |             or "average" for the mean over a run's contexts)
-    <!-- /table -->
+    <!-- table: lexical_main_seed0 0 -->            (the run folder under --results, then a context index,
+    | proposal | train samples | ... |             "average" for the mean over a run's contexts, or the
+    <!-- /table -->                                name of a table the run wrote as text in results.json's
+                                                   "tables", e.g. `attribute_finetune models`)
 
 and is rewritten from `<results>/<run>/results.json` when that file exists (runs that are absent are
 listed and their tables left as they are). Only the tables are rewritten: reread the prose around a
@@ -23,7 +24,7 @@ import re
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
-MARKER = re.compile(r"^<!-- table: (?P<run>\S+) (?P<which>\d+|average) -->\n(?P<body>.*?)^<!-- /table -->$", re.M | re.S)
+MARKER = re.compile(r"^<!-- table: (?P<run>\S+) (?P<which>\w+) -->\n(?P<body>.*?)^<!-- /table -->$", re.M | re.S)
 QUANTITIES = ("AR_a2", "AR_gain", "KL(g||a2)", "KL(g||g2)", "KL(g2||g)")
 HEADER = ("| proposal | train samples | AR_a' | AR gain | KL(g‖a') | KL(g‖g') | KL(g'‖g) | n | SB-2 | SB-3 | SB-4 | SB-5 | sem. sim. |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -69,9 +70,13 @@ def average_table(results: dict) -> str:
 
 
 def table(results: dict, which: str) -> str:
-    """The table a marker names: a context index or "average"."""
+    """The table a marker names: a context index, "average", or a table the run stored as text under "tables"."""
     if which == "average":
         return average_table(results)
+    if not which.isdigit():
+        if which not in results.get("tables", {}):
+            raise ValueError(f"the marker asks for table {which!r} but the run's results.json has {sorted(results.get('tables', {}))}: fix the marker")
+        return results["tables"][which]
     contexts = results["contexts"]
     if int(which) >= len(contexts):
         raise ValueError(f"the marker asks for context {which} but the run has {len(contexts)}: fix the marker")

@@ -1,7 +1,7 @@
 """Length-constrained L3M on the embedded model: the same prompts answered by a short and a long L3M, beside SFT.
 
-    python -m experiments.l3m_length --quick                 # tiny, seconds (run by the tests)
-    python -m experiments.l3m_length --config experiments/configs/l3m_length_full.json --out results/l3m_length
+    python -m experiments.l3m_length --quick                 # tiny (run by the tests)
+    python -m experiments.l3m_length --config experiments/configs/l3m_length_full.json
 
 Three fine-tunes of the embedded base LM, each on the embedded corpus's training split (documents from BOS,
 EOS-terminated, cut at `max_new_tokens`) for `steps` steps from the same start: plain SFT, L3M with
@@ -11,24 +11,22 @@ Reported for each: the length law of unconditional samples (the distribution the
 with a 95% CI, quantiles, the share of samples on the constraint's side of the target, and whether the CI
 of the mean clears the target), the same on continuations of prompts cut from validation documents,
 validation perplexity, the multiplier lambda over training, and example continuations of the same prompts.
-Writes results.json and results.md under --out.
+Writes results.json (with the tables as text, for docs/make_docs.py) and results.md under --out.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import pathlib
 import time
 
 import jax
 import numpy as np
 
+from experiments import report
+from guard_jax.config import field_default
 from guard_jax.data import corpus
 from guard_jax.estimators import normal_interval
-from guard_jax.io import atomic_write_json, atomic_write_text
 from guard_jax.lm import LM
 from guard_jax.sampling import draw, score
 from guard_jax.train.l3m import L3M, L3MConfig
@@ -44,11 +42,11 @@ class LengthConfig:
     max_new_tokens: int = 48
     short_target: float = 12.0
     long_target: float = 36.0
-    n_samples: int = 64
-    batch_size: int = 32
-    learning_rate: float = 3e-4
-    mu_start: float = 1.0
-    mu_end: float = 0.01
+    n_samples: int = field_default(L3MConfig, "n_samples")
+    batch_size: int = field_default(L3MConfig, "batch_size")
+    learning_rate: float = field_default(L3MConfig, "learning_rate")
+    mu_start: float = field_default(L3MConfig, "mu_start")
+    mu_end: float = field_default(L3MConfig, "mu_end")
     n_train_docs: int | None = None
     n_eval: int = 512
     n_prompts: int = 4
@@ -64,18 +62,6 @@ class LengthConfig:
                              f"{self.long_target}, {self.max_new_tokens}")
         if min(self.steps, self.n_eval, self.n_prompts, self.prompt_tokens, self.n_per_prompt) < 1:
             raise ValueError("steps, n_eval, n_prompts, prompt_tokens and n_per_prompt must be >= 1")
-
-
-CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
-
-
-def config_from_dict(cls, data: dict, where: str):
-    """A `cls` from a JSON object; an unknown key is an error naming it and the valid keys."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return cls(**data)
 
 
 # --- data and measurements shared with the attribute fine-tuning experiment ----------------------------------
@@ -182,6 +168,7 @@ def run_experiment(cfg: LengthConfig, *, progress: bool = False) -> dict:
             "examples": examples, "train_seconds": seconds,
         }
     results["seconds"] = time.perf_counter() - t_start
+    results["tables"] = tables(results)
     return results
 
 
@@ -189,34 +176,41 @@ def _fmt(m: dict) -> str:
     return f"{m['value']:.2f} [{m['lo']:.2f}, {m['hi']:.2f}]"
 
 
-def markdown(results: dict, command: str) -> str:
+def tables(results: dict) -> dict:
+    """The report's tables as markdown text: "lengths", "lambda" (the multiplier over training) and "examples"."""
     cfg = results["config"]
-    lines = [f"# Length-constrained L3M on the embedded model", "",
-             f"Command: `{command}` ({results['seconds']:.0f} s on a shared, loaded 2-core CPU).", "",
-             f"Targets: short E[len] <= {cfg['short_target']:g}, long E[len] >= {cfg['long_target']:g} new tokens (EOS included), "
-             f"max_new_tokens = {cfg['max_new_tokens']}; {cfg['steps']} steps from the embedded base LM, SFT batch {cfg['batch_size']}, "
-             f"{cfg['n_samples']} policy samples per L3M step, mu {cfg['mu_start']:g} -> {cfg['mu_end']:g}.", "",
-             "| model | E[len] unconditional (95% CI) | median | share on the constraint's side | CI clears target | "
-             "E[len] on validation prompts (95% CI) | validation perplexity |",
-             "|---|---|---|---|---|---|---|"]
+    lengths = ["| model | E[len] unconditional (95% CI) | median | share on the constraint's side | CI clears target | "
+               "E[len] on validation prompts (95% CI) | validation perplexity |",
+               "|---|---|---|---|---|---|---|"]
     for name, m in results["models"].items():
         u, p = m["unconditional"], m["prompted"]
         share = f"{u['sample_rate']:.3f}" if "sample_rate" in u else "-"
         clears = ("yes" if u["ci_clears_target"] else "no") if "ci_clears_target" in u else "-"
-        lines.append(f"| {name} | {_fmt(u['mean'])} | {u['quantiles']['0.5']:g} | {share} | {clears} | {_fmt(p['mean'])} | "
-                     f"{m['validation_perplexity']:.2f} |")
-    lines += ["", "Multiplier lambda = mu / (-C) over training (every ~10% of the steps):", "",
-              "| model | " + " | ".join(f"step {i}" for i in _ticks(cfg["steps"])) + " |",
-              "|---|" + "---|" * len(_ticks(cfg["steps"]))]
+        lengths.append(f"| {name} | {_fmt(u['mean'])} | {u['quantiles']['0.5']:g} | {share} | {clears} | {_fmt(p['mean'])} | "
+                       f"{m['validation_perplexity']:.2f} |")
+    ticks = _ticks(cfg["steps"])
+    lam = ["| model | " + " | ".join(f"step {i}" for i in ticks) + " |", "|---|" + "---|" * len(ticks)]
     for name, m in results["models"].items():
         if m["lambda"]:
-            lines.append(f"| {name} | " + " | ".join(f"{m['lambda'][i]:.3g}" for i in _ticks(cfg["steps"])) + " |")
-    lines += ["", "Example continuations (the first sample of each model for the same validation prompt):", ""]
+            lam.append(f"| {name} | " + " | ".join(f"{m['lambda'][i]:.3g}" for i in ticks) + " |")
+    examples = []
     for i, prompt in enumerate(results["prompts"]):
-        lines.append(f"- prompt `{prompt}`")
+        examples.append(f"- prompt `{prompt}`")
         for name, m in results["models"].items():
-            lines.append(f"  - {name}: {m['examples'][i]!r}")
-    return "\n".join(lines) + "\n"
+            examples.append(f"  - {name}: {m['examples'][i]!r}")
+    return {"lengths": "\n".join(lengths), "lambda": "\n".join(lam), "examples": "\n".join(examples)}
+
+
+def markdown(results: dict, command: str) -> str:
+    cfg, t = results["config"], results["tables"]
+    return "\n".join([
+        "# Length-constrained L3M on the embedded model", "",
+        f"Command: `{command}` ({results['seconds']:.0f} s on a shared, loaded 2-core CPU).", "",
+        f"Targets: short E[len] <= {cfg['short_target']:g}, long E[len] >= {cfg['long_target']:g} new tokens (EOS included), "
+        f"max_new_tokens = {cfg['max_new_tokens']}; {cfg['steps']} steps from the embedded base LM, SFT batch {cfg['batch_size']}, "
+        f"{cfg['n_samples']} policy samples per L3M step, lr {cfg['learning_rate']:g}, mu {cfg['mu_start']:g} -> {cfg['mu_end']:g}.", "",
+        t["lengths"], "", "Multiplier lambda = mu / (-C) over training (every ~10% of the steps):", "", t["lambda"], "",
+        "Example continuations (the first sample of each model for the same validation prompt):", "", t["examples"], ""])
 
 
 def _ticks(steps: int) -> list[int]:
@@ -224,19 +218,7 @@ def _ticks(steps: int) -> list[int]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny configs/l3m_length_quick.json (seconds)")
-    parser.add_argument("--config", type=pathlib.Path, help="JSON object of LengthConfig fields (the rest keep their defaults)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/l3m_length"))
-    parser.add_argument("--progress", action="store_true")
-    args = parser.parse_args(argv)
-    path = args.config or (CONFIGS / "l3m_length_quick.json" if args.quick else None)
-    cfg = LengthConfig() if path is None else config_from_dict(LengthConfig, json.loads(path.read_text()), str(path))
-    results = run_experiment(cfg, progress=args.progress)
-    command = "python -m experiments.l3m_length" + (" --quick" if args.quick else "") + (f" --config {args.config}" if args.config else "")
-    atomic_write_json(args.out / "results.json", results)
-    atomic_write_text(args.out / "results.md", markdown(results, command))
-    return results
+    return report.main(argv, name="l3m_length", doc=__doc__, config_cls=LengthConfig, run_experiment=run_experiment, markdown=markdown)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,16 @@ def to_dict(obj):
     return obj
 
 
+def field_default(cls, name: str):
+    """The default of field `name` of the dataclass `cls` (a config that takes another's defaults)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is dataclasses.MISSING:
+                raise ConfigError(f"{cls.__name__}.{name} has no default: give it a value")
+            return f.default
+    raise ConfigError(f"{cls.__name__} has no field {name!r}; its fields: {[f.name for f in dataclasses.fields(cls)]}")
+
+
 def config_hash(obj) -> str:
     """12 hex digits of the SHA-256 of the config's canonical JSON (sorted keys): equal configs, equal hashes."""
     text = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guard_jax.config import ConfigError, config_hash, from_dict, to_dict
+from guard_jax.config import ConfigError, config_hash, field_default, from_dict, to_dict
 from guard_jax.constraints import Constraint
 from guard_jax.evaluate import CurvePoint, Evaluator, Gold
 from guard_jax.io import atomic_write_json
@@ -49,11 +49,6 @@ from guard_jax.train.l3m import L3M, L3MConfig
 from guard_jax.train.loop import LoopConfig, run
 from guard_jax.train.rl import RL, RLConfig
 from guard_jax.train.sft import SFT, SFTConfig
-
-
-def _default(cls, name: str):
-    """The default of field `name` of the dataclass `cls` (recipes take the trainers' defaults)."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def named_key(key: jax.Array, *names: str) -> jax.Array:
@@ -106,9 +101,9 @@ class SFTRecipeConfig(Schedule):
 
     draws: int = 100_000
     epochs: float = 1.0
-    batch_size: int = _default(SFTConfig, "batch_size")
-    learning_rate: float = _default(SFTConfig, "learning_rate")
-    warmup_steps: int = _default(SFTConfig, "warmup_steps")
+    batch_size: int = field_default(SFTConfig, "batch_size")
+    learning_rate: float = field_default(SFTConfig, "learning_rate")
+    warmup_steps: int = field_default(SFTConfig, "warmup_steps")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,11 +144,11 @@ class DPGRecipeConfig(Schedule):
     """DPG for `steps` updates of `n_samples` samples (in minibatches); swap_every: off-policy proposal checks."""
 
     steps: int = 10
-    n_samples: int = _default(DPGConfig, "n_samples")
-    minibatch: int = _default(DPGConfig, "minibatch")
-    learning_rate: float = _default(DPGConfig, "learning_rate")
-    warmup_steps: int = _default(DPGConfig, "warmup_steps")
-    swap_every: int = _default(DPGConfig, "swap_every")
+    n_samples: int = field_default(DPGConfig, "n_samples")
+    minibatch: int = field_default(DPGConfig, "minibatch")
+    learning_rate: float = field_default(DPGConfig, "learning_rate")
+    warmup_steps: int = field_default(DPGConfig, "warmup_steps")
+    swap_every: int = field_default(DPGConfig, "swap_every")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -170,11 +165,11 @@ class L3MRecipeConfig(Schedule):
     draws: int = 100_000
     steps: int = 10
     threshold: float = 0.5
-    n_samples: int = _default(L3MConfig, "n_samples")
-    batch_size: int = _default(L3MConfig, "batch_size")
-    learning_rate: float = _default(L3MConfig, "learning_rate")
-    mu_start: float = _default(L3MConfig, "mu_start")
-    mu_end: float = _default(L3MConfig, "mu_end")
+    n_samples: int = field_default(L3MConfig, "n_samples")
+    batch_size: int = field_default(L3MConfig, "batch_size")
+    learning_rate: float = field_default(L3MConfig, "learning_rate")
+    mu_start: float = field_default(L3MConfig, "mu_start")
+    mu_end: float = field_default(L3MConfig, "mu_end")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -182,10 +177,10 @@ class AuxRecipeConfig(Schedule):
     """The auxiliary value head R and the policy distilled from q = a·sigmoid(R)."""
 
     steps: int = 10
-    n_samples: int = _default(AuxConfig, "n_samples")
-    learning_rate: float = _default(AuxConfig, "learning_rate")
-    kl_weight: float = _default(AuxConfig, "kl_weight")
-    minibatch: int | None = _default(AuxConfig, "minibatch")
+    n_samples: int = field_default(AuxConfig, "n_samples")
+    learning_rate: float = field_default(AuxConfig, "learning_rate")
+    kl_weight: float = field_default(AuxConfig, "kl_weight")
+    minibatch: int | None = field_default(AuxConfig, "minibatch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -194,9 +189,9 @@ class RLRecipeConfig(Schedule):
 
     beta: float = 0.1
     steps: int = 10
-    n_samples: int = _default(RLConfig, "n_samples")
-    learning_rate: float = _default(RLConfig, "learning_rate")
-    minibatch: int | None = _default(RLConfig, "minibatch")
+    n_samples: int = field_default(RLConfig, "n_samples")
+    learning_rate: float = field_default(RLConfig, "learning_rate")
+    minibatch: int | None = field_default(RLConfig, "minibatch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -403,7 +398,7 @@ def l3m(a: LM, b: Constraint, gold: Gold, config: L3MRecipeConfig | None = None,
     return Proposal(a.with_params(state.params), int(draws) + config.steps * cfg.n_samples, curve, _metrics(run_dir))
 
 
-def _zero_head(params):
+def zero_head(params):
     """The value head's start: a copy of a's params with the final layer norm's scale (GPT-2 `ln_f`) at 0, so
     R = 0 (q = a) while the features below still carry gradient; all zeros for other layouts."""
     if isinstance(params, dict) and isinstance(params.get("ln_f"), dict) and "scale" in params["ln_f"]:
@@ -430,7 +425,7 @@ def aux(a: LM, b: Constraint, gold: Gold, config: AuxRecipeConfig | None = None,
     def q_of(state) -> LM:
         return trainer.proposal(state)
 
-    state, curve, q_curve = _train(trainer, {"head": _zero_head(a.params), "policy": a.params}, config.steps, config,
+    state, curve, q_curve = _train(trainer, {"head": zero_head(a.params), "policy": a.params}, config.steps, config,
                                    lambda k: k * cfg.n_samples, lambda p: a.with_params(p["policy"]), key=key, run_dir=run_dir,
                                    evaluator=evaluator, start=evaluator.start() if evaluator is not None else None,
                                    progress=progress, tensorboard=tensorboard, also=q_of)

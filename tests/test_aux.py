@@ -31,13 +31,19 @@ def test_exact_prefix_values_give_g_exactly(eos, x64):
     np.testing.assert_allclose(np.exp(log_q), np.exp(log_gold(log_a, b)), atol=1e-12)
 
 
-def test_aux_trainer_moves_the_proposal_and_the_policy_toward_g():
+@pytest.fixture
+def toy():
+    """The trainers' toy: a tabular ARM a (3 tokens, length 4, EOS 0), its exact log-probs (float64) and b on its space."""
     a = TabularARM(3, 4, eos_id=0)
     a_params = a.init(jax.random.PRNGKey(1), scale=1.0)
     space = SequenceSpace.of(a, 4)
     with jax.enable_x64(True):
         log_a = exact_log_prob(a, a_params, 4)
-    b = exact_constraint(space, B)
+    return a, a_params, log_a, exact_constraint(space, B)
+
+
+def test_aux_trainer_moves_the_proposal_and_the_policy_toward_g(toy):
+    a, a_params, log_a, b = toy
     head = TinyTransformerARM(3, 4, eos_id=0, d_model=16)
     head_params = head.init(jax.random.PRNGKey(2))
     head_params["head"]["kernel"] = jnp.zeros_like(head_params["head"]["kernel"])  # R = 0: q = a at the start
@@ -250,15 +256,10 @@ def test_with_a_corpus_lambda_zero_is_the_sft_update(x64):
 
 
 @pytest.mark.slow
-def test_large_lambda_fine_tuning_moves_the_policy_toward_g():
+def test_large_lambda_fine_tuning_moves_the_policy_toward_g(toy):
     """The trainer end to end on a tabular ARM with a corpus of a's samples: at large lambda the policy's exact
     KL(g || p) falls well below the SFT (lambda = 0) policy's, and its AR rises."""
-    a = TabularARM(3, 4, eos_id=0)
-    a_params = a.init(jax.random.PRNGKey(1), scale=1.0)
-    space = SequenceSpace.of(a, 4)
-    with jax.enable_x64(True):
-        log_a = exact_log_prob(a, a_params, 4)
-    b = exact_constraint(space, B)
+    a, a_params, log_a, b = toy
     s = sample(jax.random.PRNGKey(7), a, a_params, *bos_prompt(a, 512), 4)
     corpus = (np.asarray(s.tokens_BT), np.asarray(s.lengths_B))
     out = {}

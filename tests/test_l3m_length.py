@@ -96,4 +96,24 @@ def test_quick_length_experiment_runs(tmp_path):
         if name.startswith("l3m"):
             assert len(m["lambda"]) == cfg["steps"] and all(x > 0 for x in m["lambda"]) and 0 <= u["sample_rate"] <= 1
     text = (tmp_path / "results.md").read_text()
-    assert "l3m_short" in text and "validation perplexity" in text
+    assert "l3m_short" in text and on_disk["tables"]["lengths"] in text
+
+
+def test_length_report_and_tables():
+    """The length summary of a known sample and the tables built from it (no training)."""
+    from experiments import l3m_length
+
+    r = l3m_length.length_report([2, 4, 4, 10], "<=", 5.0)
+    assert r["mean"]["value"] == 5.0 and r["mean"]["lo"] < 5.0 < r["mean"]["hi"] and r["histogram"][4] == 2
+    assert r["sample_rate"] == 0.75 and r["mean_satisfies"] and not r["ci_clears_target"]
+    free = l3m_length.length_report([1, 2, 3], None, None)
+    assert "sample_rate" not in free and free["quantiles"]["0.5"] == 2.0
+    results = {"config": {"steps": 3}, "prompts": ["Once"],
+               "models": {"sft": {"unconditional": free, "prompted": free, "validation_perplexity": 9.5, "lambda": [], "examples": ["x"]},
+                          "l3m_short": {"unconditional": r, "prompted": r, "validation_perplexity": 12.0, "lambda": [1.0, 2.0, 0.5],
+                                        "examples": ["a b"]}}}
+    t = l3m_length.tables(results)
+    assert t["lengths"].splitlines()[2] == "| sft | 2.00 [0.87, 3.13] | 2 | - | - | 2.00 [0.87, 3.13] | 9.50 |"
+    assert "| l3m_short | 5.00" in t["lengths"] and "| 0.750 | no |" in t["lengths"]
+    assert t["lambda"].splitlines()[2] == "| l3m_short | 1 | 2 | 0.5 |" and len(t["lambda"].splitlines()) == 3
+    assert t["examples"].splitlines() == ["- prompt `Once`", "  - sft: 'x'", "  - l3m_short: 'a b'"]

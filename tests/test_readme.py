@@ -137,7 +137,8 @@ def _results(n_contexts: int) -> dict:
     contexts = [{"gold": {"diversity": _diversity(50)}, "methods": {"cap": method(0), "sft_a": method(1)}} for _ in range(n_contexts)]
     average = {"cap": {"AR_a2": 0.1, "AR_gain": 1.5, "KL(g||a2)": 2.0, "KL(g||g2)": 1.0, "KL(g2||g)": None}, "_Z": 0.01}
     # results.json stores methods sorted by name; the tables follow the config's order
-    return {"config": {"proposals": ["sft_a", "cap"]}, "contexts": contexts, "average": average}
+    return {"config": {"proposals": ["sft_a", "cap"]}, "contexts": contexts, "average": average,
+            "tables": {"models": "| model | rate |\n|---|---|\n| base | 0.1 |"}}  # a single-run experiment's own tables
 
 
 PAGE = """# a page
@@ -150,6 +151,10 @@ prose stays
 
 <!-- table: run_seed0 average -->
 | old average |
+<!-- /table -->
+
+<!-- table: run_seed0 models -->
+| old named table |
 <!-- /table -->
 
 <!-- table: absent_seed0 0 -->
@@ -175,6 +180,7 @@ def test_docs_tables_regenerate_from_results_json(tmp_path):
     assert table[3].startswith("| sft_a |") and table[4].startswith("| cap |")
     assert table[3] == "| sft_a | 1,024 | 0.2 [0.1, 0.4] | 0.2 [0.1, 0.4] | 0.2 [0.1, 0.4] | 0.2 [0.1, 0.4] | n/a | 21 | 0.250 | 0.100 | 0.050 | 0.030 | n/a |"
     assert "| cap | 0.1 | 1.5 | 2 | 1 | n/a |" in text
+    assert "| old named table |" not in text and "<!-- table: run_seed0 models -->\n| model | rate |\n|---|---|\n| base | 0.1 |\n" in text
     assert make_docs.main(argv + ["--check"]) == 0  # regenerating again changes nothing
 
 
