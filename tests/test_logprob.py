@@ -94,3 +94,30 @@ def test_log_prob_of_gpt2_matches_the_logits_path_on_padded_batches(tied, temper
         for k in path:
             h = h[k.key]
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 8, 23, 37])
+@pytest.mark.parametrize("chunk", [8, None])
+def test_rows_skips_the_tail_and_equals_the_masked_full_computation(rows, chunk):
+    # only the first `rows` rows are computed (chunks of 8: 0, 1, 1, 1, 3 or 5 of the 5 chunks); they equal the
+    # full computation, the rest are 0, and the gradients equal those of the full computation masked to them
+    x_ND, w_VD, y_N, g_N = _data()
+    keep_N = jnp.arange(37) < rows
+    got = jax.jit(lambda r: token_log_prob(x_ND, w_VD, y_N, 1.0, chunk, rows=r))(jnp.int32(rows))
+    np.testing.assert_allclose(got, jnp.where(keep_N, token_log_prob(x_ND, w_VD, y_N, 1.0, chunk), 0.0), rtol=1e-6, atol=0)
+    assert not np.any(np.asarray(got)[rows:])
+    loss = lambda f: lambda x, w: jnp.sum(g_N * f(x, w))
+    gx, gw = jax.grad(loss(lambda x, w: token_log_prob(x, w, y_N, 1.0, chunk, rows=jnp.int32(rows))), (0, 1))(x_ND, w_VD)
+    hx, hw = jax.grad(loss(lambda x, w: jnp.where(keep_N, _plain(x, w, y_N), 0.0)), (0, 1))(x_ND, w_VD)
+    np.testing.assert_allclose(gx, hx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, hw, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_first_is_a_stable_permutation_with_the_valid_rows_first():
+    from guard_jax.logprob import sequence_first
+
+    valid_N = np.array([0, 1, 1, 0, 0, 1, 0, 1], bool)
+    order_N, rows = sequence_first(jnp.asarray(valid_N))
+    assert int(rows) == 4 and list(np.asarray(order_N)) == [1, 2, 5, 7, 0, 3, 4, 6]
+    order_N, rows = sequence_first(jnp.zeros(3, bool))
+    assert int(rows) == 0 and list(np.asarray(order_N)) == [0, 1, 2]
