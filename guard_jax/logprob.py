@@ -49,9 +49,14 @@ def _layout(N: int, chunk: int | None, V: int) -> tuple[int, int]:
     return -(-N // C), C
 
 
-def _logits(x_CD, w_VD, temperature: float):
-    logits_CV = jnp.einsum("cd,vd->cv", x_CD, w_VD, preferred_element_type=jnp.float32)
-    return logits_CV if temperature == 1.0 else logits_CV / temperature
+def _logits(x_CD, w_VD, temperature: float, softcap: float | None):
+    """-> (logits_CV, dlogits/dz_CV or None): z = x @ w.T, logits = softcap(z) / temperature."""
+    z_CV = jnp.einsum("cd,vd->cv", x_CD, w_VD, preferred_element_type=jnp.float32)
+    slope_CV = None
+    if softcap:
+        t_CV = jnp.tanh(z_CV / softcap)
+        z_CV, slope_CV = t_CV * softcap, 1.0 - t_CV * t_CV
+    return (z_CV if temperature == 1.0 else z_CV / temperature), slope_CV
 
 
 def _count(rows, N: int, C: int):
@@ -60,7 +65,7 @@ def _count(rows, N: int, C: int):
     return n if rows is None else jnp.minimum((rows + C - 1) // C, n)
 
 
-def _forward(x_ND, w_VD, y_N, rows, temperature: float, chunk: int | None):
+def _forward(x_ND, w_VD, y_N, rows, temperature: float, chunk: int | None, softcap: float | None):
     """-> (logp_N, lse_N), one chunk of rows at a time; with `rows`, rows >= rows are 0 (their chunks skipped)."""
     N = x_ND.shape[0]
     n, C = _layout(N, chunk, w_VD.shape[0])
@@ -69,7 +74,7 @@ def _forward(x_ND, w_VD, y_N, rows, temperature: float, chunk: int | None):
     def one(i, out):
         logp_nC, lse_nC = out
         x_CD, y_C = x_nCD[i], y_nC[i]
-        logits_CV = _logits(x_CD, w_VD, temperature)
+        logits_CV = _logits(x_CD, w_VD, temperature, softcap)[0]
         max_C = jnp.max(logits_CV, axis=-1)
         lse_C = max_C + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C[:, None]), axis=-1))
         picked_C = jnp.take_along_axis(logits_CV, y_C[:, None], axis=-1)[:, 0]
@@ -81,30 +86,31 @@ def _forward(x_ND, w_VD, y_N, rows, temperature: float, chunk: int | None):
     return (logp_N if rows is None else jnp.where(jnp.arange(N) < rows, logp_N, 0.0)), lse_N
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _token_log_prob(x_ND, w_VD, y_N, rows, temperature, chunk):
-    return _forward(x_ND, w_VD, y_N, rows, temperature, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _token_log_prob(x_ND, w_VD, y_N, rows, temperature, chunk, softcap):
+    return _forward(x_ND, w_VD, y_N, rows, temperature, chunk, softcap)[0]
 
 
 def token_log_prob(x_ND: jax.Array, w_VD: jax.Array, y_N: jax.Array, temperature: float = 1.0,
-                   chunk: int | None = None, rows: jax.Array | None = None) -> jax.Array:
-    """log softmax(x_ND @ w_VD.T / temperature)[n, y_N[n]] -> logp_N (float32).
+                   chunk: int | None = None, rows: jax.Array | None = None, softcap: float | None = None) -> jax.Array:
+    """log softmax(softcap(x_ND @ w_VD.T) / temperature)[n, y_N[n]] -> logp_N (float32).
 
     x_ND: features (any float dtype); w_VD: output embedding (logits = x @ w.T); y_N: int token ids;
     `chunk` rows at a time (default `default_chunk(V)`). `rows` (an int scalar, may be traced): only the
     first `rows` rows are wanted; the others are 0 with zero gradient and chunks holding none of the first
     `rows` are not computed (`log_prob` puts the positions inside the continuations first). Differentiable
-    in x and w (see the module doc).
+    in x and w (see the module doc). `softcap` c (Gemma 2's final logit soft-cap): z -> c tanh(z / c) before
+    the temperature; None: no cap.
     """
-    return _token_log_prob(x_ND, w_VD, y_N, rows, temperature, chunk)
+    return _token_log_prob(x_ND, w_VD, y_N, rows, temperature, chunk, softcap)
 
 
-def _fwd(x_ND, w_VD, y_N, rows, temperature, chunk):
-    logp_N, lse_N = _forward(x_ND, w_VD, y_N, rows, temperature, chunk)
+def _fwd(x_ND, w_VD, y_N, rows, temperature, chunk, softcap):
+    logp_N, lse_N = _forward(x_ND, w_VD, y_N, rows, temperature, chunk, softcap)
     return logp_N, (x_ND, w_VD, y_N, rows, lse_N)
 
 
-def _bwd(temperature, chunk, residuals, g_N):
+def _bwd(temperature, chunk, softcap, residuals, g_N):
     x_ND, w_VD, y_N, rows, lse_N = residuals
     (N, D), V = x_ND.shape, w_VD.shape[0]
     n, C = _layout(N, chunk, V)
@@ -116,9 +122,11 @@ def _bwd(temperature, chunk, residuals, g_N):
     def one(i, out):
         dwT_DV, dx_nCD = out
         x_CD, y_C, lse_C, g_C = x_nCD[i], y_nC[i], lse_nC[i], g_nC[i]
-        p_CV = jnp.exp(_logits(x_CD, w_VD, temperature) - lse_C[:, None])
+        logits_CV, slope_CV = _logits(x_CD, w_VD, temperature, softcap)
+        p_CV = jnp.exp(logits_CV - lse_C[:, None])
         onehot_CV = (jnp.arange(V)[None, :] == y_C[:, None]).astype(jnp.float32)
-        dlogits_CV = (g_C[:, None] * (onehot_CV - p_CV)).astype(w_VD.dtype)
+        dlogits_CV = g_C[:, None] * (onehot_CV - p_CV)
+        dlogits_CV = (dlogits_CV if slope_CV is None else dlogits_CV * slope_CV).astype(w_VD.dtype)  # d/dz of the cap
         dx_CD = jnp.einsum("cv,vd->cd", dlogits_CV, w_VD, preferred_element_type=jnp.float32)
         dwT_DV = dwT_DV + jnp.einsum("cd,cv->dv", x_CD.astype(w_VD.dtype), dlogits_CV, preferred_element_type=jnp.float32)
         return dwT_DV, dx_nCD.at[i].set(dx_CD)

@@ -190,7 +190,8 @@ def log_prob(
 ) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0.
 
-    A model with `apply_features` (features and output embedding, logits = features @ w.T) is scored by
+    A model with `apply_features` (features and output embedding, logits = features @ w.T, soft-capped by
+    the model's `logit_softcap` when it has one) is scored by
     `guard_jax.logprob.token_log_prob`, which never holds the B×T×V logits and runs the output head only on
     the positions before each row's length (padding after EOS costs no head matmul); any other through its logits.
     """
@@ -204,7 +205,8 @@ def log_prob(
         x_BSD, w_VD = model.apply_features(params, inputs_BS, mask_BS)
         x_ND = x_BSD[:, P - 1 : P - 1 + T].reshape(B * T, -1)
         order_N, rows = sequence_first(valid_BT.reshape(-1))  # the head runs on the positions inside the continuations
-        logp_N = token_log_prob(x_ND[order_N], w_VD, tokens_BT.reshape(-1)[order_N], float(temperature), rows=rows)
+        logp_N = token_log_prob(x_ND[order_N], w_VD, tokens_BT.reshape(-1)[order_N], float(temperature), rows=rows,
+                                softcap=getattr(model, "logit_softcap", None))
         logp_BT = jnp.zeros_like(logp_N).at[order_N].set(logp_N, unique_indices=True).reshape(B, T)
     else:
         logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
