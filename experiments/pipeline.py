@@ -73,11 +73,11 @@ class Phases:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        row = self.rows.setdefault(name, {"wall": 0.0, "cpu": 0.0, "compile": 0.0})
         w, c, k = time.perf_counter(), time.process_time(), _compile_total[0]
         try:
             yield
         finally:
-            row = self.rows.setdefault(name, {"wall": 0.0, "cpu": 0.0, "compile": 0.0})
             row["wall"] += time.perf_counter() - w
             row["cpu"] += time.process_time() - c
             row["compile"] += _compile_total[0] - k
