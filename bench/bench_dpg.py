@@ -12,7 +12,9 @@ Adam. Goal: >= 3x the reference on a 2-core CPU; training MFU against the measur
 `embedded` is the shipped base LM (guard_jax/assets/base_lm: 4 layers x 128, V = 8,192) at batch 128 and 512,
 30 new tokens, the experiments' setting. Its lines time each part of the step on both sides in the same turns:
 sampling, scoring under the frozen a, the policy's forward + backward, the optimizer, and the whole step
-(guard_jax: `DPG.step`, which runs the parts in two jitted calls with the host constraint between them),
+(guard_jax: `DPG.step`, which runs the parts in jitted calls with the host constraint between them and
+scores a only on the samples with b = 1, about half of them under this bench's constraint; the "score" part
+times every row),
 plus a float32 matmul as a turn of its own, so the MFU of each part divides by a peak measured under the
 same load. FLOPs count 2 per matmul weight per token forward (sampling, scoring) and 6 forward + backward
 (`bench.common.matmul_params`: the layers' kernels and the V x D head; attention left out). Goals on

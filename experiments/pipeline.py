@@ -16,6 +16,7 @@ never the result of settings other than those results.json states.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -46,6 +47,59 @@ def enable_compilation_cache() -> None:
     XLA_CACHE.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(XLA_CACHE))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_total = [0.0]  # seconds JAX spent tracing, lowering and compiling (or loading from the disk cache), this process
+
+
+def _on_compile_event(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_total[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
+
+
+class Phases:
+    """Wall seconds, CPU seconds (this process, all threads) and JAX compile seconds (tracing, lowering, XLA
+    compilation or loading from the disk cache) per named phase of a run: `with phases("gold"): ...`; a name
+    entered again adds up. `as_dict()` -> {name: {"wall", "cpu", "compile"}} in the order first entered.
+    On a shared machine wall time follows the load; CPU seconds compare across runs of one machine."""
+
+    def __init__(self):
+        self.rows: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        row = self.rows.setdefault(name, {"wall": 0.0, "cpu": 0.0, "compile": 0.0})
+        w, c, k = time.perf_counter(), time.process_time(), _compile_total[0]
+        try:
+            yield
+        finally:
+            row["wall"] += time.perf_counter() - w
+            row["cpu"] += time.process_time() - c
+            row["compile"] += _compile_total[0] - k
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {name: {k: round(v, 2) for k, v in row.items()} for name, row in self.rows.items()}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TimedEvaluator:
+    """An evaluator whose curve points are timed as phase `curve:<proposal>` (the proposal being built)."""
+
+    inner: Any
+    phases: Phases
+    current: list = dataclasses.field(default_factory=lambda: [""])
+
+    def start(self):
+        return self.inner.start()
+
+    def point(self, lm, samples, step, key):
+        with self.phases(f"curve:{self.current[0]}"):
+            return self.inner.point(lm, samples, step, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,21 +140,24 @@ def describe_samples(a: LM, task: Task, tokens_NT, lengths_N, n_div: int) -> tup
     return {"positions": [float(p) for p in pos[~np.isnan(pos)]], "examples": texts[:5]}, texts
 
 
-def run_task(setup: Setup, task: Task, proposals: list[str]) -> dict:
+def run_task(setup: Setup, task: Task, proposals: list[str], phases: Phases | None = None) -> dict:
     """Everything for one context: gold samples, each proposal built, trained and evaluated, then the
-    diversity of every row at one Self-BLEU set size (`common_set_size`)."""
+    diversity of every row at one Self-BLEU set size (`common_set_size`). `phases` (optional) times each part:
+    gold, train:<proposal> (its curve points, curve:<proposal>, included), eval:<proposal>, diversity."""
     cfg, ev = setup.config, setup.config.eval
+    phases = phases or Phases()
     a = setup.a.with_context(task.context)
     t0 = time.perf_counter()
-    gold = draw_gold(setup.key(task.name, "gold"), a, task.constraint, ev.n_a, max_new_tokens=cfg.max_new_tokens,
-                     batch_size=cfg.batch_size, progress=setup.progress, desc=f"[{task.name}] sampling a (gold)")
-    gold_desc, gold_texts = describe_samples(a, task, gold.tokens_NT, gold.lengths_N, ev.n_diversity)
+    with phases("gold"):
+        gold = draw_gold(setup.key(task.name, "gold"), a, task.constraint, ev.n_a, max_new_tokens=cfg.max_new_tokens,
+                         batch_size=cfg.batch_size, progress=setup.progress, desc=f"[{task.name}] sampling a (gold)")
+        gold_desc, gold_texts = describe_samples(a, task, gold.tokens_NT, gold.lengths_N, ev.n_diversity)
     result = {"name": task.name, "context": task.context, "cap_prompt": task.cap_prompt, "constraint": task.constraint.name,
               "gold": {"draws": gold.draws, "accepted": gold.accepted, "Z": estimate_dict(gold.z), "KL(g||a)": estimate_dict(gold.kl_g_a),
                        **gold_desc, "seconds": time.perf_counter() - t0},
               "methods": {}}
     rows = {"gold": (result["gold"], gold_texts)}
-    evaluator = MonteCarloEvaluator(gold, task.constraint, ev.n_curve, cfg.batch_size, cfg.score_batch_size)
+    evaluator = TimedEvaluator(MonteCarloEvaluator(gold, task.constraint, ev.n_curve, cfg.batch_size, cfg.score_batch_size), phases)
     inputs = {"model": cfg.model, "context": task.context, "constraint": task.constraint.name, "max_new_tokens": cfg.max_new_tokens,
               "batch_size": cfg.batch_size, "score_batch_size": cfg.score_batch_size, "seed": cfg.seed, "n_a": ev.n_a,
               "n_curve": ev.n_curve}
@@ -110,14 +167,17 @@ def run_task(setup: Setup, task: Task, proposals: list[str]) -> dict:
                       automaton=task.automaton)
     for name in tqdm(proposals, desc=f"[{task.name}] proposals", unit="proposal", disable=not setup.progress):
         t1 = time.perf_counter()
-        p = builder.get(name)
+        evaluator.current[0] = name
+        with phases(f"train:{name}"):
+            p = builder.get(name)
         t2 = time.perf_counter()
-        e = evaluate_proposal(named_key(builder.key_of(name), "eval"), gold, a, p.lm, task.constraint, ev.n_a2, batch_size=cfg.batch_size,
-                              score_batch_size=cfg.score_batch_size, progress=setup.progress, desc=f"[{task.name}] sampling a' ({name})")
-        builder.finals[name] = e.point(p.train_samples)
-        estimates = e.to_dict()
-        ar = estimates["AR_a2"]["value"]
-        desc, texts = describe_samples(a, task, e.tokens_NT, e.lengths_N, ev.n_diversity)
+        with phases(f"eval:{name}"):
+            e = evaluate_proposal(named_key(builder.key_of(name), "eval"), gold, a, p.lm, task.constraint, ev.n_a2, batch_size=cfg.batch_size,
+                                  score_batch_size=cfg.score_batch_size, progress=setup.progress, desc=f"[{task.name}] sampling a' ({name})")
+            builder.finals[name] = e.point(p.train_samples)
+            estimates = e.to_dict()
+            ar = estimates["AR_a2"]["value"]
+            desc, texts = describe_samples(a, task, e.tokens_NT, e.lengths_N, ev.n_diversity)
         result["methods"][name] = {
             "train_samples": p.train_samples, "curve": [q.to_dict() for q in p.curve], "metrics_jsonl": p.metrics_jsonl,
             "config": to_dict(builder.config(name)), "run_dir": str(pathlib.Path(p.metrics_jsonl).parent) if p.metrics_jsonl else None,
@@ -128,8 +188,9 @@ def run_task(setup: Setup, task: Task, proposals: list[str]) -> dict:
         rows[name] = (result["methods"][name], texts)
     set_size = common_set_size([len(t) for _, t in rows.values()], ev.n_diversity, ev.min_diversity_set)
     result["self_bleu_set"] = set_size
-    for row, texts in rows.values():
-        row["diversity"] = diversity_report(texts, set_size, cfg.semantic)
+    with phases("diversity"):
+        for row, texts in rows.values():
+            row["diversity"] = diversity_report(texts, set_size, cfg.semantic)
     return result
 
 
@@ -192,6 +253,12 @@ def markdown(results: dict) -> str:
                                                         for q in ("AR_a2", "AR_gain", "KL(g||a2)", "KL(g||g2)", "KL(g2||g)")) + " |")
         lines.append("")
     lines += ["Figures: " + ", ".join(f"`{p}`" for p in results.get("figures", [])), ""]
+    if results.get("phase_seconds"):
+        lines += ["Time per phase (seconds; CPU = this process over all threads; compile = JAX tracing, lowering and XLA "
+                  "compilation or disk-cache loads, included in wall; train includes its curve points):", "",
+                  "| phase | wall | CPU | compile |", "|---|---|---|---|"]
+        lines += [f"| {name} | {row['wall']:.1f} | {row['cpu']:.1f} | {row['compile']:.1f} |" for name, row in results["phase_seconds"].items()]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -204,12 +271,16 @@ def run(setup: Setup, tasks: list[Task], out: pathlib.Path) -> dict:
     from experiments import figures
 
     t0 = time.perf_counter()
-    contexts = [run_task(setup, task, list(setup.config.proposals)) for task in tasks]
-    results = {"config": to_dict(setup.config), "model": str(setup.config.model), "contexts": contexts, "average": average(contexts),
-               "seconds": time.perf_counter() - t0,
-               "machine": f"{jax.devices()[0].platform}, {jax.device_count()} device(s)"}
-    atomic_write_json(out / "results.json", results)
-    results["figures"] = [str(p.relative_to(out)) for p in figures.make_all(out) if p.suffix == ".png"]
+    phases = Phases()
+    with phases("total"):
+        contexts = [run_task(setup, task, list(setup.config.proposals), phases) for task in tasks]
+        results = {"config": to_dict(setup.config), "model": str(setup.config.model), "contexts": contexts, "average": average(contexts),
+                   "seconds": time.perf_counter() - t0,
+                   "machine": f"{jax.devices()[0].platform}, {jax.device_count()} device(s)"}
+        atomic_write_json(out / "results.json", results)
+        with phases("figures"):
+            results["figures"] = [str(p.relative_to(out)) for p in figures.make_all(out) if p.suffix == ".png"]
+    results["phase_seconds"] = phases.as_dict()
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown(results))
     return results

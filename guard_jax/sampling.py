@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from guard_jax.lm import LM
-from guard_jax.logprob import token_log_prob
+from guard_jax.logprob import sequence_first, token_log_prob
 from guard_jax.models.base import ARM, Params
 
 
@@ -190,23 +190,29 @@ def log_prob(
 ) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0.
 
-    A model with `apply_features` (features and output embedding, logits = features @ w.T) is scored by
-    `guard_jax.logprob.token_log_prob`, which never holds the B×T×V logits; any other through its logits.
+    A model with `apply_features` (features and output embedding, logits = features @ w.T, soft-capped by
+    the model's `logit_softcap` when it has one) is scored by
+    `guard_jax.logprob.token_log_prob`, which never holds the B×T×V logits and runs the output head only on
+    the positions before each row's length (padding after EOS costs no head matmul); any other through its logits.
     """
     _check_temperature(temperature)
     (B, P), T = prompt_BP.shape, tokens_BT.shape[1]
     inputs_BS = jnp.concatenate([prompt_BP, tokens_BT[:, :-1]], axis=1).astype(jnp.int32)
     mask_BS = jnp.concatenate([prompt_mask_BP, jnp.ones_like(tokens_BT[:, :-1])], axis=1)
     tokens_BT = tokens_BT.astype(jnp.int32)
+    valid_BT = jnp.arange(T)[None] < lengths_B[:, None]
     if hasattr(model, "apply_features"):
         x_BSD, w_VD = model.apply_features(params, inputs_BS, mask_BS)
         x_ND = x_BSD[:, P - 1 : P - 1 + T].reshape(B * T, -1)
-        logp_BT = token_log_prob(x_ND, w_VD, tokens_BT.reshape(-1), float(temperature)).reshape(B, T)
+        order_N, rows = sequence_first(valid_BT.reshape(-1))  # the head runs on the positions inside the continuations
+        logp_N = token_log_prob(x_ND[order_N], w_VD, tokens_BT.reshape(-1)[order_N], float(temperature), rows=rows,
+                                softcap=getattr(model, "logit_softcap", None))
+        logp_BT = jnp.zeros_like(logp_N).at[order_N].set(logp_N, unique_indices=True).reshape(B, T)
     else:
         logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
         logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
         logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None], axis=-1)[..., 0]
-    logp_BT = jnp.where(jnp.arange(T)[None] < lengths_B[:, None], logp_BT, 0.0)
+    logp_BT = jnp.where(valid_BT, logp_BT, 0.0)
     return logp_BT.sum(-1), logp_BT
 
 

@@ -153,3 +153,26 @@ def test_bad_configs_are_refused(toy):
     trainer = DPG(LM.of(MODEL, a_params), never, DPGConfig(n_samples=64, minibatch=32, max_new_tokens=4, learning_rate=1e-3))
     with pytest.raises(ValueError, match="no sample of the proposal satisfied the constraint"):
         run(trainer, trainer.init_state(a_params), LoopConfig(steps=1, progress=False))
+
+
+@pytest.mark.parametrize("accepted", ["none", "few", "more_than_a_minibatch", "all"])
+def test_log_P_scores_only_accepted_rows_and_equals_scoring_every_row(accepted):
+    """DPG.log_P (a scored on the rows with b = 1 only, in power-of-two batches) equals a's teacher-forced
+    log-prob of every row under the trainer's padded prompt, masked by b, to float rounding; -inf exactly where
+    b = 0. Covers a prompt longer than a's (q = a(. | BOS, 2): the step pads a's prompt), no, few and many
+    accepted rows."""
+    model = TinyTransformerARM(4, 4, eos_id=0, d_model=32, context_len=2)
+    a = LM.of(model, model.init(jax.random.PRNGKey(3)))
+    q = a.with_prompt((model.bos_id, 2))
+    n, mb = 256, 64
+    trainer = DPG(a, B, DPGConfig(n_samples=n, minibatch=mb, max_new_tokens=4, learning_rate=1e-3, on_policy=False), proposal=q)
+    s = sample(jax.random.PRNGKey(5), model, a.params, *q.prompt_arrays(n), 4)
+    tokens_NT, lengths_N = np.asarray(s.tokens_BT), np.asarray(s.lengths_B)
+    b_N = {"none": np.zeros(n, bool), "few": np.arange(n) % 37 == 3, "more_than_a_minibatch": np.arange(n) % 3 > 0,
+           "all": np.ones(n, bool)}[accepted]
+    got_N = trainer.log_P(tokens_NT, lengths_N, b_N)
+    prompt_NP, mask_NP = jnp.repeat(trainer.prompt, n, 0), jnp.repeat(trainer.mask, n, 0)
+    assert trainer.prompt.shape[1] == 2  # a's [BOS] left-padded to q's prompt length
+    want_N = np.where(b_N, np.asarray(log_prob(model, a.params, prompt_NP, mask_NP, tokens_NT, lengths_N)[0]), -np.inf)
+    assert got_N.dtype == np.float32 and np.array_equal(np.isinf(got_N), ~b_N)
+    np.testing.assert_allclose(got_N[b_N], want_N[b_N], rtol=1e-6, atol=1e-6)

@@ -114,6 +114,12 @@ def test_lexical_tiny_end_to_end(tiny_run):
     assert m["sft_dpg"]["train_samples"] == 1024 + 2 * 512  # warm start: SFT's draws plus DPG's
     sft_final = {q: m["sft_a"]["estimates"][q] for q in ("KL(g||a2)", "AR_a2", "KL(g||g2)")}
     assert {q: m["sft_dpg"]["curve"][0][q] for q in sft_final} == sft_final  # DPG starts where SFT ended
+    phases = results["phase_seconds"]  # every part of the run timed: wall, CPU and compile seconds
+    assert list(phases)[:2] == ["total", "gold"] and {"diversity", "figures", "curve:sft_a"} <= set(phases)
+    assert all(f"train:{n}" in phases and f"eval:{n}" in phases for n in TINY["proposals"])
+    assert all(set(r) == {"wall", "cpu", "compile"} and min(r.values()) >= 0 for r in phases.values())
+    assert phases["train:sft_a"]["wall"] >= phases["curve:sft_a"]["wall"] and phases["total"]["wall"] >= phases["gold"]["wall"]
+    assert "| train:sft_dpg |" in (out / "results.md").read_text()
 
 
 def _without_timings_and_paths(x, root: str):

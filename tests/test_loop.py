@@ -86,6 +86,30 @@ def test_metrics_files_and_checkpoint_policies(tmp_path):
     assert more == [] and int(again.step) == 6
 
 
+def test_a_run_continued_in_the_process_keeps_its_state_and_one_that_is_behind_resumes(tmp_path):
+    """run() to step 3, then on to 6 from the returned state: the state goes on as it is (the recipes do this
+    between curve points; a restored copy would retrace a jitted step), and the result equals one run to 6.
+    A state behind the latest checkpoint (a fresh process) is still resumed from it."""
+    seen = []
+
+    class Recording(_Counter):
+        def step(self, state, key):
+            seen.append(state.params["w"])
+            return super().step(state, key)
+
+    trainer = Recording()
+    config = dict(out_dir=tmp_path / "two", checkpoint_every=1, keep_last=1, progress=False, tensorboard=False)
+    half, _ = run(trainer, trainer.init_state({"w": jnp.zeros(3)}), LoopConfig(steps=3, **config))
+    seen.clear()
+    full, _ = run(trainer, half, LoopConfig(steps=6, **config))
+    assert seen[0] is half.params["w"]
+    straight, _ = run(_Counter(), _Counter().init_state({"w": jnp.zeros(3)}), LoopConfig(steps=6, progress=False))
+    np.testing.assert_array_equal(full.params["w"], straight.params["w"])
+    resumed, more = run(trainer, trainer.init_state({"w": jnp.zeros(3)}), LoopConfig(steps=6, **config))
+    assert more == [] and int(resumed.step) == 6
+    np.testing.assert_array_equal(resumed.params["w"], straight.params["w"])
+
+
 def test_bad_loop_config():
     with pytest.raises(ValueError, match="steps"):
         LoopConfig(steps=0)

@@ -268,12 +268,13 @@ class _Block(nn.Module):
 class _Decoder(nn.Module):
     """Embedding, decoder layers, final norm and head -> (logits_BTV float32, per-layer (k, v)).
 
-    `last_only`: the head is applied to the last position only (prefill) -> logits_B1V."""
+    `last_only`: the head is applied to the last position only (prefill) -> logits_B1V. `features`: no head,
+    -> (the final norm's output x_BTD, the head's weights head_VD)."""
 
     config: Any  # a DecoderLM
 
     @nn.compact
-    def __call__(self, tokens_BT, pos_BT, caches=None, index=None, k_pos_BL=None, last_only=False):
+    def __call__(self, tokens_BT, pos_BT, caches=None, index=None, k_pos_BL=None, last_only=False, features=False):
         c, a = self.config, self.config.arch
         embed = nn.Embed(
             c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
@@ -294,6 +295,8 @@ class _Decoder(nn.Module):
         else:
             head_VD = self.param("lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), c.param_dtype)
             head_VD = head_VD.astype(c.dtype)
+        if features:  # (x_BTD, head_VD): logits = softcap(x @ head.T), see DecoderLM.apply_features
+            return x_BTD, head_VD
         logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, head_VD, preferred_element_type=jnp.float32)
         if c.final_logit_softcapping:
             logits_BTV = jnp.tanh(logits_BTV / c.final_logit_softcapping) * c.final_logit_softcapping
@@ -349,6 +352,19 @@ class DecoderLM:
             mask_BT = jnp.ones_like(tokens_BT)
         logits_BTV, _ = self._module.apply({"params": params}, tokens_BT, positions(mask_BT))
         return logits_BTV
+
+    def apply_features(self, params: dict, tokens_BT: jax.Array, mask_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """`apply` before its head: -> (features x_BTD, output embedding w_VD), logits_BTV = x_BTD @ w_VD.T
+        soft-capped by `logit_softcap` (both in the compute dtype). `sampling.log_prob` scores through it
+        without holding the logits."""
+        if mask_BT is None:
+            mask_BT = jnp.ones_like(tokens_BT)
+        return self._module.apply({"params": params}, tokens_BT, positions(mask_BT), features=True)
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The final logit soft-cap c (logits = c tanh(z / c)), None for none."""
+        return self.final_logit_softcapping or None
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """An empty cache for `batch_size` rows of up to `max_len` tokens in all (prompt + new)."""

@@ -21,8 +21,10 @@ The metrics `steps_without_b` and
 flag a run that carries on while Z-hat only decays.
 Samples with b = 0 (log P = -inf) get weight 0, never NaN. On-policy, q is the current policy; off-policy
 q is a frozen proposal (e.g. a CAP-prompted a, or an SFT model) replaced by pi whenever the estimated
-KL(g || pi) beats KL(g || q), checked every `swap_every` steps. `n_samples` per update are drawn and scored
-in minibatches with gradient accumulation, so memory is bounded by the minibatch.
+KL(g || pi) beats KL(g || q), checked every `swap_every` steps. `n_samples` per update are drawn and
+differentiated in minibatches with gradient accumulation, so memory is bounded by the minibatch. Only the
+samples with b = 1 are scored under a (`DPG.log_P`): P = a·b is 0 on the others whatever a says, and at the
+acceptance rates GUARD is for (a few percent) that skips most of a teacher-forced pass over the step's samples.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from guard_jax.lm import LM, common_prompt_length
 from guard_jax.models.base import ARM
 from guard_jax.parallel import check_divisible, replicate, split_batch
-from guard_jax.sampling import check_finite_logp, log_prob
-from guard_jax.train.common import adam, check_split, host_constraint, minibatched_log_prob, sample_many
+from guard_jax.sampling import check_finite_logp, log_prob, score
+from guard_jax.train.common import adam, check_split, host_constraint, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -94,12 +97,11 @@ class DPG:
                 raise ValueError(f"proposal must have the model of base ({base.model}), got {proposal.model}: "
                                  "the policy, a and q share one architecture")
         mesh = base.mesh
-        base_params = base.params
         if mesh is not None:
             check_divisible(config.minibatch, mesh.size, "minibatch")
-            base_params = replicate(mesh, base_params)
+            base = base.with_params(replicate(mesh, base.params))
         self.mesh = mesh
-        self.model, self.base_params, self.constraint, self.config = base.model, base_params, constraint, config
+        self.base, self.model, self.constraint, self.config = base, base.model, constraint, config
         q = base if proposal is None else proposal
         length = common_prompt_length(base, q)
         (self.prompt, self.mask), (self.q_prompt, self.q_mask) = base.prompt_arrays(1, length), q.prompt_arrays(1, length)
@@ -115,6 +117,22 @@ class DPG:
         state = TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), extra)
         return state if self.mesh is None else replicate(self.mesh, state)
 
+    def log_P(self, tokens_NT: np.ndarray, lengths_N: np.ndarray, b_N: np.ndarray) -> np.ndarray:
+        """log P = log a + log b of each sample -> logP_N (float32): a's teacher-forced log-prob where b holds, -inf
+        elsewhere. Only the rows with b = 1 are scored (P = 0 needs no model call), in batches of the smallest
+        power of two >= 32 that holds them (at most the minibatch; a multiple of the mesh size), so a step
+        with few accepted samples scores a few rows instead of n_samples and at most a handful of shapes compile."""
+        logP_N = np.full(len(b_N), -np.inf, np.float32)
+        keep = np.flatnonzero(b_N)
+        if keep.size:
+            size = min(self.config.minibatch, 32)
+            while size < min(keep.size, self.config.minibatch):
+                size *= 2
+            if self.mesh is not None:
+                size = -(-size // self.mesh.size) * self.mesh.size
+            logP_N[keep] = score(self.base, tokens_NT[keep], lengths_N[keep], batch_size=size)
+        return logP_N
+
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c = self.config
         M = c.n_samples // c.minibatch
@@ -124,14 +142,16 @@ class DPG:
             q_params, q_prompt, q_mask = state.extra["proposal"], state.extra["q_prompt"], state.extra["q_mask"]
         tokens, lengths, logq = sample_many(key, self.model, q_params, q_prompt, q_mask, M, c.minibatch, c.max_new_tokens, self.mesh)
         check_finite_logp(logq, f"DPG step {int(state.step)}: samples of the {'policy' if c.on_policy else 'proposal q'}")
-        b = host_constraint(self.constraint, tokens, lengths)
+        tokens_NT, lengths_N = np.asarray(tokens), np.asarray(lengths)
+        b = host_constraint(self.constraint, tokens_NT, lengths_N)
         if not b.any() and float(state.extra["n_seen"]) == 0.0:
             raise ValueError(f"no sample of the proposal satisfied the constraint in the first DPG step ({c.n_samples} samples): "
                              "Z-hat = 0 gives no gradient. Warm-start the policy (SFT or a CAP proposal) or raise n_samples.")
+        logP_N = self.log_P(tokens_NT, lengths_N, b)
         T = c.max_new_tokens
-        state, metrics = _update(state, self.base_params, self.prompt, self.mask, tokens.reshape(M, c.minibatch, T),
-                                 lengths.reshape(M, c.minibatch), logq.reshape(M, c.minibatch), jnp.asarray(b).reshape(M, c.minibatch),
-                                 model=self.model, optimizer=self.optimizer, mesh=self.mesh,
+        state, metrics = _update(state, self.prompt, self.mask, tokens.reshape(M, c.minibatch, T), lengths.reshape(M, c.minibatch),
+                                 logq.reshape(M, c.minibatch), jnp.asarray(logP_N).reshape(M, c.minibatch),
+                                 jnp.asarray(b).reshape(M, c.minibatch), model=self.model, optimizer=self.optimizer, mesh=self.mesh,
                                  leave_one_out=c.z_hat == "leave_one_batch_out")
         metrics["samples"] = c.n_samples
         without_b = 0 if b.any() else int(state.extra["steps_without_b"]) + 1
@@ -198,11 +218,8 @@ def dpg_gradient(params, model: ARM, prompt, mask, tokens_MBT, lengths_MB, logq_
 
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh", "leave_one_out"))
-def _update(state, base_params, prompt, mask, tokens_MBT, lengths_MB, logq_MB, b_MB, *, model, optimizer, mesh=None,
-            leave_one_out=False):
-    tokens_MBT, lengths_MB, logq_MB, b_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logq_MB, b_MB))
-    log_a_MB = minibatched_log_prob(model, base_params, prompt, mask, tokens_MBT, lengths_MB)
-    logP_MB = jnp.where(b_MB, log_a_MB, -jnp.inf)
+def _update(state, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB, *, model, optimizer, mesh=None, leave_one_out=False):
+    tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB))
     log_z_M, log_z_sum, n_seen = minibatch_log_z(state.extra["log_z_sum"], state.extra["n_seen"], logP_MB - logq_MB, leave_one_out)
     log_z = log_z_sum - jnp.log(n_seen)
     grads, loss_M, logpi_MB = dpg_gradient(state.params, model, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M)

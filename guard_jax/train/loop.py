@@ -151,14 +151,16 @@ def _manager(path: pathlib.Path, keep: int, best_metric: str | None = None) -> o
     return ocp.CheckpointManager(path.absolute(), options=options)
 
 
-def restore_latest(out_dir: str | pathlib.Path, like: TrainState) -> TrainState | None:
-    """The latest checkpoint in `out_dir/checkpoints`, shaped like `like`, or None if there is none."""
+def restore_latest(out_dir: str | pathlib.Path, like: TrainState, after: int | None = None) -> TrainState | None:
+    """The latest checkpoint in `out_dir/checkpoints`, shaped like `like`, or None if there is none (or, with
+    `after`, none beyond step `after`)."""
     path = pathlib.Path(out_dir) / "checkpoints"
     if not path.exists():
         return None
     mngr = _manager(path, keep=1_000_000)
     step = mngr.latest_step()
-    if step is None:
+    if step is None or (after is not None and step <= after):
+        mngr.close()
         return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -173,7 +175,9 @@ def run(trainer: Trainer, state: TrainState, config: LoopConfig) -> tuple[TrainS
     """
     out = pathlib.Path(config.out_dir) if config.out_dir is not None else None
     if out is not None:
-        resumed = restore_latest(out, state)
+        # a state already at the latest checkpoint (a run continued in the same process, as the recipes do
+        # between curve points) is kept: restoring it would give the same values in arrays that retrace the step
+        resumed = restore_latest(out, state, after=int(state.step))
         state = resumed if resumed is not None else state
     start = int(state.step)
     logs = _Logs(out, config.tensorboard, start)
