@@ -28,6 +28,7 @@ import numpy as np
 
 from bench.common import emit, host_device_mesh, matmul_peak_flops, timed
 from guard_jax import constraints as C
+from guard_jax.lm import LM
 from guard_jax.models import hf
 from guard_jax.train.dpg import DPG, DPGConfig
 from guard_jax.train.loop import step_key
@@ -95,7 +96,7 @@ def bench(name: str, repeats: int, threads: int, peak: float, mesh=None) -> dict
         model, params, _ = hf.load(tmp, tokenizer=False)
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
-    trainer = DPG(model, params, constraint, DPGConfig(n_samples=B, minibatch=B, max_new_tokens=T, learning_rate=LR), mesh=mesh)
+    trainer = DPG(LM.of(model, params, mesh=mesh), constraint, DPGConfig(n_samples=B, minibatch=B, max_new_tokens=T, learning_rate=LR))
     state = trainer.init_state(params)
     t0 = time.perf_counter()
     state, _ = trainer.step(state, step_key(0, 0))

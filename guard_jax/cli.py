@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -40,8 +41,7 @@ def _toy(args: argparse.Namespace) -> int:
     rhs_mc = -math.log(mc["AR_a2"].value) + mc["KL(g||g2)"].value
     console.print(f"Theorem 2  KL(g||a') = -log AR_a' + KL(g||g'):  exact {ex.kl_g_a2:.6f} = {rhs_exact:.6f} "
                   f"(|diff| {abs(ex.kl_g_a2 - rhs_exact):.1e});  Monte Carlo {mc['KL(g||a2)'].value:.4f} vs {rhs_mc:.4f}")
-    r = guard_sample(jax.random.fold_in(key, 1), p.a2.model, p.a2.params, p.constraint, args.num_guard,
-                     max_new_tokens=args.max_len, batch_size=args.batch_size, progress=not args.quiet)
+    r = guard_sample(jax.random.fold_in(key, 1), p.a2, p.constraint, args.num_guard, max_new_tokens=args.max_len, batch_size=args.batch_size, progress=not args.quiet)
     ok = bool(p.constraint(r.tokens_NT, r.lengths_N).all())
     console.print(f"GUARD sampler with a': {len(r.tokens_NT):,} samples, all satisfy b: {ok}; {r.draws:,} draws, "
                   f"AR {r.ar} (exact {ex.ar:.4g}); expected cost 1/AR = {1 / ex.ar:.2f} draws per sample "
@@ -54,27 +54,26 @@ def _toy(args: argparse.Namespace) -> int:
 
 
 def _load(path: str):
-    from guard_jax.models import hf
+    """The LM of a Hugging Face folder, which must hold a tokenizer (unconditional: prompt [BOS])."""
+    from guard_jax.lm import LM
 
-    model, params, tokenizer = hf.load(path)
-    if tokenizer is None:
+    lm = LM.load(path)
+    if lm.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json): this command decodes "
                          f"text; save the tokenizer into the folder with tokenizer.save_pretrained({path!r})")
-    return model, params, tokenizer
+    return lm
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from guard_jax.constraints import decode_texts, from_spec
-    from guard_jax.evaluate import LM
+    from guard_jax.constraints import from_spec
     from guard_jax.io import atomic_write_text
     from guard_jax.rejection import guard_sample
 
-    model, params, tokenizer = _load(args.model)
-    constraint = from_spec(args.constraint, tokenizer)
-    lm = LM.from_text(model, params, tokenizer, args.prompt)
-    r = guard_sample(jax.random.PRNGKey(args.seed), model, params, constraint, args.num, max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, max_draws=args.max_draws, prompt=(lm.prompt_1P, lm.mask_1P), progress=not args.quiet)
-    texts = decode_texts(tokenizer, r.tokens_NT, r.lengths_N)
+    lm = _load(args.model).with_context(args.prompt)
+    constraint = from_spec(args.constraint, lm.tokenizer)
+    r = guard_sample(jax.random.PRNGKey(args.seed), lm, constraint, args.num, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, max_draws=args.max_draws, progress=not args.quiet)
+    texts = lm.decode(r.tokens_NT, r.lengths_N)
     lines = [json.dumps({"text": t, "logp": float(lp)}) for t, lp in zip(texts, r.logp_N)]
     if args.out:
         atomic_write_text(args.out, "\n".join(lines) + "\n")
@@ -89,17 +88,16 @@ def _estimate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from guard_jax.constraints import from_spec
-    from guard_jax.evaluate import LM, monte_carlo
+    from guard_jax.evaluate import monte_carlo
     from guard_jax.io import atomic_write_json
 
-    model, params, tokenizer = _load(args.model)
-    constraint = from_spec(args.constraint, tokenizer)
-    a = LM.from_text(model, params, tokenizer, args.context)
-    if args.proposal:
-        model2, params2, _ = _load(args.proposal)
-        a2 = LM.from_text(model2, params2, tokenizer, args.context)
+    a = _load(args.model).with_context(args.context)
+    constraint = from_spec(args.constraint, a.tokenizer)
+    if args.proposal:  # a fine-tuned proposal, read with a's tokenizer
+        proposal = _load(args.proposal)
+        a2 = dataclasses.replace(a, model=proposal.model, params=proposal.params)
     else:  # CAP: the same model with a constraint-aware prompt before the context
-        a2 = LM.from_text(model, params, tokenizer, args.cap_prompt + args.context)
+        a2 = a.with_prefix(args.cap_prompt) if args.cap_prompt else a
     mc = monte_carlo(jax.random.PRNGKey(args.seed), a, a2, constraint, args.max_new_tokens, args.n_a, args.n_a2,
                      args.batch_size, progress=not args.quiet)
     table = Table(title=f"{constraint.name}: a = {args.model}, a' = {args.proposal or repr(args.cap_prompt)}")

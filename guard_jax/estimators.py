@@ -4,6 +4,7 @@ The estimators are those of the paper's code: samples of g are b-filtered sample
 are b-filtered samples of a'. With N_a draws from a (k_a accepted) and N_a' draws from a' (k_a' accepted):
 
     Z = k_a / N_a,  AR_a' = k_a' / N_a'
+    KL(g||a)   = -log Z,  AR gain = AR_a' / Z
     KL(g||a')  = mean_{y~g}[log a(y) - log a'(y)] - log Z
     KL(g||g')  = KL(g||a') + log AR_a'                         (Theorem 2)
     KL(g'||g)  = mean_{y~g'}[log a'(y) - log a(y)] - log AR_a' + log Z
@@ -96,14 +97,41 @@ def estimate_kl_g_a2(logp_a_G, logp_a2_G, accepted_a: int, draws_a: int, level: 
     return normal_interval(value, var + log_proportion_var(accepted_a, draws_a), level, n)
 
 
+def estimate_kl_g_a(z: Estimate) -> Estimate:
+    """KL(g||a) = -log Z from an estimate of Z (its interval mapped through -log, so lo and hi swap)."""
+    if not z.value > 0:
+        raise ValueError(f"KL(g||a) = -log Z needs Z > 0, got the estimate {z}: no sample of a satisfied b; draw more samples of a")
+    return Estimate(-math.log(z.value), -math.log(z.hi), -math.log(max(z.lo, 1e-300)), z.level, z.n)
+
+
+def estimate_ar_gain(accepted_a: int, draws_a: int, accepted_a2: int, draws_a2: int, level: float = 0.95) -> Estimate:
+    """AR_a' / AR_a = AR_a' / Z from independent counts: a normal interval on the log ratio, exponentiated."""
+    _check_counts(accepted_a, draws_a, "estimate_ar_gain (a)")
+    _check_counts(accepted_a2, draws_a2, "estimate_ar_gain (a')")
+    if accepted_a == 0 or accepted_a2 == 0:
+        raise ValueError(f"estimate_ar_gain needs accepted samples of both a and a', got {accepted_a} and {accepted_a2}; draw more")
+    log_gain = math.log(accepted_a2 / draws_a2) - math.log(accepted_a / draws_a)
+    var = log_proportion_var(accepted_a, draws_a) + log_proportion_var(accepted_a2, draws_a2)
+    on_log = normal_interval(log_gain, var, level, draws_a + draws_a2)
+    return Estimate(math.exp(on_log.value), math.exp(on_log.lo), math.exp(on_log.hi), level, draws_a + draws_a2)
+
+
+def estimate_kl_g_g2_from(kl_g_a2: Estimate, accepted_a2: int, draws_a2: int, level: float = 0.95) -> Estimate:
+    """KL(g||g') = KL(g||a') + log AR_a' (Theorem 2) from an estimate of KL(g||a') (a normal interval at
+    `level`) and independent a'-draws; the variances add."""
+    _check_counts(accepted_a2, draws_a2, "estimate_kl_g_g2_from")
+    if accepted_a2 == 0:
+        raise ValueError(f"estimate_kl_g_g2_from needs accepted samples of a' (log AR_a'), got 0 of {draws_a2}; draw more")
+    var = ((kl_g_a2.hi - kl_g_a2.value) / _z(kl_g_a2.level)) ** 2 + log_proportion_var(accepted_a2, draws_a2)
+    return normal_interval(kl_g_a2.value + math.log(accepted_a2 / draws_a2), var, level, kl_g_a2.n)
+
+
 def estimate_kl_g_g2(
     logp_a_G, logp_a2_G, accepted_a: int, draws_a: int, accepted_a2: int, draws_a2: int, level: float = 0.95
 ) -> Estimate:
     """KL(g||g') = KL(g||a') + log AR_a' (Theorem 2), AR_a' from independent a'-draws."""
     _check_counts(accepted_a2, draws_a2, "estimate_kl_g_g2")
-    kl = estimate_kl_g_a2(logp_a_G, logp_a2_G, accepted_a, draws_a, level)
-    var = ((kl.hi - kl.value) / _z(level)) ** 2 + log_proportion_var(accepted_a2, draws_a2)
-    return normal_interval(kl.value + math.log(accepted_a2 / draws_a2), var, level, kl.n)
+    return estimate_kl_g_g2_from(estimate_kl_g_a2(logp_a_G, logp_a2_G, accepted_a, draws_a, level), accepted_a2, draws_a2, level)
 
 
 def estimate_kl_g2_g(

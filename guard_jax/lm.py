@@ -48,9 +48,9 @@ class LM:
         prompt = tuple(int(t) for t in self.prompt)
         if not prompt:
             raise ValueError("LM.prompt needs at least one token (BOS for an unconditional model)")
-        vocab = getattr(self.model, "vocab_size", None)
-        if vocab is not None and not all(0 <= t < vocab for t in prompt):
-            raise ValueError(f"LM.prompt has token ids outside [0, vocab_size={vocab}): {prompt}")
+        vocab, bos = getattr(self.model, "vocab_size", None), getattr(self.model, "bos_id", None)
+        if vocab is not None and not all(0 <= t < vocab or t == bos for t in prompt):  # toy ARMs: bos_id = vocab_size
+            raise ValueError(f"LM.prompt has token ids outside [0, vocab_size={vocab}) that are not BOS ({bos}): {prompt}")
         object.__setattr__(self, "prompt", prompt)
 
     # --- construction -------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ import math
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from guard_jax.constraints import Constraint
 from guard_jax.estimators import Estimate, estimate_ar
-from guard_jax.models.base import ARM, Params
-from guard_jax.sampling import bos_prompt, sample
+from guard_jax.lm import LM
+from guard_jax.sampling import Draws, draw_batches
 
 
 class GuardResult(NamedTuple):
@@ -47,58 +46,45 @@ class BudgetExhausted(RuntimeError):
 
 def guard_sample(
     key: jax.Array,
-    model: ARM,
-    params: Params,
+    lm: LM,
     constraint: Constraint,
     num_samples: int,
     *,
     max_new_tokens: int,
     batch_size: int = 1024,
     max_draws: int = 10**7,
-    prompt: tuple[jax.Array, jax.Array] | None = None,
     progress: bool = True,
 ) -> GuardResult:
-    """Rejection-sample `num_samples` sequences of a' that satisfy b.
+    """Rejection-sample `num_samples` sequences of the proposal `lm` (a', with its prompt) that satisfy b.
 
-    `prompt` is (tokens_1P, mask_1P), repeated for every row; default [BOS]. Draws are made in batches of
-    `batch_size`; at most `max_draws` in all. The same key gives the same samples.
+    Draws come from `sampling.draw_batches(key, lm, batch_size, max_new_tokens)`, at most `max_draws` in
+    all (the last batch trimmed to the budget). The same key gives the same samples.
     """
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("max_draws", max_draws), ("max_new_tokens", max_new_tokens)):
         if int(value) <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
-    if prompt is None:
-        prompt_BP, mask_BP = bos_prompt(model, batch_size)
-    else:
-        tokens, mask = (jnp.asarray(x, jnp.int32) for x in prompt)
-        if tokens.ndim != 2 or tokens.shape[0] != 1 or mask.shape != tokens.shape:
-            raise ValueError(f"prompt must be (tokens_1P, mask_1P) with one row, got shapes {tokens.shape} and {mask.shape}")
-        prompt_BP, mask_BP = jnp.repeat(tokens, batch_size, 0), jnp.repeat(mask, batch_size, 0)
-    kept_tokens, kept_lengths, kept_logp = [], [], []
+    kept: list[Draws] = []
     draws = accepted = 0
     bar = tqdm(total=num_samples, desc="GUARD sampling", unit="sample", disable=not progress)
-    batch_index = 0
-    while accepted < num_samples and draws < max_draws:
-        s = sample(jax.random.fold_in(key, batch_index), model, params, prompt_BP, mask_BP, max_new_tokens)
-        batch_index += 1
+    for batch in draw_batches(key, lm, batch_size, max_new_tokens):
         take = min(batch_size, max_draws - draws)
-        tokens, lengths = np.asarray(s.tokens_BT)[:take], np.asarray(s.lengths_B)[:take]
-        ok = np.asarray(constraint(tokens, lengths))
+        batch = Draws(*(x[:take] for x in batch))
+        ok = np.asarray(constraint(batch.tokens_NT, batch.lengths_N), bool)
         draws += take
         accepted += int(ok.sum())
-        kept_tokens.append(tokens[ok])
-        kept_lengths.append(lengths[ok])
-        kept_logp.append(np.asarray(s.logp_B)[:take][ok])
+        kept.append(Draws(*(x[ok] for x in batch)))
         bar.update(min(int(ok.sum()), num_samples - bar.n))
         bar.set_postfix(draws=draws, ar=f"{accepted / draws:.3g}")
+        if accepted >= num_samples or draws >= max_draws:
+            break
     bar.close()
     ar = estimate_ar(accepted, draws)
     if accepted < num_samples:
         raise BudgetExhausted(draws, accepted, num_samples, ar)
-    tokens_NT = np.concatenate(kept_tokens)[:num_samples]
-    lengths_N = np.concatenate(kept_lengths)[:num_samples]
+    tokens_NT, lengths_N, logp_N = (np.concatenate(x)[:num_samples] for x in zip(*kept))
     if not np.all(np.asarray(constraint(tokens_NT, lengths_N))):
         raise AssertionError(f"constraint {constraint.name} is not deterministic: an accepted sample now fails it")
-    return GuardResult(tokens_NT, lengths_N, np.concatenate(kept_logp)[:num_samples], draws, accepted, ar)
+    return GuardResult(tokens_NT, lengths_N, logp_N, draws, accepted, ar)
 
 
 def expected_draws(ar: float) -> float:

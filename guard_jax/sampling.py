@@ -1,5 +1,11 @@
 """Jit-compiled, vectorized ancestral sampling and teacher-forced scoring for any guard_jax ARM.
 
+The low-level functions (`sample`, `log_prob`) take a model, params and prompt arrays. On top of them,
+the one batch-drawing driver takes an `LM` (guard_jax.lm): `draw_batches` (endless batches; batch i uses
+`fold_in(key, i)`), `draw` (N samples) and `score` (teacher-forced log-probs); the GUARD sampler, the
+evaluation and the trainers' host loops all draw through it. With `lm.mesh`, each batch is split over the
+mesh's "data" axis (the same samples as one device, up to float rounding: see guard_jax.parallel).
+
 Sampling runs `prefill` once, then `lax.scan`s over `max_new_tokens` steps with a `done` mask; tokens after
 EOS are `pad_id` and contribute 0 to the log-probs. The cache starts short and grows between scans (every
 32 or more new tokens, at most 8 scans, see `segments`), so early steps attend over fewer slots. Sequence log-probs are
@@ -10,11 +16,15 @@ returned with the samples, so nothing downstream re-scores them. Temperature 1 i
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
 
+from guard_jax.lm import LM
 from guard_jax.models.base import ARM, Params
 
 
@@ -174,3 +184,89 @@ def log_prob(
     logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
     logp_BT = jnp.where(jnp.arange(T)[None] < lengths_B[:, None], logp_BT, 0.0)
     return logp_BT.sum(-1), logp_BT
+
+
+# --- the batch-drawing driver over an LM ----------------------------------------------------------------
+
+
+class Draws(NamedTuple):
+    """N samples of an LM (numpy): tokens_NT (pad after the end), lengths_N (new tokens including EOS),
+    logp_N (sequence log-probs under the sampling LM)."""
+
+    tokens_NT: np.ndarray
+    lengths_N: np.ndarray
+    logp_N: np.ndarray
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if int(value) <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _placed(lm: LM, batch_size: int):
+    """(params, prompt_BP, mask_BP, split): on lm.mesh, params replicated and batches split by `split`."""
+    prompt_BP, mask_BP = lm.prompt_arrays(batch_size)
+    if lm.mesh is None:
+        return lm.params, prompt_BP, mask_BP, lambda *arrays: arrays
+    from guard_jax import parallel  # imported here: parallel builds on this module's sampler
+
+    parallel.check_divisible(batch_size, lm.mesh.size, "batch_size")
+    split = functools.partial(parallel.shard_batch, lm.mesh)
+    return (parallel.replicate(lm.mesh, lm.params), *split(prompt_BP, mask_BP), split)
+
+
+def draw_batches(key: jax.Array, lm: LM, batch_size: int, max_new_tokens: int) -> Iterator[Draws]:
+    """Endless batches of `batch_size` samples of `lm` (batch i uses `fold_in(key, i)`), as numpy `Draws`.
+
+    With `lm.mesh`, batch_size must be divisible by the mesh size; each batch is split over its devices.
+    """
+    _check_positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    params, prompt_BP, mask_BP, _ = _placed(lm, batch_size)
+    i = 0
+    while True:
+        s = sample(jax.random.fold_in(key, i), lm.model, params, prompt_BP, mask_BP, max_new_tokens)
+        yield Draws(np.asarray(s.tokens_BT), np.asarray(s.lengths_B), np.asarray(s.logp_B))
+        i += 1
+
+
+def draw(key: jax.Array, lm: LM, n: int, *, max_new_tokens: int, batch_size: int = 1024, progress: bool = True,
+         desc: str = "sampling") -> Draws:
+    """`n` ancestral samples of `lm`: the first n rows of `draw_batches(key, lm, batch_size, max_new_tokens)`."""
+    _check_positive(n=n, batch_size=batch_size)
+    parts, got = [], 0
+    with tqdm(total=n, desc=desc, unit="seq", disable=not progress) as bar:
+        for d in draw_batches(key, lm, batch_size, max_new_tokens):
+            take = min(batch_size, n - got)
+            parts.append(Draws(*(x[:take] for x in d)))
+            got += take
+            bar.update(take)
+            if got == n:
+                break
+    return Draws(*(np.concatenate(p) for p in zip(*parts)))
+
+
+def score(lm: LM, tokens_NT, lengths_N, *, batch_size: int = 1024) -> np.ndarray:
+    """log lm(y) of each row (teacher-forced), in batches of `batch_size` padded to one shape -> logp_N.
+
+    tokens_NT: continuations after lm's prompt (pad after the end); lengths_N: their lengths. With
+    `lm.mesh`, each batch is split over its devices (batch_size divisible by the mesh size).
+    """
+    _check_positive(batch_size=batch_size)
+    tokens_NT, lengths_N = np.asarray(tokens_NT), np.asarray(lengths_N)
+    if tokens_NT.ndim != 2 or lengths_N.shape != tokens_NT.shape[:1]:
+        raise ValueError(f"tokens_NT must be [N, T] and lengths_N [N], got {tokens_NT.shape} and {lengths_N.shape}")
+    n = len(tokens_NT)
+    if n == 0:
+        return np.zeros((0,), np.float32)
+    params, prompt_BP, mask_BP, split = _placed(lm, batch_size)
+    out = []
+    for start in range(0, n, batch_size):
+        tokens_BT, lengths_B = tokens_NT[start : start + batch_size], lengths_N[start : start + batch_size]
+        pad = batch_size - len(tokens_BT)
+        tokens_BT = np.pad(tokens_BT, ((0, pad), (0, 0)), constant_values=lm.model.pad_id)
+        lengths_B = np.pad(lengths_B, (0, pad))
+        tokens_BT, lengths_B = split(jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(lengths_B, jnp.int32))
+        logp_B, _ = log_prob(lm.model, params, prompt_BP, mask_BP, tokens_BT, lengths_B)
+        out.append(np.asarray(logp_B)[: batch_size - pad])
+    return np.concatenate(out)

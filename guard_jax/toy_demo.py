@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from guard_jax import constraints as C
-from guard_jax.evaluate import LM
 from guard_jax.exact import ExactQuantities, SequenceSpace, arm_from_law, exact_constraint, exact_log_prob, exact_quantities, log_gold
+from guard_jax.lm import LM
 from guard_jax.models.toy import TabularARM
 
 
@@ -47,4 +47,4 @@ def toy_problem(seed: int = 0, vocab_size: int = 6, max_len: int = 6, eos: bool 
         log_a2 = exact_log_prob(model2, params2, max_len)
         exact = exact_quantities(log_a, log_a2, b)
     params2 = jax.tree.map(lambda x: np.asarray(x, np.float32), params2)
-    return ToyProblem(LM.unconditional(model, params), LM.unconditional(model2, params2), constraint, space, exact)
+    return ToyProblem(LM.of(model, params), LM.of(model2, params2), constraint, space, exact)

@@ -8,10 +8,12 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from guard_jax.lm import LM  # noqa: E402
 from guard_jax.models.gpt2 import GPT2  # noqa: E402
 from guard_jax.models.toy import TinyTransformerARM  # noqa: E402
 from guard_jax.parallel import data_mesh, log_prob_sharded, sample_pmap, sample_sharded, shard_batch  # noqa: E402
-from guard_jax.sampling import bos_prompt, log_prob, sample  # noqa: E402
+from guard_jax.rejection import guard_sample  # noqa: E402
+from guard_jax.sampling import bos_prompt, draw, log_prob, sample, score  # noqa: E402
 from guard_jax import constraints as C  # noqa: E402
 from guard_jax.train.dpg import DPG, DPGConfig  # noqa: E402
 from guard_jax.train.loop import step_key  # noqa: E402
@@ -51,7 +53,8 @@ def _dpg_agrees(mesh) -> None:
     params = jax.tree.map(lambda x: 3 * x, model.init(jax.random.PRNGKey(2)))
     constraint = C.predicate(lambda t, n: np.any((t < 10) & (np.arange(t.shape[1])[None] < n[:, None]), axis=1), "any token < 10")
     cfg = DPGConfig(n_samples=32, minibatch=16, max_new_tokens=6, learning_rate=1e-2)
-    one, split = DPG(model, params, constraint, cfg), DPG(model, params, constraint, cfg, mesh=mesh)
+    a = LM.of(model, params)
+    one, split = DPG(a, constraint, cfg), DPG(a.with_mesh(mesh), constraint, cfg)
     s1, s2 = one.init_state(params), split.init_state(params)
     for i in range(2):
         s1, m1 = one.step(s1, step_key(0, i))
@@ -69,10 +72,33 @@ def _dpg_agrees(mesh) -> None:
     lp0 = log_prob(model, params, prompt, mask, ys.tokens_BT, ys.lengths_B)[0]
     assert float(np.abs(np.asarray(lp1) - np.asarray(lp0)).max()) > 1e-2  # and the updates moved it
     try:
-        DPG(model, params, constraint, DPGConfig(n_samples=12, minibatch=12, max_new_tokens=6, learning_rate=1e-2), mesh=mesh)
+        DPG(a.with_mesh(mesh), constraint, DPGConfig(n_samples=12, minibatch=12, max_new_tokens=6, learning_rate=1e-2))
         raise AssertionError("a minibatch of 12 over 8 devices must be refused")
     except ValueError as e:
         assert "minibatch=12 must be divisible" in str(e), e
+
+
+def _driver_agrees(model, params, mesh) -> None:
+    """draw, score and the GUARD sampler on an LM with a mesh give one device's samples and scores."""
+    one = LM.of(model, params).with_prompt((model.bos_id, 3, 4))
+    split = one.with_mesh(mesh)
+    key = jax.random.PRNGKey(3)
+    d1 = draw(key, one, 40, max_new_tokens=8, batch_size=16, progress=False)
+    d8 = draw(key, split, 40, max_new_tokens=8, batch_size=16, progress=False)
+    np.testing.assert_array_equal(d8.tokens_NT, d1.tokens_NT)
+    np.testing.assert_array_equal(d8.lengths_N, d1.lengths_N)
+    np.testing.assert_allclose(d8.logp_N, d1.logp_N, atol=1e-5)
+    np.testing.assert_allclose(score(split, d1.tokens_NT, d1.lengths_N, batch_size=24), d1.logp_N, atol=1e-5)
+    b = C.predicate(lambda t, n: np.any((t < 10) & (np.arange(t.shape[1])[None] < n[:, None]), axis=1), "any token < 10")
+    g1 = guard_sample(key, one, b, 20, max_new_tokens=8, batch_size=16, progress=False)
+    g8 = guard_sample(key, split, b, 20, max_new_tokens=8, batch_size=16, progress=False)
+    np.testing.assert_array_equal(g8.tokens_NT, g1.tokens_NT)
+    assert g8.draws == g1.draws
+    try:
+        draw(key, split, 10, max_new_tokens=8, batch_size=12, progress=False)
+        raise AssertionError("a batch of 12 over 8 devices must be refused")
+    except ValueError as e:
+        assert "batch_size=12 must be divisible" in str(e), e
 
 
 def main() -> int:
@@ -91,6 +117,7 @@ def main() -> int:
         raise AssertionError("a batch of 3 over 8 devices must be refused")
     except ValueError as e:
         assert "divisible" in str(e)
+    _driver_agrees(gpt2, gpt2_params, mesh)
     _dpg_agrees(mesh)
     print("multidevice ok")
     return 0

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from guard_jax import constraints as C
+from guard_jax.lm import LM
 from guard_jax.models.toy import TinyTransformerARM
 from guard_jax.train import loop
 from guard_jax.train.dpg import DPG, DPGConfig
@@ -21,7 +22,7 @@ def main() -> None:
     kill_after = int(sys.argv[4]) if len(sys.argv) > 4 else None
     model = TinyTransformerARM(4, 4, eos_id=0, d_model=16)
     a_params = model.init(jax.random.PRNGKey(0))
-    trainer = DPG(model, a_params, C.contains_ngram([2, 3]), DPGConfig(n_samples=128, minibatch=64, max_new_tokens=4, learning_rate=3e-3))
+    trainer = DPG(LM.of(model, a_params), C.contains_ngram([2, 3]), DPGConfig(n_samples=128, minibatch=64, max_new_tokens=4, learning_rate=3e-3))
     if kill_after is not None:
         original = trainer.step
 

@@ -9,6 +9,7 @@ import pytest
 
 from guard_jax import constraints as C
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_prefix_values, exact_quantities, log_gold
+from guard_jax.lm import LM
 from guard_jax.models.toy import TabularARM, TinyTransformerARM
 from guard_jax.sampling import bos_prompt, sample
 from guard_jax.train.aux import AuxConfig, AuxProposal, AuxTrainer, token_kl_loss
@@ -40,14 +41,13 @@ def test_aux_trainer_moves_the_proposal_and_the_policy_toward_g():
     head = TinyTransformerARM(3, 4, eos_id=0, d_model=16)
     head_params = head.init(jax.random.PRNGKey(2))
     head_params["head"]["kernel"] = jnp.zeros_like(head_params["head"]["kernel"])  # R = 0: q = a at the start
-    trainer = AuxTrainer(a, a_params, head, B, AuxConfig(n_samples=512, max_new_tokens=4, learning_rate=3e-2, kl_weight=1.0))
+    trainer = AuxTrainer(LM.of(a, a_params), head, B, AuxConfig(n_samples=512, max_new_tokens=4, learning_rate=3e-2, kl_weight=1.0))
     state = trainer.init_state({"head": head_params, "policy": a_params})
 
     def kls():
-        q, q_params = trainer.proposal(state)
+        q, policy = trainer.proposal(state), trainer.policy_lm(state)
         with jax.enable_x64(True):
-            return (exact_quantities(log_a, exact_log_prob(q, q_params, 4), b).kl_g_a2,
-                    exact_quantities(log_a, exact_log_prob(a, state.params["policy"], 4), b).kl_g_a2)
+            return tuple(exact_quantities(log_a, exact_log_prob(lm.model, lm.params, 4), b).kl_g_a2 for lm in (q, policy))
 
     history = [kls()]
     for steps in (50, 100, 150):
@@ -63,9 +63,11 @@ def test_aux_trainer_moves_the_proposal_and_the_policy_toward_g():
 
 def test_aux_trainer_checks_its_params():
     a = TabularARM(3, 3, eos_id=0)
-    trainer = AuxTrainer(a, a.init(jax.random.PRNGKey(0)), TabularARM(3, 3, eos_id=0), B, AuxConfig(kl_weight=0.0))
+    trainer = AuxTrainer(LM.of(a, a.init(jax.random.PRNGKey(0))), TabularARM(3, 3, eos_id=0), B, AuxConfig(kl_weight=0.0))
     with pytest.raises(ValueError, match="params must be"):
         trainer.init_state({"head": {}, "policy": {}})
+    with pytest.raises(ValueError, match="trains no policy"):
+        trainer.policy_lm(trainer.init_state({"head": {}}))
 
 
 def test_token_kl_is_zero_at_q_and_positive_elsewhere():
@@ -85,6 +87,30 @@ def test_token_kl_is_zero_at_q_and_positive_elsewhere():
     assert jnp.isfinite(g["logits_NV"]).all()
 
 
+def test_the_trainer_samples_a_on_the_lm_prompt_and_q_keeps_it():
+    """With a prompted base, the step's labels are b on samples of a(. | prompt) (their AR within 5 standard
+    errors) and the proposal q is an LM on that prompt (R = 0: q = a(. | prompt) exactly)."""
+    a = TinyTransformerARM(4, 4, eos_id=0, d_model=16, context_len=2)
+    space, constraint = SequenceSpace.of(a, 4), C.contains_token(1)
+    base = LM.of(a, a.init(jax.random.PRNGKey(2))).with_prompt((a.bos_id, 2))
+    b = exact_constraint(space, constraint)
+    with jax.enable_x64(True):
+        log_a = exact_log_prob(a, base.params, 4, prompt_P=list(base.prompt))
+        ar, ar_unprompted = np.exp(log_a[b]).sum(), np.exp(exact_log_prob(a, base.params, 4)[b]).sum()
+    n = 512
+    assert abs(ar - ar_unprompted) > 10 * np.sqrt(ar * (1 - ar) / n)  # the prompt matters
+    head_params = a.init(jax.random.PRNGKey(3))
+    head_params["head"] = jax.tree.map(jnp.zeros_like, head_params["head"])  # R = 0
+    trainer = AuxTrainer(base, a, constraint, AuxConfig(n_samples=n, max_new_tokens=4, learning_rate=1e-3, kl_weight=0.0))
+    state = trainer.init_state({"head": head_params})
+    q = trainer.proposal(state)
+    assert q.prompt == base.prompt and isinstance(q.model, AuxProposal)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(exact_log_prob(q.model, q.params, 4, prompt_P=list(q.prompt)), log_a, atol=1e-5)
+    _, metrics = trainer.step(state, jax.random.PRNGKey(4))
+    assert abs(float(metrics["ar"]) - ar) < 5 * np.sqrt(ar * (1 - ar) / n), (float(metrics["ar"]), ar)
+
+
 def test_head_vocabulary_must_match():
     with pytest.raises(ValueError, match="one value logit per token"):
         AuxProposal(TabularARM(3, 3), TabularARM(4, 3))
@@ -97,7 +123,7 @@ def test_minibatched_update_equals_the_whole_batch():
 
     a = TinyTransformerARM(vocab_size=4, max_len=4, eos_id=0)
     a_params = a.init(jax.random.PRNGKey(0))
-    trainer = AuxTrainer(a, a_params, a, B, AuxConfig(n_samples=64, max_new_tokens=4, learning_rate=1e-2, minibatch=16))
+    trainer = AuxTrainer(LM.of(a, a_params), a, B, AuxConfig(n_samples=64, max_new_tokens=4, learning_rate=1e-2, minibatch=16))
     SGD = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify round-off near 0)
     state = trainer.init_state({"head": a.init(jax.random.PRNGKey(1)), "policy": a_params})
     state = state._replace(opt_state=SGD.init(state.params))

@@ -7,11 +7,12 @@ import pytest
 
 from guard_jax import constraints as C
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_quantities, grid_log_prob, log_gold
+from guard_jax.lm import LM
 from guard_jax.models.toy import TinyTransformerARM
 from guard_jax.sampling import bos_prompt, log_prob, sample
 from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
 from guard_jax.train.loop import LoopConfig, run
-from guard_jax.train.sft import SFT
+from guard_jax.train.sft import SFT, SFTConfig
 from guard_jax.train.warm import load_params
 
 MODEL = TinyTransformerARM(4, 4, eos_id=0, d_model=32)
@@ -70,7 +71,7 @@ def test_dpg_converges_to_g_and_theorem2_holds(toy):
     a_params, b, log_a = toy
     start = exact_kl(a_params, log_a, b)
     assert start.kl_g_a2 >= 1.0
-    trainer = DPG(MODEL, a_params, B, DPGConfig(n_samples=512, minibatch=128, max_new_tokens=4, learning_rate=3e-3))
+    trainer = DPG(LM.of(MODEL, a_params), B, DPGConfig(n_samples=512, minibatch=128, max_new_tokens=4, learning_rate=3e-3))
     state, history = run(trainer, trainer.init_state(a_params), LoopConfig(steps=150, progress=False))
     end = exact_kl(state.params, log_a, b)
     assert end.kl_g_a2 < 0.05, end
@@ -83,10 +84,33 @@ def test_dpg_converges_to_g_and_theorem2_holds(toy):
 def test_off_policy_dpg_swaps_the_proposal_and_converges(toy):
     a_params, b, log_a = toy
     cfg = DPGConfig(n_samples=512, minibatch=128, max_new_tokens=4, learning_rate=3e-3, on_policy=False, swap_every=5)
-    trainer = DPG(MODEL, a_params, B, cfg)
+    trainer = DPG(LM.of(MODEL, a_params), B, cfg)
     state, history = run(trainer, trainer.init_state(a_params), LoopConfig(steps=150, progress=False))
     assert sum(h["swapped"] for h in history) >= 2
     assert exact_kl(state.params, log_a, b).kl_g_a2 < 0.1
+
+
+def test_off_policy_dpg_samples_the_proposal_prompt_and_scores_a_on_its_own():
+    """q = a(. | BOS, 2), a CAP-like proposal with a longer prompt: one step's acceptance rate is AR_q and
+    its Z-hat (the mean of a·b / q over the samples of q, a scored on [BOS] left-padded) is Z, each within
+    5 standard errors computed exactly by enumeration."""
+    model = TinyTransformerARM(4, 4, eos_id=0, d_model=32, context_len=2)
+    a = LM.of(model, model.init(jax.random.PRNGKey(3)))
+    q = a.with_prompt((model.bos_id, 2))
+    b = exact_constraint(SPACE, B)
+    with jax.enable_x64(True):
+        log_a, log_q = (exact_log_prob(model, a.params, 4, prompt_P=list(lm.prompt)) for lm in (a, q))
+    ar_q, z = np.exp(log_q[b]).sum(), np.exp(log_a[b]).sum()
+    n = 2048
+    se_ar = np.sqrt(ar_q * (1 - ar_q) / n)
+    w = np.exp(np.subtract(log_a, log_q, out=np.full_like(log_a, -np.inf), where=b))  # a·b / q
+    se_z = np.sqrt((np.sum(np.exp(log_q) * w**2) - z**2) / n)
+    assert abs(ar_q - np.exp(log_a[b]).sum()) > 10 * se_ar  # the prompt changes the law
+    trainer = DPG(a, B, DPGConfig(n_samples=n, minibatch=512, max_new_tokens=4, learning_rate=1e-3, on_policy=False), proposal=q)
+    state = trainer.init_state(a.params)
+    _, metrics = trainer.step(state, jax.random.PRNGKey(11))
+    assert abs(float(metrics["ar"]) - ar_q) < 5 * se_ar, (float(metrics["ar"]), ar_q)
+    assert abs(float(metrics["z"]) - z) < 5 * se_z, (float(metrics["z"]), z, se_z)
 
 
 def test_warm_start_from_sft_needs_fewer_steps(toy, tmp_path):
@@ -94,14 +118,14 @@ def test_warm_start_from_sft_needs_fewer_steps(toy, tmp_path):
     prompt, mask = bos_prompt(MODEL, 4096)
     s = sample(jax.random.PRNGKey(7), MODEL, a_params, prompt, mask, 4)
     keep = np.asarray(B(s.tokens_BT, s.lengths_B))
-    sft = SFT(MODEL, np.asarray(s.tokens_BT)[keep], np.asarray(s.lengths_B)[keep], batch_size=64, learning_rate=3e-3)
+    sft = SFT(LM.of(MODEL, a_params), np.asarray(s.tokens_BT)[keep], np.asarray(s.lengths_B)[keep], SFTConfig(batch_size=64, learning_rate=3e-3))
     sft_state, _ = run(sft, sft.init_state(a_params), LoopConfig(steps=2 * sft.steps_per_epoch, out_dir=tmp_path, progress=False, tensorboard=False))
     warm_params = load_params(tmp_path, like=a_params)  # SFT -> DPG through the Orbax checkpoint
     jax.tree.map(np.testing.assert_array_equal, warm_params, sft_state.params)
     cfg = DPGConfig(n_samples=256, minibatch=128, max_new_tokens=4, learning_rate=3e-3)
 
     def steps_to(params, target=0.1, max_steps=200):
-        trainer = DPG(MODEL, a_params, B, cfg)
+        trainer = DPG(LM.of(MODEL, a_params), B, cfg)
         state = trainer.init_state(params)
         for k in range(10, max_steps + 1, 10):
             state, _ = run(trainer, state, LoopConfig(steps=k, progress=False))
@@ -121,8 +145,11 @@ def test_bad_configs_are_refused(toy):
     with pytest.raises(ValueError, match="learning_rate"):
         DPGConfig(learning_rate=0.0)
     with pytest.raises(ValueError, match="off-policy"):
-        DPG(MODEL, a_params, B, DPGConfig(), proposal_params=a_params)
+        DPG(LM.of(MODEL, a_params), B, DPGConfig(), proposal=LM.of(MODEL, a_params))
+    with pytest.raises(ValueError, match="model of base"):
+        other = TinyTransformerARM(4, 4, eos_id=0, d_model=16)
+        DPG(LM.of(MODEL, a_params), B, DPGConfig(on_policy=False), proposal=LM.of(other, other.init(jax.random.PRNGKey(0))))
     never = C.predicate(lambda t, n: np.zeros(len(n), bool), "never")
-    trainer = DPG(MODEL, a_params, never, DPGConfig(n_samples=64, minibatch=32, max_new_tokens=4, learning_rate=1e-3))
+    trainer = DPG(LM.of(MODEL, a_params), never, DPGConfig(n_samples=64, minibatch=32, max_new_tokens=4, learning_rate=1e-3))
     with pytest.raises(ValueError, match="no sample of the proposal satisfied the constraint"):
         run(trainer, trainer.init_state(a_params), LoopConfig(steps=1, progress=False))

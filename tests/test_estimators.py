@@ -33,8 +33,11 @@ def _trial(seed, log_a, log_a2, b):
     ya, ya2 = _draw(rng, log_a, N_A), _draw(rng, log_a2, N_A2)
     ka, ka2 = int(b[ya].sum()), int(b[ya2].sum())
     g, g2 = ya[b[ya]], ya2[b[ya2]]
+    z = E.estimate_ar(ka, N_A, LEVEL)
     return {
-        "z": E.estimate_ar(ka, N_A, LEVEL),
+        "z": z,
+        "kl_g_a": E.estimate_kl_g_a(z),
+        "ar_gain": E.estimate_ar_gain(ka, N_A, ka2, N_A2, LEVEL),
         "ar": E.estimate_ar(ka2, N_A2, LEVEL),
         "kl_g_a2": E.estimate_kl_g_a2(log_a[g], log_a2[g], ka, N_A, LEVEL),
         "kl_g_g2": E.estimate_kl_g_g2(log_a[g], log_a2[g], ka, N_A, ka2, N_A2, LEVEL),
@@ -45,7 +48,7 @@ def _trial(seed, log_a, log_a2, b):
 
 def test_confidence_intervals_cover_the_exact_values(problem):
     log_a, log_a2, b, q = problem
-    truth = {"z": q.z, "ar": q.ar, "kl_g_a2": q.kl_g_a2, "kl_g_g2": q.kl_g_g2, "kl_g2_g": q.kl_g2_g, "log_z_is": q.log_z}
+    truth = {"z": q.z, "kl_g_a": q.kl_g_a, "ar_gain": q.ar / q.z, "ar": q.ar, "kl_g_a2": q.kl_g_a2, "kl_g_g2": q.kl_g_g2, "kl_g2_g": q.kl_g2_g, "log_z_is": q.log_z}
     hits = {k: 0 for k in truth}
     for seed in range(TRIALS):
         for k, est in _trial(seed, log_a, log_a2, b).items():
@@ -57,8 +60,15 @@ def test_confidence_intervals_cover_the_exact_values(problem):
 def test_estimates_are_consistent(problem):
     log_a, log_a2, b, q = problem
     est = _trial(12345, log_a, log_a2, b)
-    # Theorem 2 holds for the estimates by construction
+    # Theorem 2 holds for the estimates by construction, and the two routes to KL(g||g') agree
     assert math.isclose(est["kl_g_g2"].value, est["kl_g_a2"].value + math.log(est["ar"].value))
+    ka2 = round(est["ar"].value * N_A2)
+    assert E.estimate_kl_g_g2_from(est["kl_g_a2"], ka2, N_A2, LEVEL) == est["kl_g_g2"]
+    # KL(g||a) = -log Z, its interval the image of Z's; the AR gain is AR_a' / Z
+    assert math.isclose(est["kl_g_a"].value, -math.log(est["z"].value))
+    assert math.isclose(est["kl_g_a"].lo, -math.log(est["z"].hi)) and math.isclose(est["kl_g_a"].hi, -math.log(est["z"].lo))
+    assert math.isclose(est["ar_gain"].value, est["ar"].value / est["z"].value)
+    assert est["ar_gain"].lo < est["ar_gain"].value < est["ar_gain"].hi
     # the intervals shrink like 1/sqrt(n): a wider level gives a wider interval
     wide = E.estimate_ar(300, 1000, 0.999)
     narrow = E.estimate_ar(300, 1000, 0.9)
@@ -87,6 +97,9 @@ def test_importance_sampling_effective_sample_size():
     (lambda: E.estimate_kl_g_a2([0.0], [0.0], 1, 10), "at least 2"),
     (lambda: E.estimate_kl_g_a2([0.0, 1.0], [0.0, -np.inf], 1, 10), "zero probability"),
     (lambda: E.estimate_log_z_is(np.full(3, -np.inf), np.zeros(3)), "every importance weight is 0"),
+    (lambda: E.estimate_kl_g_a(E.estimate_ar(0, 10)), "needs Z > 0"),
+    (lambda: E.estimate_ar_gain(0, 10, 3, 10), "accepted samples of both"),
+    (lambda: E.estimate_kl_g_g2_from(E.Estimate(1.0, 0.5, 1.5, 0.95, 10), 0, 10), "accepted samples of a'"),
 ])
 def test_bad_inputs(call, name):
     with pytest.raises(ValueError, match=name):

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from guard_jax.constraints import contains_token  # noqa: E402
+from guard_jax.lm import LM  # noqa: E402
 from guard_jax.models import gemma, hf  # noqa: E402
 from guard_jax.rejection import guard_sample  # noqa: E402
 from guard_jax.sampling import bos_prompt, log_prob  # noqa: E402
@@ -141,7 +142,7 @@ def test_guard_sampler_runs_unchanged(case):
     likely = int(jnp.argmax(apply(case.model, case.params, bos_B1, ones_B1)[0, 0]))
     b = contains_token(likely)
     out = guard_sample(
-        jax.random.PRNGKey(3), case.model, case.params, b, 8, max_new_tokens=6, batch_size=16, progress=False
+        jax.random.PRNGKey(3), LM.of(case.model, case.params), b, 8, max_new_tokens=6, batch_size=16, progress=False
     )
     assert out.tokens_NT.shape == (8, 6) and np.all(b(out.tokens_NT, out.lengths_N))
     prompt_BP, mask_BP = bos_prompt(case.model, 8)

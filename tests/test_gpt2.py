@@ -14,6 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from guard_jax import constraints as C
 from guard_jax.cli import main
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob
+from guard_jax.lm import LM
 from guard_jax.models import hf
 from guard_jax.models.gpt2 import GPT2
 from guard_jax.rejection import guard_sample
@@ -201,7 +202,7 @@ def test_guard_sampler_on_tiny_gpt2(tiny_law):
     constraint = C.contains_token(2)
     b = exact_constraint(space, constraint)
     z = float(np.exp(log_a.astype(np.float64))[b].sum())
-    r = guard_sample(jax.random.PRNGKey(1), model, params, constraint, 20_000, max_new_tokens=3, batch_size=8192, progress=False)
+    r = guard_sample(jax.random.PRNGKey(1), LM.of(model, params), constraint, 20_000, max_new_tokens=3, batch_size=8192, progress=False)
     assert np.all(b[space.index(r.tokens_NT)])
     assert r.ar.contains(z), (r.ar, z)
     g = np.where(b, np.exp(log_a.astype(np.float64)), 0.0) / z

@@ -12,6 +12,7 @@ import scipy.optimize
 
 from guard_jax import constraints as C
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, grid_log_prob
+from guard_jax.lm import LM
 from guard_jax.models.toy import TabularARM, TinyTransformerARM
 from guard_jax.sampling import bos_prompt, sample
 from guard_jax.train.l3m import L3M, L3MConfig, barrier_slope, exact_objective, mu_schedule, relaxed_log_barrier
@@ -109,7 +110,7 @@ def test_monte_carlo_l3m_trainer_reaches_the_exact_optimum(toy, tmp_path):
     assert 0.5 * np.abs(_optimum(log_hat, b, TARGET, 1e-7) - pi_star).sum() < 0.02  # the data are close to D
     cfg = L3MConfig(thresholds=[TARGET], total_steps=anneal, n_samples=1024, batch_size=1024, max_new_tokens=3,
                     learning_rate=0.02, mu_end=mu_end)
-    trainer = L3M(model, tokens, lengths, [CONSTRAINT], cfg)
+    trainer = L3M(LM.of(model, data_params), tokens, lengths, [CONSTRAINT], cfg)
     state, history = run(trainer, trainer.init_state(data_params), LoopConfig(steps=steps, out_dir=tmp_path, progress=False))
     with jax.enable_x64(True):
         pi = np.exp(exact_log_prob(model, jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), state.params), 3))
@@ -138,7 +139,7 @@ def test_l3m_trainer_on_a_tiny_transformer_lowers_its_exact_objective():
     tokens, lengths = np.asarray(s.tokens_BT)[keep], np.asarray(s.lengths_B)[keep]  # b-filtered samples of a
     log_data = jnp.asarray(_empirical_log_law(space, tokens), jnp.float32)
     steps = 40
-    trainer = L3M(model, tokens, lengths, constraint, L3MConfig(thresholds=[0.9], total_steps=steps, n_samples=256, batch_size=32,
+    trainer = L3M(LM.of(model, a_params), tokens, lengths, constraint, L3MConfig(thresholds=[0.9], total_steps=steps, n_samples=256, batch_size=32,
                                                                max_new_tokens=4, learning_rate=1e-2))
     mu_end = trainer.mu(steps - 1)
 
@@ -153,6 +154,27 @@ def test_l3m_trainer_on_a_tiny_transformer_lowers_its_exact_objective():
     assert {"loss", "nll", "mu", "lambda_0", "C_0", "reward_0", "samples"} <= set(history[-1])
 
 
+def test_l3m_conditions_on_the_lm_prompt():
+    """With a prompted LM, a step's reward is E_{a(.|prompt)}[b] (within 5 standard errors) and its NLL the
+    exact NLL of the SFT rows under a(. | prompt)."""
+    model = TinyTransformerARM(4, 4, eos_id=0, d_model=16, context_len=2)
+    space = SequenceSpace.of(model, 4)
+    constraint = C.contains_token(1)
+    lm = LM.of(model, model.init(jax.random.PRNGKey(2))).with_prompt((model.bos_id, 2))
+    b = exact_constraint(space, constraint)
+    with jax.enable_x64(True):
+        log_a = exact_log_prob(model, lm.params, 4, prompt_P=list(lm.prompt))
+        ar, ar_unprompted = np.exp(log_a[b]).sum(), np.exp(exact_log_prob(model, lm.params, 4)[b]).sum()
+    rows = sample(jax.random.PRNGKey(3), model, lm.params, *lm.prompt_arrays(16), 4)
+    n = 512
+    assert abs(ar - ar_unprompted) > 10 * np.sqrt(ar * (1 - ar) / n)  # the prompt matters
+    cfg = L3MConfig(thresholds=[0.9], total_steps=10, n_samples=n, batch_size=16, max_new_tokens=4, learning_rate=1e-3)
+    trainer = L3M(lm, rows.tokens_BT, rows.lengths_B, constraint, cfg)
+    _, metrics = trainer.step(trainer.init_state(lm.params), jax.random.PRNGKey(4))
+    assert abs(float(metrics["reward_0"]) - ar) < 5 * np.sqrt(ar * (1 - ar) / n), (float(metrics["reward_0"]), ar)
+    np.testing.assert_allclose(float(metrics["nll"]), -log_a[space.index(np.asarray(rows.tokens_BT))].mean(), rtol=1e-4)
+
+
 def test_l3m_config_errors():
     with pytest.raises(ValueError, match="thresholds"):
         L3MConfig(thresholds=[], total_steps=10)
@@ -160,4 +182,4 @@ def test_l3m_config_errors():
         L3MConfig(thresholds=[0.5], total_steps=10, mu_end=2.0)
     model = TabularARM(3, 3, eos_id=0)
     with pytest.raises(ValueError, match="one per threshold"):
-        L3M(model, np.zeros((4, 3)), np.ones(4), [CONSTRAINT, CONSTRAINT], L3MConfig(thresholds=[0.5], total_steps=10, batch_size=2))
+        L3M(LM.of(model, model.init(jax.random.PRNGKey(0))), np.zeros((4, 3)), np.ones(4), [CONSTRAINT, CONSTRAINT], L3MConfig(thresholds=[0.5], total_steps=10, batch_size=2))

@@ -9,6 +9,7 @@ import pytest
 
 from guard_jax import constraints as C
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_quantities, grid_log_prob, log_rl_ideal
+from guard_jax.lm import LM
 from guard_jax.models.toy import TabularARM, TinyTransformerARM
 from guard_jax.train.loop import LoopConfig, run
 from guard_jax.train.rl import RL, RLConfig, exact_objective, sampled_loss
@@ -51,7 +52,7 @@ def test_exact_training_reaches_the_ideal_distribution(toy, x64):
 
 def test_rl_trainer_approaches_the_ideal_distribution(toy):
     model, params, b, log_a = toy
-    trainer = RL(model, params, CONSTRAINT, RLConfig(beta=BETA, n_samples=1024, max_new_tokens=3, learning_rate=0.05))
+    trainer = RL(LM.of(model, params), CONSTRAINT, RLConfig(beta=BETA, n_samples=1024, max_new_tokens=3, learning_rate=0.05))
     state, history = run(trainer, trainer.init_state(params), LoopConfig(steps=400, progress=False))
     with jax.enable_x64(True):
         ideal = np.exp(log_rl_ideal(log_a, b, BETA))
@@ -78,10 +79,28 @@ def test_rl_trainer_on_a_tiny_transformer_moves_toward_its_ideal():
         support = np.isfinite(log_pi)
         return float(np.sum(np.where(support, np.exp(log_pi) * (np.where(support, log_pi, 0.0) - np.where(support, log_ideal, 0.0)), 0.0)))
 
-    trainer = RL(model, params, constraint, RLConfig(beta=0.25, n_samples=256, max_new_tokens=4, learning_rate=1e-2))
+    trainer = RL(LM.of(model, params), constraint, RLConfig(beta=0.25, n_samples=256, max_new_tokens=4, learning_rate=1e-2))
     state, _ = run(trainer, trainer.init_state(params), LoopConfig(steps=40, progress=False))
     before, after = kl_to_ideal(params), kl_to_ideal(state.params)
     assert after < 0.5 * before, (before, after)
+
+
+def test_rl_samples_and_scores_on_the_lm_prompt():
+    """With a prompted base and pi = a, a step's reward is E_{a(.|prompt)}[r] (within 5 standard errors) and
+    its KL(pi || a) estimate is 0: pi's samples and a's scores share the prompt."""
+    model = TinyTransformerARM(4, 4, eos_id=0, d_model=16, context_len=2)
+    constraint = C.contains_token(1)
+    base = LM.of(model, model.init(jax.random.PRNGKey(2))).with_prompt((model.bos_id, 2))
+    b = exact_constraint(SequenceSpace.of(model, 4), constraint)
+    with jax.enable_x64(True):
+        ar = np.exp(exact_log_prob(model, base.params, 4, prompt_P=list(base.prompt))[b]).sum()
+        ar_unprompted = np.exp(exact_log_prob(model, base.params, 4)[b]).sum()
+    n = 512
+    assert abs(ar - ar_unprompted) > 10 * np.sqrt(ar * (1 - ar) / n)  # the prompt matters
+    trainer = RL(base, constraint, RLConfig(beta=0.5, n_samples=n, max_new_tokens=4, learning_rate=1e-3))
+    _, metrics = trainer.step(trainer.init_state(base.params), jax.random.PRNGKey(4))
+    assert abs(float(metrics["reward"]) - ar) < 5 * np.sqrt(ar * (1 - ar) / n), (float(metrics["reward"]), ar)
+    assert abs(float(metrics["kl_pi_a"])) < 1e-5
 
 
 def test_rl_config_errors():
@@ -100,7 +119,7 @@ def test_minibatched_update_equals_the_whole_batch():
     """n_samples in 4 minibatches (gradient accumulation) gives the same update as all at once."""
     model = TinyTransformerARM(vocab_size=4, max_len=4, eos_id=0)
     params = model.init(jax.random.PRNGKey(0))
-    whole = RL(model, params, C.contains_token(2), RLConfig(beta=0.3, n_samples=64, max_new_tokens=4, learning_rate=1e-2))
+    whole = RL(LM.of(model, params), C.contains_token(2), RLConfig(beta=0.3, n_samples=64, max_new_tokens=4, learning_rate=1e-2))
     from guard_jax.sampling import sample
     from guard_jax.train.rl import _rl_update
 

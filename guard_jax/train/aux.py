@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from guard_jax.lm import LM
 from guard_jax.models.base import ARM
-from guard_jax.train.common import adam, check_split, host_constraint, left_pad_prompts, sample_many
+from guard_jax.train.common import adam, check_split, host_constraint, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -150,16 +151,19 @@ class AuxTrainer:
     base a stays frozen. Both the head and the policy are proposals: q (`proposal(state)`, two forward
     passes per token) and p_theta (one model). Metrics: loss, bce, token_kl, ar (fraction of the step's
     base samples with b = 1), grad_norm, samples (= n_samples base samples drawn).
+
+    `base`: a (its model and params, frozen) and the prompt that a, R, q and p_theta condition on; `head`:
+    R's model; `policy`: p_theta's model (default a's).
     """
 
-    def __init__(self, base: ARM, base_params, head: ARM, constraint, config: AuxConfig, *, policy: ARM | None = None,
-                 context: list[int] | None = None):
-        self.aux = AuxProposal(base, head)
-        self.base_params, self.constraint, self.config = base_params, constraint, config
-        self.policy = base if policy is None else policy
-        if self.policy.vocab_size != base.vocab_size:
-            raise ValueError(f"policy must share the base vocabulary ({base.vocab_size}), got {self.policy.vocab_size}")
-        ((self.prompt, self.mask),) = left_pad_prompts([base.bos_id] if context is None else list(context), pad_id=base.pad_id)
+    def __init__(self, base: LM, head: ARM, constraint, config: AuxConfig, *, policy: ARM | None = None):
+        self.base = base
+        self.aux = AuxProposal(base.model, head)
+        self.base_params, self.constraint, self.config = base.params, constraint, config
+        self.policy = base.model if policy is None else policy
+        if self.policy.vocab_size != base.model.vocab_size:
+            raise ValueError(f"policy must share the base vocabulary ({base.model.vocab_size}), got {self.policy.vocab_size}")
+        self.prompt, self.mask = base.prompt_arrays(1)
         self.optimizer = adam(config.learning_rate)
 
     def init_state(self, params) -> TrainState:
@@ -168,9 +172,16 @@ class AuxTrainer:
             raise ValueError(f"params must be {need} (kl_weight={self.config.kl_weight}), got keys {sorted(params)}")
         return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {})
 
-    def proposal(self, state: TrainState) -> tuple[AuxProposal, dict]:
-        """The ARM q = a · sigmoid(R) and its params, for the GUARD sampler or exact evaluation."""
-        return self.aux, {"base": self.base_params, "head": state.params["head"]}
+    def proposal(self, state: TrainState) -> LM:
+        """q = a · sigmoid(R) as an LM on base's prompt (model `AuxProposal`, params {"base", "head"}), for the
+        GUARD sampler or exact evaluation."""
+        return dataclasses.replace(self.base, model=self.aux, params={"base": self.base_params, "head": state.params["head"]})
+
+    def policy_lm(self, state: TrainState) -> LM:
+        """p_theta as an LM on base's prompt (needs kl_weight > 0: the state holds its params)."""
+        if "policy" not in state.params:
+            raise ValueError("this AuxTrainer trains no policy (config.kl_weight = 0): use proposal(state), q = a · sigmoid(R)")
+        return dataclasses.replace(self.base, model=self.policy, params=state.params["policy"])
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c = self.config

@@ -1,4 +1,7 @@
-"""Pieces the trainers share: prompts as fixed arrays, minibatched sampling, teacher-forced log-probs."""
+"""Pieces the trainers share: Adam, minibatched sampling, teacher-forced log-probs, host-side constraints.
+
+Prompts come from `guard_jax.lm.LM.prompt_arrays` (one row, left-padded to a common length).
+"""
 
 from __future__ import annotations
 
@@ -12,19 +15,6 @@ import optax
 from guard_jax.models.base import ARM
 from guard_jax.parallel import split_batch
 from guard_jax.sampling import log_prob, sample
-
-
-def left_pad_prompts(*prompts: list[int], pad_id: int) -> list[tuple[jax.Array, jax.Array]]:
-    """Token lists -> [(tokens_1P, mask_1P)] left-padded to one length P, so swapping prompts never recompiles."""
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (BOS for an unconditional model)")
-    P = max(len(p) for p in prompts)
-    out = []
-    for p in prompts:
-        tokens = jnp.asarray([[pad_id] * (P - len(p)) + list(p)], jnp.int32)
-        mask = jnp.asarray([[0] * (P - len(p)) + [1] * len(p)], jnp.int32)
-        out.append((tokens, mask))
-    return out
 
 
 def adam(learning_rate: float, warmup_steps: int = 0, clip_norm: float | None = None) -> optax.GradientTransformation:

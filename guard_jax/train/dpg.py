@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from guard_jax.lm import LM, common_prompt_length
 from guard_jax.models.base import ARM
-from guard_jax.sampling import log_prob
 from guard_jax.parallel import check_divisible, replicate, split_batch
-from guard_jax.train.common import adam, check_split, host_constraint, left_pad_prompts, minibatched_log_prob, sample_many
+from guard_jax.sampling import log_prob
+from guard_jax.train.common import adam, check_split, host_constraint, minibatched_log_prob, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -50,24 +51,33 @@ class DPGConfig:
 
 
 class DPG:
-    """DPG trainer for the shared loop. `context`: the prompt tokens a and pi condition on (default [BOS]);
-    `proposal_context`: the prompt of the off-policy proposal (e.g. BOS + a CAP prompt + context).
-    `mesh` (a `guard_jax.parallel.data_mesh`): the state is replicated and each minibatch is split over the
-    devices for sampling, scoring and the gradient (XLA sums the gradients across them)."""
+    """DPG trainer for the shared loop: the policy pi (params from `init_state`) conditions on `base.prompt`,
+    and a = base (its model and params, frozen) defines g = a·b / Z.
 
-    def __init__(self, model: ARM, base_params, constraint, config: DPGConfig, *, context: list[int] | None = None,
-                 proposal_context: list[int] | None = None, proposal_params=None, mesh=None):
-        if config.on_policy and (proposal_context is not None or proposal_params is not None):
-            raise ValueError("proposal_context / proposal_params need config.on_policy=False (off-policy DPG)")
+    Off-policy (`config.on_policy=False`), q starts as `proposal`, a frozen first proposal with the model of
+    `base` (its params and prompt: e.g. `base.with_prefix(cap_prompt)` for CAP, or an SFT model's params;
+    default: pi's initial params on base's prompt). The mesh is `base.mesh` (a `guard_jax.parallel.data_mesh`):
+    the state is replicated and each minibatch is split over the devices for sampling, scoring and the
+    gradient (XLA sums the gradients across them)."""
+
+    def __init__(self, base: LM, constraint, config: DPGConfig, *, proposal: LM | None = None):
+        if proposal is not None:
+            if config.on_policy:
+                raise ValueError("proposal needs config.on_policy=False (off-policy DPG); on-policy, q is the policy itself")
+            if proposal.model != base.model:
+                raise ValueError(f"proposal must have the model of base ({base.model}), got {proposal.model}: "
+                                 "the policy, a and q share one architecture")
+        mesh = base.mesh
+        base_params = base.params
         if mesh is not None:
             check_divisible(config.minibatch, mesh.size, "minibatch")
             base_params = replicate(mesh, base_params)
         self.mesh = mesh
-        self.model, self.base_params, self.constraint, self.config = model, base_params, constraint, config
-        context = [model.bos_id] if context is None else list(context)
-        (self.prompt, self.mask), (self.q_prompt, self.q_mask) = left_pad_prompts(
-            context, context if proposal_context is None else list(proposal_context), pad_id=model.pad_id)
-        self.proposal_params = proposal_params
+        self.model, self.base_params, self.constraint, self.config = base.model, base_params, constraint, config
+        q = base if proposal is None else proposal
+        length = common_prompt_length(base, q)
+        (self.prompt, self.mask), (self.q_prompt, self.q_mask) = base.prompt_arrays(1, length), q.prompt_arrays(1, length)
+        self.proposal_params = None if proposal is None else proposal.params
         self.optimizer = adam(config.learning_rate, config.warmup_steps)
 
     def init_state(self, params) -> TrainState:

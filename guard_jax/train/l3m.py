@@ -23,9 +23,9 @@ import numpy as np
 import optax
 
 from guard_jax.data.packing import batch_indices
-from guard_jax.models.base import ARM
+from guard_jax.lm import LM
 from guard_jax.sampling import log_prob
-from guard_jax.train.common import adam, left_pad_prompts, sample_many
+from guard_jax.train.common import adam, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -91,7 +91,7 @@ def sampled_loss(logp_sft_N, logp_pi_B, rewards_KB, thresholds_K, mu):
 class L3MConfig:
     """thresholds: the c_i of E_pi[r_i] >= c_i, one per reward; total_steps: the length of the mu schedule
     (mu_start at step 0 to mu_end at step total_steps - 1, then held); n_samples: policy samples per step
-    (the expected rewards and their gradient); batch_size: SFT rows per step."""
+    (the expected rewards and their gradient); batch_size: SFT rows per step, drawn by (seed, step)."""
 
     thresholds: tuple[float, ...]
     total_steps: int
@@ -101,6 +101,7 @@ class L3MConfig:
     learning_rate: float = 1e-4
     mu_start: float = 1.0
     mu_end: float = 0.01
+    seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "thresholds", tuple(float(c) for c in self.thresholds))
@@ -117,16 +118,16 @@ class L3MConfig:
 class L3M:
     """L3M trainer for the shared loop (`guard_jax.train.loop.run`).
 
-    sft_tokens_NT / sft_lengths_N: the SFT data (e.g. b-filtered samples of a); `rewards`: one callable
+    The policy is `lm.model` conditioned on `lm.prompt`; sft_tokens_NT / sft_lengths_N: the SFT data (e.g.
+    b-filtered samples of a); `rewards`: one callable
     r_i(tokens_NT, lengths_N) -> values_N per constraint (a GUARD `Constraint` gives r = b), evaluated on the
-    host. Each step takes `batch_size` SFT rows (epoch-wise permutations by (seed, step)) and draws
+    host. Each step takes `config.batch_size` SFT rows (epoch-wise permutations by (config.seed, step)) and draws
     `n_samples` fresh samples of the current policy; mu follows `mu_schedule`. Metrics: loss, nll, mu,
     barrier, and per constraint i: reward_i (E_pi[r_i] on the samples), C_i = c_i - E_pi[r_i] and the
     multiplier lambda_i = mu / (-C_i) (1/mu on the linear branch); `samples` = policy samples drawn.
     """
 
-    def __init__(self, model: ARM, sft_tokens_NT, sft_lengths_N, rewards, config: L3MConfig, *,
-                 context: list[int] | None = None, seed: int = 0):
+    def __init__(self, lm: LM, sft_tokens_NT, sft_lengths_N, rewards, config: L3MConfig):
         tokens_NT, lengths_N = np.asarray(sft_tokens_NT, np.int32), np.asarray(sft_lengths_N, np.int32)
         if tokens_NT.ndim != 2 or lengths_N.shape != tokens_NT.shape[:1]:
             raise ValueError(f"sft_tokens_NT must be [N, T] and sft_lengths_N [N], got {tokens_NT.shape} and {lengths_N.shape}")
@@ -135,9 +136,8 @@ class L3M:
         rewards = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]
         if len(rewards) != len(config.thresholds) or not all(callable(r) for r in rewards):
             raise ValueError(f"rewards must be {len(config.thresholds)} callables (one per threshold), got {rewards!r}")
-        self.model, self.tokens, self.lengths, self.rewards, self.config, self.seed = model, tokens_NT, lengths_N, rewards, config, seed
-        ((prompt, mask),) = left_pad_prompts([model.bos_id] if context is None else list(context), pad_id=model.pad_id)
-        self.prompt, self.mask = prompt, mask
+        self.lm, self.model, self.tokens, self.lengths, self.rewards, self.config = lm, lm.model, tokens_NT, lengths_N, rewards, config
+        self.prompt, self.mask = lm.prompt_arrays(1)
         self.optimizer = adam(config.learning_rate)
 
     def init_state(self, params) -> TrainState:
@@ -149,7 +149,7 @@ class L3M:
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c, s = self.config, int(state.step)
-        idx = batch_indices(len(self.tokens), c.batch_size, self.seed, s)
+        idx = batch_indices(len(self.tokens), c.batch_size, c.seed, s)
         tokens, lengths, _ = sample_many(key, self.model, state.params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens)
         tokens_np, lengths_np = np.asarray(tokens), np.asarray(lengths)
         r_KN = np.stack([np.asarray(r(tokens_np, lengths_np), np.float32) for r in self.rewards])

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from guard_jax.models.base import ARM
+from guard_jax.lm import LM
 from guard_jax.sampling import log_prob
-from guard_jax.train.common import adam, check_split, left_pad_prompts, minibatched_log_prob, sample_many
+from guard_jax.train.common import adam, check_split, minibatched_log_prob, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -79,13 +79,14 @@ class RL:
     `reward(tokens_NT, lengths_N) -> values_N` runs on the host (a GUARD `Constraint` gives r = b). Each step
     draws `n_samples` of the current policy. Metrics: loss, reward (E_pi[r] on the samples), kl_pi_a (the
     sample mean of log pi - log a), objective (E[r] - beta KL), grad_norm, samples (= n_samples drawn).
+    `base`: a (its model and params, frozen) and the prompt that a and pi condition on.
     """
 
-    def __init__(self, model: ARM, base_params, reward, config: RLConfig, *, context: list[int] | None = None):
+    def __init__(self, base: LM, reward, config: RLConfig):
         if not callable(reward):
             raise TypeError(f"reward must be callable (tokens_NT, lengths_N) -> values_N, got {type(reward).__name__}")
-        self.model, self.base_params, self.reward, self.config = model, base_params, reward, config
-        ((self.prompt, self.mask),) = left_pad_prompts([model.bos_id] if context is None else list(context), pad_id=model.pad_id)
+        self.base, self.model, self.base_params, self.reward, self.config = base, base.model, base.params, reward, config
+        self.prompt, self.mask = base.prompt_arrays(1)
         self.optimizer = adam(config.learning_rate)
 
     def init_state(self, params) -> TrainState:

@@ -3,6 +3,7 @@ continuation only (never on the prompt or the padding), minibatches drawn by (se
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -11,29 +12,48 @@ import numpy as np
 import optax
 
 from guard_jax.data.packing import batch_indices
+from guard_jax.lm import LM
 from guard_jax.models.base import ARM
 from guard_jax.sampling import log_prob
-from guard_jax.train.common import adam, left_pad_prompts
+from guard_jax.train.common import adam
 from guard_jax.train.loop import TrainState
 
 
-class SFT:
-    """Trainer for the shared loop. tokens_NT/lengths_N: the continuations; `context`: their prompt tokens
-    (default [BOS]); one step = one minibatch of `batch_size` rows (an epoch is N // batch_size steps).
-    `optimizer` (default Adam at `learning_rate`): pass one shared instance to several SFT trainers over
-    same-shaped batches and they share one compiled step."""
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """batch_size: rows per step (an epoch is N // batch_size steps); minibatches are drawn by (seed, step);
+    warmup_steps: linear learning-rate warm-up of Adam."""
 
-    def __init__(self, model: ARM, tokens_NT, lengths_N, *, batch_size: int, learning_rate: float, context: list[int] | None = None,
-                 seed: int = 0, warmup_steps: int = 0, optimizer: optax.GradientTransformation | None = None):
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.warmup_steps < 0:
+            raise ValueError(f"batch_size must be >= 1 and warmup_steps >= 0, got {self.batch_size}, {self.warmup_steps}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+class SFT:
+    """Trainer for the shared loop: fine-tune `lm.model`, conditioned on `lm.prompt`, on the continuations
+    tokens_NT / lengths_N; one step = one minibatch of `config.batch_size` rows.
+    `optimizer` (default Adam at `config.learning_rate` with `config.warmup_steps`): pass one shared
+    instance to several SFT trainers over same-shaped batches and they share one compiled step."""
+
+    def __init__(self, lm: LM, tokens_NT, lengths_N, config: SFTConfig = SFTConfig(), *,
+                 optimizer: optax.GradientTransformation | None = None):
         tokens_NT, lengths_N = np.asarray(tokens_NT, np.int32), np.asarray(lengths_N, np.int32)
         if tokens_NT.ndim != 2 or lengths_N.shape != tokens_NT.shape[:1]:
             raise ValueError(f"tokens_NT must be [N, T] and lengths_N [N], got {tokens_NT.shape} and {lengths_N.shape}")
-        if not 0 < batch_size <= len(tokens_NT):
-            raise ValueError(f"batch_size must be in [1, N={len(tokens_NT)}] (the number of training sequences), got {batch_size}")
-        self.model, self.tokens, self.lengths, self.batch_size, self.seed = model, tokens_NT, lengths_N, batch_size, seed
-        ((prompt, mask),) = left_pad_prompts([model.bos_id] if context is None else list(context), pad_id=model.pad_id)
-        self.prompt_B, self.mask_B = jnp.repeat(prompt, batch_size, 0), jnp.repeat(mask, batch_size, 0)
-        self.optimizer = adam(learning_rate, warmup_steps) if optimizer is None else optimizer
+        if not config.batch_size <= len(tokens_NT):
+            raise ValueError(f"config.batch_size must be in [1, N={len(tokens_NT)}] (the number of training sequences), "
+                             f"got {config.batch_size}")
+        self.lm, self.model, self.config = lm, lm.model, config
+        self.tokens, self.lengths, self.batch_size, self.seed = tokens_NT, lengths_N, config.batch_size, config.seed
+        self.prompt_B, self.mask_B = lm.prompt_arrays(config.batch_size)
+        self.optimizer = adam(config.learning_rate, config.warmup_steps) if optimizer is None else optimizer
 
     @property
     def steps_per_epoch(self) -> int:

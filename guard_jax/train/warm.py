@@ -1,8 +1,9 @@
 """Warm starts: the parameters to start a trainer from, read from a guard_jax run folder (its Orbax
 checkpoints, latest or best) or from a Hugging Face model folder (config.json + safetensors).
 
-SFT -> DPG: `DPG(..., proposal_params=warm.load_params(sft_run_dir, like=a_params))` and the same params as
-the policy's initial params; CAP -> DPG: the base params with `proposal_context=cap_context(...)`.
+SFT -> DPG: `params = warm.load_params(sft_run_dir, like=a.params)`, then an off-policy
+`DPG(a, b, config, proposal=a.with_params(params))` started from `init_state(params)`; CAP -> DPG: the base
+params with `proposal=a.with_prefix(cap_prompt)`.
 """
 
 from __future__ import annotations
