@@ -23,7 +23,8 @@ import optax
 
 from guard_jax.lm import LM
 from guard_jax.models.base import ARM
-from guard_jax.train.common import adam, check_split, host_constraint, sample_many
+from guard_jax.parallel import shard_params, split_batch
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, host_constraint, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -153,13 +154,16 @@ class AuxTrainer:
     base samples with b = 1), grad_norm, samples (= n_samples base samples drawn).
 
     `base`: a (its model and params, frozen) and the prompt that a, R, q and p_theta condition on; `head`:
-    R's model; `policy`: p_theta's model (default a's).
+    R's model; `policy`: p_theta's model (default a's). On `base.mesh`, the state and a's params are sharded
+    by guard_jax.parallel's rules and each minibatch is split over the devices (minibatch divisible by the
+    mesh size).
     """
 
     def __init__(self, base: LM, head: ARM, constraint, config: AuxConfig, *, policy: ARM | None = None):
-        self.base = base
+        check_mesh_batch(base.mesh, **{"config.minibatch": config.minibatch or config.n_samples})
+        self.base, self.mesh = base, base.mesh
         self.aux = AuxProposal(base.model, head)
-        self.base_params, self.constraint, self.config = base.params, constraint, config
+        self.base_params, self.constraint, self.config = shard_params(base.mesh, base.params), constraint, config
         self.policy = base.model if policy is None else policy
         if self.policy.vocab_size != base.model.vocab_size:
             raise ValueError(f"policy must share the base vocabulary ({base.model.vocab_size}), got {self.policy.vocab_size}")
@@ -170,7 +174,7 @@ class AuxTrainer:
         if "head" not in params or (self.config.kl_weight > 0) != ("policy" in params):
             need = '{"head": ..., "policy": ...}' if self.config.kl_weight > 0 else '{"head": ...}'
             raise ValueError(f"params must be {need} (kl_weight={self.config.kl_weight}), got keys {sorted(params)}")
-        return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {})
+        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {}))
 
     def proposal(self, state: TrainState) -> LM:
         """q = a · sigmoid(R) as an LM on base's prompt (model `AuxProposal`, params {"base", "head"}), for the
@@ -187,19 +191,20 @@ class AuxTrainer:
         c = self.config
         mb = c.minibatch or c.n_samples
         M = c.n_samples // mb
-        tokens, lengths, _ = sample_many(key, self.aux.base, self.base_params, self.prompt, self.mask, M, mb, c.max_new_tokens)
+        tokens, lengths, _ = sample_many(key, self.aux.base, self.base_params, self.prompt, self.mask, M, mb, c.max_new_tokens, self.mesh)
         labels = jnp.asarray(host_constraint(self.constraint, tokens, lengths))
         tokens, lengths, labels = tokens.reshape(M, mb, -1), lengths.reshape(M, mb), labels.reshape(M, mb)
         state, metrics = _aux_update(state, self.base_params, self.prompt, self.mask, tokens, lengths, labels,
-                                     jnp.asarray(c.kl_weight, jnp.float32), aux=self.aux, policy=self.policy, optimizer=self.optimizer)
+                                     jnp.asarray(c.kl_weight, jnp.float32), aux=self.aux, policy=self.policy, optimizer=self.optimizer, mesh=self.mesh)
         return state, metrics | {"ar": jnp.mean(labels.astype(jnp.float32)), "samples": c.n_samples}
 
 
-@functools.partial(jax.jit, static_argnames=("aux", "policy", "optimizer"))
-def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, labels_MB, kl_weight, *, aux, policy, optimizer):
+@functools.partial(jax.jit, static_argnames=("aux", "policy", "optimizer", "mesh"))
+def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, labels_MB, kl_weight, *, aux, policy, optimizer, mesh=None):
     """One update on M minibatches of B samples: each minibatch's losses are its share of the whole batch's
     position means (divided by the batch's total number of real positions), so the summed gradients are
     those of the whole batch."""
+    tokens_MBT, lengths_MB, labels_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, labels_MB))
     B = tokens_MBT.shape[1]
     prompt_B, mask_B = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
     total = jnp.maximum(jnp.sum(jnp.minimum(lengths_MB, tokens_MBT.shape[2])).astype(jnp.float32), 1.0)
@@ -220,6 +225,5 @@ def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, 
     grads, parts_M = jax.lax.scan(minibatch, zeros, (tokens_MBT, lengths_MB, labels_MB))
     parts = jax.tree.map(jnp.sum, parts_M)
     loss = parts.pop("loss")
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     return TrainState(state.step + 1, params, opt_state, state.extra), parts | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

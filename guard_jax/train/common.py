@@ -1,6 +1,10 @@
-"""Pieces the trainers share: Adam, minibatched sampling, teacher-forced log-probs, host-side constraints.
+"""Pieces the trainers share: Adam, minibatched sampling, teacher-forced log-probs, host-side constraints,
+placement on a mesh.
 
-Prompts come from `guard_jax.lm.LM.prompt_arrays` (one row, left-padded to a common length).
+Prompts come from `guard_jax.lm.LM.prompt_arrays` (one row, left-padded to a common length). On a mesh (the
+LM's `mesh`), every trainer places its state with `guard_jax.parallel.shard_params` (params, Adam moments and
+frozen params sharded by the rules), splits each batch over the devices inside its jitted update
+(`split_batch`) and constrains the updated params and optimizer state to the same shardings (`apply_updates`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 import optax
 
 from guard_jax.models.base import ARM
-from guard_jax.parallel import split_batch
+from guard_jax.parallel import check_divisible, constrain_params, split_batch
 from guard_jax.sampling import log_prob, sample
 
 
@@ -42,6 +46,20 @@ def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, b
 
     _, (tok, length, logp) = jax.lax.scan(one, None, jax.random.split(key, num_batches))
     return tok.reshape(-1, max_new_tokens), length.reshape(-1), logp.reshape(-1)
+
+
+def apply_updates(optimizer: optax.GradientTransformation, params, opt_state, grads, mesh=None):
+    """One optimizer update -> (params, opt_state); on a mesh, both constrained to the rules' shardings."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return constrain_params(mesh, params), constrain_params(mesh, opt_state)
+
+
+def check_mesh_batch(mesh, **batch_sizes) -> None:
+    """Refuse batch sizes (named in the error) that the mesh's devices do not split evenly (mesh None: any)."""
+    if mesh is not None:
+        for name, size in batch_sizes.items():
+            check_divisible(int(size), mesh.size, name)
 
 
 def minibatched_log_prob(model: ARM, params, prompt_1P, mask_1P, tokens_MBT, lengths_MB):

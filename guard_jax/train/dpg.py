@@ -23,9 +23,9 @@ import optax
 
 from guard_jax.lm import LM, common_prompt_length
 from guard_jax.models.base import ARM
-from guard_jax.parallel import check_divisible, replicate, split_batch
+from guard_jax.parallel import check_divisible, shard_params, split_batch
 from guard_jax.sampling import log_prob
-from guard_jax.train.common import adam, check_split, host_constraint, minibatched_log_prob, sample_many
+from guard_jax.train.common import adam, apply_updates, check_split, host_constraint, minibatched_log_prob, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -56,9 +56,10 @@ class DPG:
 
     Off-policy (`config.on_policy=False`), q starts as `proposal`, a frozen first proposal with the model of
     `base` (its params and prompt: e.g. `base.with_prefix(cap_prompt)` for CAP, or an SFT model's params;
-    default: pi's initial params on base's prompt). The mesh is `base.mesh` (a `guard_jax.parallel.data_mesh`):
-    the state is replicated and each minibatch is split over the devices for sampling, scoring and the
-    gradient (XLA sums the gradients across them)."""
+    default: pi's initial params on base's prompt). The mesh is `base.mesh` (`guard_jax.parallel.make_mesh`
+    or `data_mesh`): the state and a's params are sharded by the rules of guard_jax.parallel (replicated on a
+    1-D data mesh) and each minibatch is split over the devices for sampling, scoring and the gradient (XLA
+    sums the gradients across them)."""
 
     def __init__(self, base: LM, constraint, config: DPGConfig, *, proposal: LM | None = None):
         if proposal is not None:
@@ -71,7 +72,7 @@ class DPG:
         base_params = base.params
         if mesh is not None:
             check_divisible(config.minibatch, mesh.size, "minibatch")
-            base_params = replicate(mesh, base_params)
+            base_params = shard_params(mesh, base_params)
         self.mesh = mesh
         self.model, self.base_params, self.constraint, self.config = base.model, base_params, constraint, config
         q = base if proposal is None else proposal
@@ -86,7 +87,7 @@ class DPG:
             proposal = params if self.proposal_params is None else self.proposal_params
             extra |= {"proposal": proposal, "q_prompt": self.q_prompt, "q_mask": self.q_mask}
         state = TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), extra)
-        return state if self.mesh is None else replicate(self.mesh, state)
+        return shard_params(self.mesh, state)
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c = self.config
@@ -140,8 +141,7 @@ def _update(state, base_params, prompt, mask, tokens_MBT, lengths_MB, logq_MB, b
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grad_sum, (loss_M, logpi_MB) = jax.lax.scan(minibatch, zeros, (tokens_MBT, lengths_MB, logq_MB, logP_MB))
     grads = jax.tree.map(lambda g: g / tokens_MBT.shape[0], grad_sum)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     w = jnp.exp(logP_MB - logq_MB - log_z)
     finite = jnp.isfinite(logP_MB)
     kl_g = lambda log_r: -log_z + jnp.mean(jnp.where(finite, w * (logP_MB - log_r), 0.0))  # IS estimate of KL(g || r)
