@@ -283,8 +283,9 @@ class _Decoder(nn.Module):
         if a.embed_scale:
             x_BTD = x_BTD * jnp.asarray(math.sqrt(c.hidden_size), c.dtype)
         kv = []
+        block_cls = nn.remat(_Block) if c.remat and caches is None else _Block  # recompute in the backward pass
         for i in range(c.num_hidden_layers):
-            x_BTD, kv_i = _Block(c, i, name=f"layers_{i}")(x_BTD, pos_BT, None if caches is None else caches[i], index, k_pos_BL)
+            x_BTD, kv_i = block_cls(c, i, name=f"layers_{i}")(x_BTD, pos_BT, None if caches is None else caches[i], index, k_pos_BL)
             kv.append(kv_i)
         x_BTD = RMSNorm(c.rms_norm_eps, c.param_dtype, a.norm_offset, name="norm")(x_BTD)
         if last_only:
@@ -308,7 +309,7 @@ class DecoderLM:
 
     Mixed into a frozen dataclass that has the fields vocab_size, hidden_size, intermediate_size,
     num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps, sliding_window,
-    layer_types, attn_logit_softcapping, final_logit_softcapping, dtype, param_dtype, bos_id, eos_id, pad_id,
+    layer_types, attn_logit_softcapping, final_logit_softcapping, dtype, param_dtype, remat, bos_id, eos_id, pad_id,
     and provides `arch`, `rope(layer)`, `window(layer)`, `scale` and `model_type` (the Hugging Face family
     it exports as)."""
 

@@ -75,6 +75,7 @@ class Gemma(decoder.DecoderLM):
     pad_id: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False  # jax.checkpoint each layer of a teacher-forced forward (same values, less memory)
 
     def __post_init__(self):
         if self.version not in (1, 2, 3):

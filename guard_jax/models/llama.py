@@ -83,6 +83,7 @@ class Llama(decoder.DecoderLM):
     pad_id: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False  # jax.checkpoint each layer of a teacher-forced forward (same values, less memory)
 
     attn_logit_softcapping = None  # no soft-caps in this family (the shared decoder reads both)
     final_logit_softcapping = None
