@@ -1,4 +1,6 @@
-"""Run in a subprocess with 8 forced host devices: sharded and pmapped sampling/scoring equal one device."""
+"""Run in a subprocess with 8 forced host devices: on meshes 8x1 (data), 4x2 and 2x4 (data x model), sharded
+sampling, scoring, the GUARD sampler and one step of every trainer (SFT, DPG on/off-policy, L3M, aux, RL)
+equal one device; params and Adam moments are sharded by the rules; pmapped sampling equals one device."""
 
 import os
 import sys
@@ -11,11 +13,15 @@ import numpy as np  # noqa: E402
 from guard_jax.lm import LM  # noqa: E402
 from guard_jax.models.gpt2 import GPT2  # noqa: E402
 from guard_jax.models.toy import TinyTransformerARM  # noqa: E402
-from guard_jax.parallel import data_mesh, log_prob_sharded, sample_pmap, sample_sharded, shard_batch  # noqa: E402
+from guard_jax.parallel import data_mesh, log_prob_sharded, make_mesh, sample_pmap, sample_sharded, shard_batch, tree_specs  # noqa: E402
 from guard_jax.rejection import guard_sample  # noqa: E402
 from guard_jax.sampling import bos_prompt, draw, log_prob, sample, score  # noqa: E402
 from guard_jax import constraints as C  # noqa: E402
+from guard_jax.train.aux import AuxConfig, AuxTrainer  # noqa: E402
 from guard_jax.train.dpg import DPG, DPGConfig  # noqa: E402
+from guard_jax.train.l3m import L3M, L3MConfig  # noqa: E402
+from guard_jax.train.rl import RL, RLConfig  # noqa: E402
+from guard_jax.train.sft import SFT, SFTConfig  # noqa: E402
 from guard_jax.train.loop import step_key  # noqa: E402
 
 
@@ -101,7 +107,72 @@ def _driver_agrees(model, params, mesh) -> None:
         assert "batch_size=12 must be divisible" in str(e), e
 
 
-def main() -> int:
+def _policy_logp(model, params, ys):
+    prompt, mask = bos_prompt(model, ys.tokens_BT.shape[0])
+    return np.asarray(log_prob(model, jax.device_get(params), prompt, mask, ys.tokens_BT, ys.lengths_B)[0])
+
+
+def _trainers(gpt2, params, mesh):
+    """(name, trainer, initial params) for every trainer, on an LM with `mesh` (None: one device)."""
+    b = C.predicate(lambda t, n: np.any((t < 10) & (np.arange(t.shape[1])[None] < n[:, None]), axis=1), "any token < 10")
+    a = LM.of(gpt2, params).with_mesh(mesh)
+    rows = sample(jax.random.PRNGKey(11), gpt2, params, *bos_prompt(gpt2, 32), 6)
+    tokens, lengths = np.asarray(rows.tokens_BT), np.asarray(rows.lengths_B)
+    head = GPT2(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_id=49, eos_id=49)
+    dpg = DPGConfig(n_samples=32, minibatch=16, max_new_tokens=6, learning_rate=1e-2)
+    return [
+        ("sft", SFT(a, tokens, lengths, SFTConfig(batch_size=16, learning_rate=1e-2)), params),
+        ("dpg", DPG(a, b, dpg), params),
+        ("dpg_off", DPG(a, b, DPGConfig(**{**dpg.__dict__, "on_policy": False}), proposal=a.with_prompt((gpt2.bos_id, 3))), params),
+        ("l3m", L3M(a, tokens, lengths, [b], L3MConfig(thresholds=[0.9], total_steps=2, n_samples=16, batch_size=16,
+                                                       max_new_tokens=6, learning_rate=1e-2)), params),
+        ("aux", AuxTrainer(a, head, b, AuxConfig(n_samples=32, minibatch=16, max_new_tokens=6, learning_rate=1e-2)),
+         {"head": head.init(jax.random.PRNGKey(5)), "policy": params}),
+        ("rl", RL(a, b, RLConfig(beta=0.5, n_samples=32, minibatch=16, max_new_tokens=6, learning_rate=1e-2)), params),
+    ]
+
+
+def _one_step(name, trainer, params):
+    state, metrics = trainer.step(trainer.init_state(params), step_key(0, 0))
+    return state, float(metrics["loss"])
+
+
+def _sharded_leaf_count(mesh, tree) -> int:
+    """How many leaves of `tree` are split over the model axis (their device shard smaller than the array)."""
+    return sum(x.addressable_shards[0].data.size < x.size for x in jax.tree.leaves(tree))
+
+
+def _meshes_agree(gpt2, params, meshes) -> None:
+    """On each (data, model) of `meshes`: draw/score/guard_sample and one step of each trainer (loss, policy log-probs) equal
+    one device; on 2-D meshes the params and the Adam moments are sharded over the model axis."""
+    ys = sample(jax.random.PRNGKey(7), gpt2, params, *bos_prompt(gpt2, 32), 6)
+    ref = {}
+    for name, trainer, p0 in _trainers(gpt2, params, None):
+        state, loss = _one_step(name, trainer, p0)
+        pol = state.params["policy"] if name == "aux" else state.params
+        ref[name] = (loss, _policy_logp(gpt2, pol, ys))
+    for data, model in meshes:
+        mesh = make_mesh(data, model)
+        _driver_agrees(gpt2, params, mesh)
+        for name, trainer, p0 in _trainers(gpt2, params, mesh):
+            state, loss = _one_step(name, trainer, p0)
+            np.testing.assert_allclose(loss, ref[name][0], rtol=1e-4, atol=1e-6, err_msg=f"{name} {data}x{model} loss")
+            pol = state.params["policy"] if name == "aux" else state.params
+            np.testing.assert_allclose(_policy_logp(gpt2, pol, ys), ref[name][1], atol=1e-4, err_msg=f"{name} {data}x{model}")
+            if model > 1:
+                n_params = len(jax.tree.leaves(state.params))
+                assert _sharded_leaf_count(mesh, state.params) > 0, f"{name}: no parameter sharded on {data}x{model}"
+                assert _sharded_leaf_count(mesh, state.opt_state) >= _sharded_leaf_count(mesh, state.params), name
+                specs, opt_specs = tree_specs(mesh, state.params), tree_specs(mesh, state.opt_state)
+                mu = jax.tree.leaves(opt_specs[0][0].mu) if isinstance(opt_specs, tuple) else None
+                assert mu is None or mu == jax.tree.leaves(specs), f"{name}: Adam's mu is not sharded like the params"
+                assert n_params == len(jax.tree.leaves(specs))
+        print(f"mesh {data}x{model} ok", flush=True)
+
+
+def main(argv) -> int:
+    """argv: optional comma-separated meshes DATAxMODEL for the trainers' check (default 8x1,4x2,2x4)."""
+    meshes = [tuple(int(n) for n in m.split("x")) for m in (argv[0] if argv else "8x1,4x2,2x4").split(",")]
     assert jax.device_count() == 8, jax.devices()
     mesh = data_mesh()
     model = TinyTransformerARM(6, 5, eos_id=0)
@@ -117,11 +188,11 @@ def main() -> int:
         raise AssertionError("a batch of 3 over 8 devices must be refused")
     except ValueError as e:
         assert "divisible" in str(e)
-    _driver_agrees(gpt2, gpt2_params, mesh)
     _dpg_agrees(mesh)
+    _meshes_agree(gpt2, gpt2_params, meshes)
     print("multidevice ok")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
