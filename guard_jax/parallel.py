@@ -20,6 +20,8 @@ uniform falls that close to a CDF boundary takes the neighbouring token (the res
 the law is the same). Measured on 2 CPU host devices, GPT-2 6 L x 384 d, 64 rows x 128 tokens: one row
 changed at step 50, the other rows' sequence log-probs agree within 3e-4, and teacher-forced scores agree
 exactly. Classic Colab-TPU path: `sample_pmap` (replicated params).
+The batch-drawing driver (`sampling.draw_batches`, `draw`, `score`, hence the GUARD sampler) and every trainer
+use this path for an LM with a mesh: `LM.load(..., mesh=make_mesh(2, 4))` or `lm.with_mesh(data_mesh())`.
 Multi-host: call `jax.distributed.initialize()` first; the mesh then spans every host's devices and each
 host feeds its slice of the batch.
 

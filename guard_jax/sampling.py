@@ -17,6 +17,7 @@ returned with the samples, so nothing downstream re-scores them. Temperature 1 i
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -222,14 +223,17 @@ def draw_batches(key: jax.Array, lm: LM, batch_size: int, max_new_tokens: int) -
     """Endless batches of `batch_size` samples of `lm` (batch i uses `fold_in(key, i)`), as numpy `Draws`.
 
     With `lm.mesh`, batch_size must be divisible by the mesh size; each batch is split over its devices.
+    The arguments are checked when it is called, not at the first batch.
     """
     _check_positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
     params, prompt_BP, mask_BP, _ = _placed(lm, batch_size)
-    i = 0
-    while True:
-        s = sample(jax.random.fold_in(key, i), lm.model, params, prompt_BP, mask_BP, max_new_tokens)
-        yield Draws(np.asarray(s.tokens_BT), np.asarray(s.lengths_B), np.asarray(s.logp_B))
-        i += 1
+
+    def batches():
+        for i in itertools.count():
+            s = sample(jax.random.fold_in(key, i), lm.model, params, prompt_BP, mask_BP, max_new_tokens)
+            yield Draws(np.asarray(s.tokens_BT), np.asarray(s.lengths_B), np.asarray(s.logp_B))
+
+    return batches()
 
 
 def draw(key: jax.Array, lm: LM, n: int, *, max_new_tokens: int, batch_size: int = 1024, progress: bool = True,
