@@ -24,7 +24,7 @@ import optax
 from guard_jax.lm import LM
 from guard_jax.models.base import ARM
 from guard_jax.parallel import shard_params, split_batch
-from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, host_constraint, sample_many
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, host_constraint, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -206,7 +206,7 @@ def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, 
     those of the whole batch."""
     tokens_MBT, lengths_MB, labels_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, labels_MB))
     B = tokens_MBT.shape[1]
-    prompt_B, mask_B = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
+    prompt_B, mask_B = repeat_prompt(prompt_1P, mask_1P, B, mesh)
     total = jnp.maximum(jnp.sum(jnp.minimum(lengths_MB, tokens_MBT.shape[2])).astype(jnp.float32), 1.0)
 
     def loss_fn(params, tokens_BT, lengths_B, labels_B):
@@ -218,6 +218,7 @@ def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, 
         return bce + kl_weight * kl, {"bce": bce, "token_kl": kl}
 
     def minibatch(grad_sum, xs):
+        xs = tuple(split_batch(x, mesh) for x in xs)
         (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *xs)
         return jax.tree.map(jnp.add, grad_sum, g), parts | {"loss": loss}
 

@@ -37,8 +37,7 @@ def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, b
 
     -> (tokens_NT, lengths_N, logp_N), N = num_batches * batch_size.
     """
-    prompt_BP, mask_BP = jnp.repeat(prompt_1P, batch_size, 0), jnp.repeat(mask_1P, batch_size, 0)
-    prompt_BP, mask_BP = split_batch(prompt_BP, mesh), split_batch(mask_BP, mesh)
+    prompt_BP, mask_BP = repeat_prompt(prompt_1P, mask_1P, batch_size, mesh)
 
     def one(_, k):
         s = sample(k, model, params, prompt_BP, mask_BP, max_new_tokens)
@@ -62,12 +61,19 @@ def check_mesh_batch(mesh, **batch_sizes) -> None:
             check_divisible(int(size), mesh.size, name)
 
 
-def minibatched_log_prob(model: ARM, params, prompt_1P, mask_1P, tokens_MBT, lengths_MB):
+def repeat_prompt(prompt_1P, mask_1P, batch_size: int, mesh=None):
+    """The one-row prompt repeated for a batch -> (prompt_BP, mask_BP), split over the mesh's devices (so the
+    whole forward pass is, not only the continuations)."""
+    return (split_batch(jnp.repeat(prompt_1P, batch_size, 0), mesh), split_batch(jnp.repeat(mask_1P, batch_size, 0), mesh))
+
+
+def minibatched_log_prob(model: ARM, params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, mesh=None):
     """Teacher-forced log-probs of [M, B, T] samples, one minibatch of B at a time -> logp_MB."""
     B = tokens_MBT.shape[1]
-    prompt_BP, mask_BP = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
+    prompt_BP, mask_BP = repeat_prompt(prompt_1P, mask_1P, B, mesh)
 
     def one(_, xs):
+        xs = tuple(split_batch(x, mesh) for x in xs)
         return None, log_prob(model, params, prompt_BP, mask_BP, *xs)[0]
 
     return jax.lax.scan(one, None, (tokens_MBT, lengths_MB))[1]

@@ -25,7 +25,7 @@ from guard_jax.lm import LM, common_prompt_length
 from guard_jax.models.base import ARM
 from guard_jax.parallel import check_divisible, shard_params, split_batch
 from guard_jax.sampling import log_prob
-from guard_jax.train.common import adam, apply_updates, check_split, host_constraint, minibatched_log_prob, sample_many
+from guard_jax.train.common import adam, apply_updates, check_split, host_constraint, minibatched_log_prob, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -125,16 +125,17 @@ def dpg_loss(params, model: ARM, prompt_BP, mask_BP, tokens_BT, lengths_B, logq_
 @functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh"))
 def _update(state, base_params, prompt, mask, tokens_MBT, lengths_MB, logq_MB, b_MB, *, model, optimizer, mesh=None):
     tokens_MBT, lengths_MB, logq_MB, b_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logq_MB, b_MB))
-    log_a_MB = minibatched_log_prob(model, base_params, prompt, mask, tokens_MBT, lengths_MB)
+    log_a_MB = minibatched_log_prob(model, base_params, prompt, mask, tokens_MBT, lengths_MB, mesh)
     logP_MB = jnp.where(b_MB, log_a_MB, -jnp.inf)
     N = logP_MB.size
     log_z_sum = jnp.logaddexp(state.extra["log_z_sum"], jax.scipy.special.logsumexp(logP_MB - logq_MB))
     n_seen = state.extra["n_seen"] + N
     log_z = log_z_sum - jnp.log(n_seen)
     B = tokens_MBT.shape[1]
-    prompt_B, mask_B = jnp.repeat(prompt, B, 0), jnp.repeat(mask, B, 0)
+    prompt_B, mask_B = repeat_prompt(prompt, mask, B, mesh)
 
     def minibatch(grad_sum, xs):
+        xs = tuple(split_batch(x, mesh) for x in xs)
         (loss, logpi), g = jax.value_and_grad(dpg_loss, has_aux=True)(state.params, model, prompt_B, mask_B, *xs, log_z)
         return jax.tree.map(jnp.add, grad_sum, g), (loss, logpi)
 

@@ -26,7 +26,7 @@ from guard_jax.data.packing import batch_indices
 from guard_jax.lm import LM
 from guard_jax.sampling import log_prob
 from guard_jax.parallel import shard_params, split_batch
-from guard_jax.train.common import adam, apply_updates, check_mesh_batch, sample_many
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -176,8 +176,8 @@ def _l3m_update(state, prompt_1P, mask_1P, sft_tokens_BT, sft_lengths_B, tokens_
     B, N = sft_tokens_BT.shape[0], tokens_NT.shape[0]
 
     def loss_fn(params):
-        logp_sft_B = log_prob(model, params, jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0), sft_tokens_BT, sft_lengths_B)[0]
-        logp_pi_N = log_prob(model, params, jnp.repeat(prompt_1P, N, 0), jnp.repeat(mask_1P, N, 0), tokens_NT, lengths_N)[0]
+        logp_sft_B = log_prob(model, params, *repeat_prompt(prompt_1P, mask_1P, B, mesh), sft_tokens_BT, sft_lengths_B)[0]
+        logp_pi_N = log_prob(model, params, *repeat_prompt(prompt_1P, mask_1P, N, mesh), tokens_NT, lengths_N)[0]
         return sampled_loss(logp_sft_B, logp_pi_N, r_KN, thresholds_K, mu)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

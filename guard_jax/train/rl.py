@@ -19,7 +19,7 @@ import optax
 from guard_jax.lm import LM
 from guard_jax.sampling import log_prob
 from guard_jax.parallel import shard_params, split_batch
-from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, minibatched_log_prob, sample_many
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, minibatched_log_prob, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -116,13 +116,13 @@ def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, l
     the whole batch's gradient; the gradient pass re-scores each minibatch under pi)."""
     M, B = lengths_MB.shape
     tokens_MBT, lengths_MB, logp_pi_MB, r_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logp_pi_MB, r_MB))
-    prompt_B, mask_B = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
-    logp_a_MB = minibatched_log_prob(model, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB)
+    prompt_B, mask_B = repeat_prompt(prompt_1P, mask_1P, B, mesh)
+    logp_a_MB = minibatched_log_prob(model, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, mesh)
     advantage_N, aux = advantages(logp_pi_MB.reshape(-1), logp_a_MB.reshape(-1), r_MB.reshape(-1), beta)
     advantage_MB = advantage_N.reshape(M, B)
 
     def minibatch(grad_sum, xs):
-        tokens_BT, lengths_B, advantage_B = xs
+        tokens_BT, lengths_B, advantage_B = (split_batch(x, mesh) for x in xs)
         g = jax.grad(lambda p: -jnp.sum(advantage_B * log_prob(model, p, prompt_B, mask_B, tokens_BT, lengths_B)[0]) / (M * B))(state.params)
         return jax.tree.map(jnp.add, grad_sum, g), None
 
