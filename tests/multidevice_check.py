@@ -158,7 +158,10 @@ def _meshes_agree(gpt2, params, meshes) -> None:
             state, loss = _one_step(name, trainer, p0)
             np.testing.assert_allclose(loss, ref[name][0], rtol=1e-4, atol=1e-6, err_msg=f"{name} {data}x{model} loss")
             pol = state.params["policy"] if name == "aux" else state.params
-            np.testing.assert_allclose(_policy_logp(gpt2, pol, ys), ref[name][1], atol=1e-4, err_msg=f"{name} {data}x{model}")
+            # sequence log-probs of ~-30: a sharded matmul sums in another order, and Adam turns that rounding
+            # into steps of size lr (aux on 2x4: 1.1e-4 absolute, 7e-6 relative, measured)
+            np.testing.assert_allclose(_policy_logp(gpt2, pol, ys), ref[name][1], rtol=2e-5, atol=1e-4,
+                                       err_msg=f"{name} {data}x{model}")
             if model > 1:
                 n_params = len(jax.tree.leaves(state.params))
                 assert _sharded_leaf_count(mesh, state.params) > 0, f"{name}: no parameter sharded on {data}x{model}"
