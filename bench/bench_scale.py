@@ -16,7 +16,14 @@ state and saved activations are linear in depth); the JSON says `"extrapolated_f
 assignment and fusion differ from TPU/GPU: temporaries are an estimate. `--quick`: tiny shapes, for the
 test suite.
 
+DPG cases draw the paper's 10,000 samples per update: at the paper's minibatch (500, run as 504 x 20 on 8
+devices) and at smaller minibatches that divide 10,000 and the 8 devices (80 x 125, 40 x 250: the same update,
+`DPGConfig.minibatch` accumulates the gradients). Every row says its `tuning` ("full": full fine-tuning; a
+parameter-efficient variant adds its own value and its own state in `_state`). After the rows, one
+`scale_goal` line per goal of the plan says met / not met (null when this run has no row for it).
+
     python -m bench.bench_scale                    # every case, 8 host devices and 1, depth from 1 and 2 layers
+    python -m bench.bench_scale --only gemma-2b --devices 8 --cases dpg_update
     python -m bench.bench_scale --quick
 """
 
@@ -121,27 +128,58 @@ def compile_sampler(model, mesh, batch: int, T: int):
     return fn.lower(*args).compile()
 
 
+N_SAMPLES = 10_000  # DPG samples per update (the paper)
+# (goal, model, case, tuning, devices, batch or None for the best row, limit GiB): the plan's goals
+GOALS = (
+    ("gemma-2b DPG, full fine-tuning, <= 16 GiB/device on 8 devices", "gemma-2b", "dpg_update", "full", 8, None, 16.0),
+    ("gemma-2b DPG, LoRA, <= 8 GiB/device on 8 devices", "gemma-2b", "dpg_update", "lora", 8, None, 8.0),
+    ("gemma-2b sampling at batch 500 on one 16 GiB device", "gemma-2b", "sampler", "full", 1, 500, 16.0),
+)
+
+
+def dpg_minibatches(devices: int) -> tuple[int, ...]:
+    """The DPG minibatches of the plan: the paper's 500 (504 on 8 devices: divisible by them) and two that divide
+    both N_SAMPLES and the device count (the same update by gradient accumulation)."""
+    return (504 if devices == 8 else 500, 80, 40)
+
+
 def cases(quick: bool):
-    """(name, model, case, policy, remat, devices, batch): the plan's cases."""
+    """(name, case, tuning, policy, remat, devices, batch): the plan's cases."""
     if quick:  # one of each program, each on the device count of its goal
         name, mb = "tiny-gemma", 8
-        return QUICK, [(name, "dpg_update", "bf16_compute", True, 8, mb), (name, "sft_step", "bf16_compute", True, 8, mb),
-                       (name, "sampler", "bf16", False, 1, mb)]
-    shapes = SHAPES
+        return QUICK, [(name, "dpg_update", "full", "bf16_compute", True, 8, mb), (name, "sft_step", "full", "bf16_compute", True, 8, mb),
+                       (name, "sampler", "full", "bf16", False, 1, mb)]
     out = []
-    for name in shapes:
+    for name in SHAPES:
         for devices in (8, 1):
-            mb, small = (504 if devices == 8 else 500), 64
-            for batch in (mb, small):
-                out.append((name, "dpg_update", "bf16_compute", True, devices, batch))
-            out.append((name, "sft_step", "bf16_compute", True, devices, small))
+            for batch in dpg_minibatches(devices):
+                out.append((name, "dpg_update", "full", "bf16_compute", True, devices, batch))
             if name == "gemma-2b":
-                out.append((name, "dpg_update", "bf16_compute", False, devices, mb))
-            out.append((name, "sampler", "bf16", False, devices, 500))
-    return shapes, out
+                out.append((name, "dpg_update", "full", "bf16_compute", False, devices, dpg_minibatches(devices)[0]))
+            out.append((name, "sft_step", "full", "bf16_compute", True, devices, 64))
+            out.append((name, "sampler", "full", "bf16", False, devices, 500))
+    return SHAPES, out
 
 
-def run_case(model, case: str, devices: int, batch: int, T: int, n_minibatches: int):
+def goal_lines(rows: list[dict]) -> list[dict]:
+    """One record per goal: the smallest total of the rows that match it (any minibatch unless the goal fixes
+    the batch), met or not (None when no row matches)."""
+    out = []
+    for goal, model, case, tuning, devices, batch, limit in GOALS:
+        match = [r for r in rows if (r["model"], r["case"], r["tuning"], r["devices"]) == (model, case, tuning, devices)
+                 and (batch is None or r["batch"] == batch)]
+        best = min(match, key=lambda r: r["total_bytes"], default=None)
+        out.append({"bench": "scale_goal", "goal": goal, "limit_gib": limit,
+                    "met": None if best is None else bool(best["total_bytes"] <= limit * GiB),
+                    "best_gib": None if best is None else best["total_gib"], "best_batch": None if best is None else best["batch"],
+                    "best_remat": None if best is None else best["remat"],
+                    "rows": [(r["batch"], r["remat"], r["total_gib"]) for r in match]})
+    return out
+
+
+def run_case(model, case: str, tuning: str, devices: int, batch: int, T: int, n_minibatches: int):
+    if tuning != "full":
+        raise ValueError(f"tuning {tuning!r} is not built into this plan; it knows 'full'")
     mesh = make_mesh(1, devices)
     if case == "dpg_update":
         return _memory(compile_dpg(model, mesh, batch, n_minibatches, T))
@@ -158,7 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="", help="comma-separated cases (dpg_update, sft_step, sampler; default all)")
     parser.add_argument("--devices", default="", help="comma-separated device counts (8, 1; default both)")
     parser.add_argument("--new-tokens", type=int, default=30)
-    parser.add_argument("--minibatches", type=int, default=20, help="minibatches per DPG update (10,000 / 500)")
+    parser.add_argument("--minibatches", type=int, default=0,
+                        help="minibatches per DPG update (default: N_SAMPLES / minibatch, rounded up)")
     args = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", 8)  # before JAX starts (it refuses after)
     if jax.device_count() < 8:
@@ -169,28 +208,35 @@ def main(argv=None) -> int:
     if args.cases:
         todo = [c for c in todo if c[1] in args.cases.split(",")]
     if args.devices:
-        todo = [c for c in todo if str(c[4]) in args.devices.split(",")]
-    for name, case, policy, remat, devices, batch in todo:
+        todo = [c for c in todo if str(c[5]) in args.devices.split(",")]
+    rows = []
+    for name, case, tuning, policy, remat, devices, batch in todo:
         compute, storage = policy_dtypes(policy)
         full = shapes[name]
         full = dataclasses.replace(full, dtype=compute, param_dtype=storage, remat=remat)
         L = full.num_hidden_layers
         depths = [L] if args.quick or args.layers == "full" else [int(x) for x in args.layers.split(",")]
+        M = args.minibatches or -(-N_SAMPLES // batch)
         mems = []
         for depth in depths:
             model = dataclasses.replace(full, num_hidden_layers=depth, layer_types=None)
-            mems.append(run_case(model, case, devices, batch, args.new_tokens, args.minibatches))
+            mems.append(run_case(model, case, tuning, devices, batch, args.new_tokens, M))
         if len(depths) == 2:
             (l1, m1), (l2, m2) = zip(depths, mems)
             mem = {k: int(round(m1[k] + (m2[k] - m1[k]) * (L - l1) / (l2 - l1))) for k in m1}
         else:
             mem = mems[0]
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(full.init, jax.random.PRNGKey(0))))
-        emit({"bench": "scale", "model": name, "case": case, "policy": policy, "remat": remat, "devices": devices,
-              "mesh": f"1x{devices}", "batch": batch, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT,
-              "minibatches": args.minibatches if case == "dpg_update" else None, "params": n_params,
-              "layers": L, "extrapolated_from_layers": depths if len(depths) == 2 else None,
-              **mem, "total_gib": round(mem["total_bytes"] / GiB, 3)})
+        row = {"bench": "scale", "model": name, "case": case, "tuning": tuning, "policy": policy, "remat": remat,
+               "devices": devices, "mesh": f"1x{devices}", "batch": batch, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT,
+               "minibatches": M if case == "dpg_update" else None, "params": n_params,
+               "layers": L, "extrapolated_from_layers": depths if len(depths) == 2 else None,
+               **mem, "total_gib": round(mem["total_bytes"] / GiB, 3)}
+        emit(row)
+        rows.append(row)
+    if not args.quick:
+        for line in goal_lines(rows):
+            emit(line)
     return 0
 
 
