@@ -4,7 +4,8 @@ The low-level functions (`sample`, `log_prob`) take a model, params and prompt a
 the one batch-drawing driver takes an `LM` (guard_jax.lm): `draw_batches` (endless batches; batch i uses
 `fold_in(key, i)`), `draw` (N samples) and `score` (teacher-forced log-probs); the GUARD sampler, the
 evaluation and the trainers' host loops all draw through it. With `lm.mesh`, each batch is split over the
-mesh's "data" axis (the same samples as one device, up to float rounding: see guard_jax.parallel).
+mesh's devices and the params are sharded by guard_jax.parallel's rules (the same samples as one device, up
+to float rounding: see guard_jax.parallel).
 
 Sampling runs `prefill` once, then `lax.scan`s over `max_new_tokens` steps with a `done` mask; tokens after
 EOS are `pad_id` and contribute 0 to the log-probs. The cache starts short and grows between scans (every
@@ -253,7 +254,8 @@ def _check_positive(**values) -> None:
 
 
 def _placed(lm: LM, batch_size: int):
-    """(params, prompt_BP, mask_BP, split): on lm.mesh, params replicated and batches split by `split`."""
+    """(params, prompt_BP, mask_BP, split): on lm.mesh, params sharded by the rules of guard_jax.parallel
+    and batches split over every device by `split`."""
     prompt_BP, mask_BP = lm.prompt_arrays(batch_size)
     if lm.mesh is None:
         return lm.params, prompt_BP, mask_BP, lambda *arrays: arrays
@@ -261,7 +263,7 @@ def _placed(lm: LM, batch_size: int):
 
     parallel.check_divisible(batch_size, lm.mesh.size, "batch_size")
     split = functools.partial(parallel.shard_batch, lm.mesh)
-    return (parallel.replicate(lm.mesh, lm.params), *split(prompt_BP, mask_BP), split)
+    return (parallel.shard_params(lm.mesh, lm.params), *split(prompt_BP, mask_BP), split)
 
 
 def draw_batches(key: jax.Array, lm: LM, batch_size: int, max_new_tokens: int) -> Iterator[Draws]:

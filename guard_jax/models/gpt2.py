@@ -101,7 +101,8 @@ class _GPT2Net(nn.Module):
             scale = (c.n_embd // c.n_head) ** -0.5 if c.scale_attn_weights else 1.0
             if c.scale_attn_by_inverse_layer_idx:
                 scale /= i + 1
-            block = _Block(c.n_head, c.inner, c.activation, c.layer_norm_epsilon, scale, c.dtype, c.param_dtype, name=f"h_{i}")
+            block_cls = nn.remat(_Block) if c.remat and kvs is None else _Block
+            block = block_cls(c.n_head, c.inner, c.activation, c.layer_norm_epsilon, scale, c.dtype, c.param_dtype, name=f"h_{i}")
             x_BTD, kv = block(x_BTD, mask_BTS, None if kvs is None else kvs[i], index)
             new_kvs.append(kv)
         x_BTD = nn.LayerNorm(c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_f")(x_BTD)
@@ -121,6 +122,8 @@ class GPT2:
 
     Field names follow Hugging Face's `GPT2Config`; `from_hf_config` builds one from a config.json.
     `bos_id` starts an unconditional sequence (GPT-2: <|endoftext|>), `eos_id` (or None) ends one.
+    `remat`: recompute each block's activations in the backward pass of a teacher-forced forward
+    (`jax.checkpoint`, the same values and gradients; memory ~ one block's activations instead of all).
     """
 
     vocab_size: int = 50257
@@ -139,6 +142,7 @@ class GPT2:
     pad_token_id: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):

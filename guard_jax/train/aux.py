@@ -34,8 +34,9 @@ import optax
 from guard_jax.data.packing import batch_indices
 from guard_jax.lm import LM
 from guard_jax.models.base import ARM
+from guard_jax.parallel import shard_params, split_batch
 from guard_jax.sampling import check_finite_logp
-from guard_jax.train.common import adam, check_split, host_constraint, sample_many
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, host_constraint, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 from guard_jax.train.sft import nll_per_token
 
@@ -191,13 +192,16 @@ class AuxTrainer:
     samples drawn); with a corpus also nll (the corpus NLL per token).
 
     `base`: a (its model and params, frozen) and the prompt that a, R, q and p_theta condition on; `head`:
-    R's model; `policy`: p_theta's model (default a's).
+    R's model; `policy`: p_theta's model (default a's). On `base.mesh`, the state and a's params are sharded
+    by guard_jax.parallel's rules and each minibatch is split over the devices (minibatch divisible by the
+    mesh size).
     """
 
     def __init__(self, base: LM, head: ARM, constraint, config: AuxConfig, *, policy: ARM | None = None, corpus=None):
-        self.base = base
+        check_mesh_batch(base.mesh, **{"config.minibatch": config.minibatch or config.n_samples})
+        self.base, self.mesh = base, base.mesh
         self.aux = AuxProposal(base.model, head)
-        self.base_params, self.constraint, self.config = base.params, constraint, config
+        self.base_params, self.constraint, self.config = shard_params(base.mesh, base.params), constraint, config
         self.policy = base.model if policy is None else policy
         if self.policy.vocab_size != base.model.vocab_size:
             raise ValueError(f"policy must share the base vocabulary ({base.model.vocab_size}), got {self.policy.vocab_size}")
@@ -210,6 +214,7 @@ class AuxTrainer:
                 raise ValueError(f"corpus must be (tokens_NT [N, T], lengths_N [N]), got {tokens_NT.shape} and {lengths_N.shape}")
             if not config.corpus_batch <= len(tokens_NT):
                 raise ValueError(f"config.corpus_batch must be in [1, N={len(tokens_NT)}] (the corpus rows), got {config.corpus_batch}")
+            check_mesh_batch(base.mesh, **{"config.corpus_batch": config.corpus_batch})
             self.corpus = (tokens_NT, lengths_N)
             self.corpus_prompt, self.corpus_mask = base.prompt_arrays(config.corpus_batch)
 
@@ -222,7 +227,7 @@ class AuxTrainer:
             need = '{"head": ..., "policy": ...}' if self.trains_policy else '{"head": ...}'
             raise ValueError(f"params must be {need} (kl_weight={self.config.kl_weight}, "
                              f"corpus={'given' if self.corpus is not None else 'none'}), got keys {sorted(params)}")
-        return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {})
+        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {}))
 
     def proposal(self, state: TrainState) -> LM:
         """q = a · sigmoid(R) as an LM on base's prompt (model `AuxProposal`, params {"base", "head"}), for the
@@ -239,7 +244,7 @@ class AuxTrainer:
         c = self.config
         mb = c.minibatch or c.n_samples
         M = c.n_samples // mb
-        tokens, lengths, logp = sample_many(key, self.aux.base, self.base_params, self.prompt, self.mask, M, mb, c.max_new_tokens)
+        tokens, lengths, logp = sample_many(key, self.aux.base, self.base_params, self.prompt, self.mask, M, mb, c.max_new_tokens, self.mesh)
         check_finite_logp(logp, f"aux step {int(state.step)}: samples of the base model")
         labels = jnp.asarray(host_constraint(self.constraint, tokens, lengths))
         tokens, lengths, labels = tokens.reshape(M, mb, -1), lengths.reshape(M, mb), labels.reshape(M, mb)
@@ -249,20 +254,22 @@ class AuxTrainer:
             corpus = (self.corpus_prompt, self.corpus_mask, jnp.asarray(self.corpus[0][idx]), jnp.asarray(self.corpus[1][idx]))
         state, metrics = _aux_update(state, self.base_params, self.prompt, self.mask, tokens, lengths, labels,
                                      jnp.asarray(c.kl_weight, jnp.float32), corpus, aux=self.aux, policy=self.policy,
-                                     optimizer=self.optimizer)
+                                     optimizer=self.optimizer, mesh=self.mesh)
         return state, metrics | {"ar": jnp.mean(labels.astype(jnp.float32)), "samples": c.n_samples}
 
 
-@functools.partial(jax.jit, static_argnames=("aux", "policy", "optimizer"))
+@functools.partial(jax.jit, static_argnames=("aux", "policy", "optimizer", "mesh"))
 def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, labels_MB, kl_weight, corpus=None, *, aux, policy,
-                optimizer):
+                optimizer, mesh=None):
     """One update on M minibatches of B base samples: each minibatch's losses are its share of the whole
     batch's position means (divided by the batch's total number of real positions), so the summed
     gradients are those of the whole batch. `corpus` = (prompt_CP, mask_CP, tokens_CT, lengths_C) or None:
     with it the base samples train the head only and the policy's gradient is that of `corpus_objective`
-    on the corpus rows, from the same pre-step params (concurrent update)."""
+    on the corpus rows, from the same pre-step params (concurrent update). On a `mesh`, every batch is
+    split over its devices."""
+    tokens_MBT, lengths_MB, labels_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, labels_MB))
     B = tokens_MBT.shape[1]
-    prompt_B, mask_B = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
+    prompt_B, mask_B = repeat_prompt(prompt_1P, mask_1P, B, mesh)
     total = jnp.maximum(jnp.sum(jnp.minimum(lengths_MB, tokens_MBT.shape[2])).astype(jnp.float32), 1.0)
 
     def loss_fn(params, tokens_BT, lengths_B, labels_B):
@@ -274,6 +281,7 @@ def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, 
         return bce + kl_weight * kl, {"bce": bce, "token_kl": kl}
 
     def minibatch(grad_sum, xs):
+        xs = tuple(split_batch(x, mesh) for x in xs)
         (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *xs)
         return jax.tree.map(jnp.add, grad_sum, g), parts | {"loss": loss}
 
@@ -282,12 +290,13 @@ def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, 
     parts = jax.tree.map(jnp.sum, parts_M)
     loss = parts.pop("loss")
     if corpus is not None:
+        corpus = tuple(split_batch(x, mesh) for x in corpus)
+
         def policy_loss(policy_params):
             return corpus_objective(policy, policy_params, aux, {"base": base_params, "head": state.params["head"]}, *corpus, kl_weight)
 
         (corpus_loss, corpus_parts), g = jax.value_and_grad(policy_loss, has_aux=True)(state.params["policy"])
         grads = {**grads, "policy": g}
         parts, loss = parts | corpus_parts, loss + corpus_loss
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     return TrainState(state.step + 1, params, opt_state, state.extra), parts | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

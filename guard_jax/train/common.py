@@ -1,6 +1,10 @@
-"""Pieces the trainers share: Adam, minibatched sampling, teacher-forced log-probs, host-side constraints.
+"""Pieces the trainers share: Adam, minibatched sampling, teacher-forced log-probs, host-side constraints,
+placement on a mesh.
 
-Prompts come from `guard_jax.lm.LM.prompt_arrays` (one row, left-padded to a common length).
+Prompts come from `guard_jax.lm.LM.prompt_arrays` (one row, left-padded to a common length). On a mesh (the
+LM's `mesh`), every trainer places its state with `guard_jax.parallel.shard_params` (params, Adam moments and
+frozen params sharded by the rules), splits each batch over the devices inside its jitted update
+(`split_batch`) and constrains the updated params and optimizer state to the same shardings (`apply_updates`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 import optax
 
 from guard_jax.models.base import ARM
-from guard_jax.parallel import split_batch
+from guard_jax.parallel import check_divisible, constrain_params, split_batch
 from guard_jax.sampling import log_prob, sample
 
 
@@ -33,8 +37,7 @@ def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, b
 
     -> (tokens_NT, lengths_N, logp_N), N = num_batches * batch_size.
     """
-    prompt_BP, mask_BP = jnp.repeat(prompt_1P, batch_size, 0), jnp.repeat(mask_1P, batch_size, 0)
-    prompt_BP, mask_BP = split_batch(prompt_BP, mesh), split_batch(mask_BP, mesh)
+    prompt_BP, mask_BP = repeat_prompt(prompt_1P, mask_1P, batch_size, mesh)
 
     def one(_, k):
         s = sample(k, model, params, prompt_BP, mask_BP, max_new_tokens)
@@ -44,12 +47,33 @@ def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, b
     return tok.reshape(-1, max_new_tokens), length.reshape(-1), logp.reshape(-1)
 
 
-def minibatched_log_prob(model: ARM, params, prompt_1P, mask_1P, tokens_MBT, lengths_MB):
+def apply_updates(optimizer: optax.GradientTransformation, params, opt_state, grads, mesh=None):
+    """One optimizer update -> (params, opt_state); on a mesh, both constrained to the rules' shardings."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return constrain_params(mesh, params), constrain_params(mesh, opt_state)
+
+
+def check_mesh_batch(mesh, **batch_sizes) -> None:
+    """Refuse batch sizes (named in the error) that the mesh's devices do not split evenly (mesh None: any)."""
+    if mesh is not None:
+        for name, size in batch_sizes.items():
+            check_divisible(int(size), mesh.size, name)
+
+
+def repeat_prompt(prompt_1P, mask_1P, batch_size: int, mesh=None):
+    """The one-row prompt repeated for a batch -> (prompt_BP, mask_BP), split over the mesh's devices (so the
+    whole forward pass is, not only the continuations)."""
+    return (split_batch(jnp.repeat(prompt_1P, batch_size, 0), mesh), split_batch(jnp.repeat(mask_1P, batch_size, 0), mesh))
+
+
+def minibatched_log_prob(model: ARM, params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, mesh=None):
     """Teacher-forced log-probs of [M, B, T] samples, one minibatch of B at a time -> logp_MB."""
     B = tokens_MBT.shape[1]
-    prompt_BP, mask_BP = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
+    prompt_BP, mask_BP = repeat_prompt(prompt_1P, mask_1P, B, mesh)
 
     def one(_, xs):
+        xs = tuple(split_batch(x, mesh) for x in xs)
         return None, log_prob(model, params, prompt_BP, mask_BP, *xs)[0]
 
     return jax.lax.scan(one, None, (tokens_MBT, lengths_MB))[1]

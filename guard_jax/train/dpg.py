@@ -40,9 +40,9 @@ import optax
 
 from guard_jax.lm import LM, common_prompt_length
 from guard_jax.models.base import ARM
-from guard_jax.parallel import check_divisible, replicate, split_batch
+from guard_jax.parallel import check_divisible, shard_params, split_batch
 from guard_jax.sampling import check_finite_logp, log_prob, score
-from guard_jax.train.common import adam, check_split, host_constraint, sample_many
+from guard_jax.train.common import adam, apply_updates, check_split, host_constraint, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -85,9 +85,10 @@ class DPG:
 
     Off-policy (`config.on_policy=False`), q starts as `proposal`, a frozen first proposal with the model of
     `base` (its params and prompt: e.g. `base.with_prefix(cap_prompt)` for CAP, or an SFT model's params;
-    default: pi's initial params on base's prompt). The mesh is `base.mesh` (a `guard_jax.parallel.data_mesh`):
-    the state is replicated and each minibatch is split over the devices for sampling, scoring and the
-    gradient (XLA sums the gradients across them)."""
+    default: pi's initial params on base's prompt). The mesh is `base.mesh` (`guard_jax.parallel.make_mesh`
+    or `data_mesh`): the state and a's params are sharded by the rules of guard_jax.parallel (replicated on a
+    1-D data mesh) and each minibatch is split over the devices for sampling, scoring and the gradient (XLA
+    sums the gradients across them)."""
 
     def __init__(self, base: LM, constraint, config: DPGConfig, *, proposal: LM | None = None):
         if proposal is not None:
@@ -99,7 +100,7 @@ class DPG:
         mesh = base.mesh
         if mesh is not None:
             check_divisible(config.minibatch, mesh.size, "minibatch")
-            base = base.with_params(replicate(mesh, base.params))
+            base = base.with_params(shard_params(mesh, base.params))
         self.mesh = mesh
         self.base, self.model, self.constraint, self.config = base, base.model, constraint, config
         q = base if proposal is None else proposal
@@ -115,7 +116,7 @@ class DPG:
             proposal = params if self.proposal_params is None else self.proposal_params
             extra |= {"proposal": proposal, "q_prompt": self.q_prompt, "q_mask": self.q_mask}
         state = TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), extra)
-        return state if self.mesh is None else replicate(self.mesh, state)
+        return shard_params(self.mesh, state)
 
     def log_P(self, tokens_NT: np.ndarray, lengths_N: np.ndarray, b_N: np.ndarray) -> np.ndarray:
         """log P = log a + log b of each sample -> logP_N (float32): a's teacher-forced log-prob where b holds, -inf
@@ -201,14 +202,15 @@ def minibatch_log_z(log_z_sum, n_seen, logw_MB, leave_one_out: bool):
     return jnp.where(jnp.isfinite(loo_M), loo_M, running), total, n_total
 
 
-def dpg_gradient(params, model: ARM, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M):
+def dpg_gradient(params, model: ARM, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M, mesh=None):
     """The DPG step gradient: the mean over M minibatches of grad dpg_loss with minibatch m's log Z-hat
-    log_z_M[m] -> (grads, loss_M, logpi_MB)."""
+    log_z_M[m] -> (grads, loss_M, logpi_MB). With a `mesh`, each minibatch is split over its devices."""
     B = tokens_MBT.shape[1]
-    prompt_B, mask_B = jnp.repeat(prompt, B, 0), jnp.repeat(mask, B, 0)
+    prompt_B, mask_B = repeat_prompt(prompt, mask, B, mesh)
 
     def minibatch(grad_sum, xs):
         *batch, log_z = xs
+        batch = tuple(split_batch(x, mesh) for x in batch)
         (loss, logpi), g = jax.value_and_grad(dpg_loss, has_aux=True)(params, model, prompt_B, mask_B, *batch, log_z)
         return jax.tree.map(jnp.add, grad_sum, g), (loss, logpi)
 
@@ -222,9 +224,8 @@ def _update(state, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB,
     tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB))
     log_z_M, log_z_sum, n_seen = minibatch_log_z(state.extra["log_z_sum"], state.extra["n_seen"], logP_MB - logq_MB, leave_one_out)
     log_z = log_z_sum - jnp.log(n_seen)
-    grads, loss_M, logpi_MB = dpg_gradient(state.params, model, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    grads, loss_M, logpi_MB = dpg_gradient(state.params, model, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M, mesh)
+    params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     w = jnp.exp(logP_MB - logq_MB - log_z)
     finite = jnp.isfinite(logP_MB)
     kl_g = lambda log_r: -log_z + jnp.mean(jnp.where(finite, w * (logP_MB - log_r), 0.0))  # IS estimate of KL(g || r)

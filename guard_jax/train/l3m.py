@@ -24,8 +24,9 @@ import optax
 
 from guard_jax.data.packing import batch_indices
 from guard_jax.lm import LM
+from guard_jax.parallel import shard_params, split_batch
 from guard_jax.sampling import check_finite_logp, log_prob
-from guard_jax.train.common import adam, sample_many
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -125,6 +126,8 @@ class L3M:
     `n_samples` fresh samples of the current policy; mu follows `mu_schedule`. Metrics: loss, nll, mu,
     barrier, and per constraint i: reward_i (E_pi[r_i] on the samples), C_i = c_i - E_pi[r_i] and the
     multiplier lambda_i = mu / (-C_i) (1/mu on the linear branch); `samples` = policy samples drawn.
+    On `lm.mesh`, the state is sharded by guard_jax.parallel's rules and the SFT rows and policy samples are
+    split over the devices (batch_size and n_samples divisible by the mesh size).
     """
 
     def __init__(self, lm: LM, sft_tokens_NT, sft_lengths_N, rewards, config: L3MConfig):
@@ -136,12 +139,14 @@ class L3M:
         rewards = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]
         if len(rewards) != len(config.thresholds) or not all(callable(r) for r in rewards):
             raise ValueError(f"rewards must be {len(config.thresholds)} callables (one per threshold), got {rewards!r}")
+        check_mesh_batch(lm.mesh, **{"config.batch_size": config.batch_size, "config.n_samples": config.n_samples})
+        self.mesh = lm.mesh
         self.lm, self.model, self.tokens, self.lengths, self.rewards, self.config = lm, lm.model, tokens_NT, lengths_N, rewards, config
         self.prompt, self.mask = lm.prompt_arrays(1)
         self.optimizer = adam(config.learning_rate)
 
     def init_state(self, params) -> TrainState:
-        return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {})
+        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {}))
 
     def mu(self, step: int) -> float:
         c = self.config
@@ -150,31 +155,32 @@ class L3M:
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c, s = self.config, int(state.step)
         idx = batch_indices(len(self.tokens), c.batch_size, c.seed, s)
-        tokens, lengths, logp = sample_many(key, self.model, state.params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens)
+        tokens, lengths, logp = sample_many(key, self.model, state.params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens, self.mesh)
         check_finite_logp(logp, f"L3M step {s}: samples of the policy")
         tokens_np, lengths_np = np.asarray(tokens), np.asarray(lengths)
         r_KN = np.stack([np.asarray(r(tokens_np, lengths_np), np.float32) for r in self.rewards])
         mu = self.mu(s)
         state, aux = _l3m_update(state, self.prompt, self.mask, jnp.asarray(self.tokens[idx]), jnp.asarray(self.lengths[idx]),
                                  tokens, lengths, jnp.asarray(r_KN), jnp.asarray(c.thresholds, jnp.float32),
-                                 jnp.asarray(mu, jnp.float32), model=self.model, optimizer=self.optimizer)
+                                 jnp.asarray(mu, jnp.float32), model=self.model, optimizer=self.optimizer, mesh=self.mesh)
         metrics = {k: aux[k] for k in ("loss", "nll", "barrier", "grad_norm")} | {"mu": mu, "samples": c.n_samples}
         for i in range(len(c.thresholds)):
             metrics |= {f"reward_{i}": r_KN[i].mean(), f"C_{i}": aux["C"][i], f"lambda_{i}": aux["lambda"][i]}
         return state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer"))
+@functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh"))
 def _l3m_update(state, prompt_1P, mask_1P, sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N, r_KN, thresholds_K, mu,
-                *, model, optimizer):
+                *, model, optimizer, mesh=None):
+    sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N = (split_batch(x, mesh) for x in (sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N))
+    r_KN = split_batch(r_KN, mesh, axis=1)
     B, N = sft_tokens_BT.shape[0], tokens_NT.shape[0]
 
     def loss_fn(params):
-        logp_sft_B = log_prob(model, params, jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0), sft_tokens_BT, sft_lengths_B)[0]
-        logp_pi_N = log_prob(model, params, jnp.repeat(prompt_1P, N, 0), jnp.repeat(mask_1P, N, 0), tokens_NT, lengths_N)[0]
+        logp_sft_B = log_prob(model, params, *repeat_prompt(prompt_1P, mask_1P, B, mesh), sft_tokens_BT, sft_lengths_B)[0]
+        logp_pi_N = log_prob(model, params, *repeat_prompt(prompt_1P, mask_1P, N, mesh), tokens_NT, lengths_N)[0]
         return sampled_loss(logp_sft_B, logp_pi_N, r_KN, thresholds_K, mu)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     return TrainState(state.step + 1, params, opt_state, state.extra), aux | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

@@ -17,8 +17,9 @@ import numpy as np
 import optax
 
 from guard_jax.lm import LM
+from guard_jax.parallel import shard_params, split_batch
 from guard_jax.sampling import check_finite_logp, log_prob
-from guard_jax.train.common import adam, check_split, minibatched_log_prob, sample_many
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, minibatched_log_prob, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 
 
@@ -79,50 +80,54 @@ class RL:
     `reward(tokens_NT, lengths_N) -> values_N` runs on the host (a GUARD `Constraint` gives r = b). Each step
     draws `n_samples` of the current policy. Metrics: loss, reward (E_pi[r] on the samples), kl_pi_a (the
     sample mean of log pi - log a), objective (E[r] - beta KL), grad_norm, samples (= n_samples drawn).
-    `base`: a (its model and params, frozen) and the prompt that a and pi condition on.
+    `base`: a (its model and params, frozen) and the prompt that a and pi condition on. On `base.mesh`, the
+    state and a's params are sharded by guard_jax.parallel's rules and each minibatch is split over the
+    devices (minibatch divisible by the mesh size).
     """
 
     def __init__(self, base: LM, reward, config: RLConfig):
         if not callable(reward):
             raise TypeError(f"reward must be callable (tokens_NT, lengths_N) -> values_N, got {type(reward).__name__}")
-        self.base, self.model, self.base_params, self.reward, self.config = base, base.model, base.params, reward, config
+        check_mesh_batch(base.mesh, **{"config.minibatch": config.minibatch or config.n_samples})
+        self.mesh = base.mesh
+        self.base, self.model, self.base_params, self.reward, self.config = base, base.model, shard_params(base.mesh, base.params), reward, config
         self.prompt, self.mask = base.prompt_arrays(1)
         self.optimizer = adam(config.learning_rate)
 
     def init_state(self, params) -> TrainState:
-        return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {})
+        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {}))
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c = self.config
         mb = c.minibatch or c.n_samples
         M = c.n_samples // mb
-        tokens, lengths, logp_pi = sample_many(key, self.model, state.params, self.prompt, self.mask, M, mb, c.max_new_tokens)
+        tokens, lengths, logp_pi = sample_many(key, self.model, state.params, self.prompt, self.mask, M, mb, c.max_new_tokens, self.mesh)
         check_finite_logp(logp_pi, f"RL step {int(state.step)}: samples of the policy")
         r_N = jnp.asarray(np.asarray(self.reward(np.asarray(tokens), np.asarray(lengths)), np.float32))
         state, metrics = _rl_update(state, self.base_params, self.prompt, self.mask, tokens.reshape(M, mb, -1), lengths.reshape(M, mb),
                                     logp_pi.reshape(M, mb), r_N.reshape(M, mb), jnp.asarray(c.beta, jnp.float32),
-                                    model=self.model, optimizer=self.optimizer)
+                                    model=self.model, optimizer=self.optimizer, mesh=self.mesh)
         return state, metrics | {"samples": c.n_samples}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer"))
-def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, logp_pi_MB, r_MB, beta, *, model, optimizer):
+@functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh"))
+def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, logp_pi_MB, r_MB, beta, *, model, optimizer, mesh=None):
     """One update on M minibatches of B samples of pi (logp_pi_MB: their log-probs from the sampler): the
     `advantages` over all M B samples first, then each minibatch's share of `sampled_loss` (summed gradients =
     the whole batch's gradient; the gradient pass re-scores each minibatch under pi)."""
     M, B = lengths_MB.shape
-    prompt_B, mask_B = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
-    logp_a_MB = minibatched_log_prob(model, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB)
+    tokens_MBT, lengths_MB, logp_pi_MB, r_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logp_pi_MB, r_MB))
+    prompt_B, mask_B = repeat_prompt(prompt_1P, mask_1P, B, mesh)
+    logp_a_MB = minibatched_log_prob(model, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, mesh)
     advantage_N, aux = advantages(logp_pi_MB.reshape(-1), logp_a_MB.reshape(-1), r_MB.reshape(-1), beta)
     advantage_MB = advantage_N.reshape(M, B)
 
     def minibatch(grad_sum, xs):
-        tokens_BT, lengths_B, advantage_B = xs
+        tokens_BT, lengths_B, advantage_B = (split_batch(x, mesh) for x in xs)
         g = jax.grad(lambda p: -jnp.sum(advantage_B * log_prob(model, p, prompt_B, mask_B, tokens_BT, lengths_B)[0]) / (M * B))(state.params)
         return jax.tree.map(jnp.add, grad_sum, g), None
 
     grads, _ = jax.lax.scan(minibatch, jax.tree.map(jnp.zeros_like, state.params), (tokens_MBT, lengths_MB, advantage_MB))
     loss = -jnp.mean(advantage_MB * logp_pi_MB)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     return TrainState(state.step + 1, params, opt_state, state.extra), aux | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

@@ -15,7 +15,8 @@ from guard_jax.data.packing import batch_indices
 from guard_jax.lm import LM
 from guard_jax.models.base import ARM
 from guard_jax.sampling import log_prob
-from guard_jax.train.common import adam
+from guard_jax.parallel import shard_params, split_batch
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch
 from guard_jax.train.loop import TrainState
 
 
@@ -40,7 +41,9 @@ class SFT:
     """Trainer for the shared loop: fine-tune `lm.model`, conditioned on `lm.prompt`, on the continuations
     tokens_NT / lengths_N; one step = one minibatch of `config.batch_size` rows.
     `optimizer` (default Adam at `config.learning_rate` with `config.warmup_steps`): pass one shared
-    instance to several SFT trainers over same-shaped batches and they share one compiled step."""
+    instance to several SFT trainers over same-shaped batches and they share one compiled step.
+    On `lm.mesh`, the state is sharded by guard_jax.parallel's rules and each minibatch split over the
+    devices (config.batch_size divisible by the mesh size)."""
 
     def __init__(self, lm: LM, tokens_NT, lengths_N, config: SFTConfig = SFTConfig(), *,
                  optimizer: optax.GradientTransformation | None = None):
@@ -50,7 +53,8 @@ class SFT:
         if not config.batch_size <= len(tokens_NT):
             raise ValueError(f"config.batch_size must be in [1, N={len(tokens_NT)}] (the number of training sequences), "
                              f"got {config.batch_size}")
-        self.lm, self.model, self.config = lm, lm.model, config
+        check_mesh_batch(lm.mesh, **{"config.batch_size": config.batch_size})
+        self.lm, self.model, self.config, self.mesh = lm, lm.model, config, lm.mesh
         self.tokens, self.lengths, self.batch_size, self.seed = tokens_NT, lengths_N, config.batch_size, config.seed
         self.prompt_B, self.mask_B = lm.prompt_arrays(config.batch_size)
         self.optimizer = adam(config.learning_rate, config.warmup_steps) if optimizer is None else optimizer
@@ -60,13 +64,13 @@ class SFT:
         return len(self.tokens) // self.batch_size
 
     def init_state(self, params) -> TrainState:
-        return TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {})
+        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {}))
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         del key  # the minibatch is a function of (seed, step)
         idx = batch_indices(len(self.tokens), self.batch_size, self.seed, int(state.step))
         state, metrics = _update(state, self.prompt_B, self.mask_B, jnp.asarray(self.tokens[idx]), jnp.asarray(self.lengths[idx]),
-                                 model=self.model, optimizer=self.optimizer)
+                                 model=self.model, optimizer=self.optimizer, mesh=self.mesh)
         return state, metrics | {"samples": self.batch_size}
 
 
@@ -76,9 +80,9 @@ def nll_per_token(model: ARM, params, prompt_BP, mask_BP, tokens_BT, lengths_B):
     return -jnp.sum(logp_BT) / jnp.maximum(jnp.sum(lengths_B), 1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer"))
-def _update(state, prompt_B, mask_B, tokens, lengths, *, model, optimizer):
+@functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh"))
+def _update(state, prompt_B, mask_B, tokens, lengths, *, model, optimizer, mesh=None):
+    prompt_B, mask_B, tokens, lengths = (split_batch(x, mesh) for x in (prompt_B, mask_B, tokens, lengths))
     loss, grads = jax.value_and_grad(lambda p: nll_per_token(model, p, prompt_B, mask_B, tokens, lengths))(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     return TrainState(state.step + 1, params, opt_state, state.extra), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
