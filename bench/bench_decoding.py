@@ -1,30 +1,44 @@
-"""Masked decoding and ASAp: cost relative to plain sampling. One JSON line per config.
+"""Masked decoding and ASAp: cost relative to plain sampling; grammar mask builds. One JSON line per config.
 
-    python -m bench.bench_decoding [--repeats 3]
+    python -m bench.bench_decoding [--repeats 3] [--quick] [--dense-large]
 
+Dense token automata (the jitted on-device table):
 - `masked_vs_plain`: per-token time of `masked_sample` / `sample` (same model, batch, length; goal <= 1.3x);
 - `mask_only`: time per token of the mask alone (allowed_BV + state update, jitted scan), no model;
 - `asap`: ASAp samples/s (host trie, jitted model calls), one sample per trie update and rounds of 32.
-
 Configs: a toy tabular ARM (V=8, T=6) with exact reachability masks for "contains (1, 2)"; random-weight
 GPT-2s, tiny (2 layers, 64 dims, V=1000, batch 32, 32 tokens) and small (6 layers, 384 dims, V=8192, batch
 64, 128 tokens), with a regex mask over a random vocabulary of letter/digit strings.
+
+Grammars through llguidance (`guard_jax.grammars`):
+- `grammar_build`: seconds and resident memory (RSS growth, approximate) to bind a tokenizer (once per
+  tokenizer) and to build a regex, a 4-field JSON schema and a CFG with their first mask, at V = 8,192 (the
+  embedded tokenizer) and on synthetic byte-level vocabularies of 50,257 and 256,000 tokens (goal for the
+  JSON schema at 256,000: <= 1 s and <= 100 MB); the dense `regex_automaton` for the same regex beside it
+  (at 256,000 only with --dense-large: minutes);
+- `grammar_masked_vs_plain`: per-token time of `grammar_masked_sample` (host masks overlapped with the
+  jitted decode) / `sample` on the embedded model (B = 128, 30 tokens; goal <= 1.3x), and the dense table's
+  `masked_sample` for the regex.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 
 from bench.common import emit, timed
 from guard_jax import constraints as C
-from guard_jax.decoding import Asap, masked_sample, reachability_automaton, regex_automaton
+from guard_jax.decoding import Asap, grammar_masked_sample, masked_sample, reachability_automaton, regex_automaton
 from guard_jax.exact import SequenceSpace, exact_constraint
+from guard_jax.grammars import Grammar, llg_tokenizer, token_bytes
+from guard_jax.lm import EMBEDDED, LM
 from guard_jax.models.gpt2 import GPT2
 from guard_jax.models.toy import TabularARM
 from guard_jax.sampling import bos_prompt, sample
@@ -94,11 +108,114 @@ def bench_asap(name, model, params, mask, T, num_samples, batch_size):
           "root_theta": float(np.exp(asap.root_log_theta))})
 
 
+# ---- grammars through llguidance ----
+
+GRAMMAR_REGEX = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                   "email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"}, "active": {"type": "boolean"}},
+    "required": ["name", "age", "email", "active"],
+    "additionalProperties": False,
+}
+CFG = 'start: expr\nexpr: term ((" + " | " - ") term)*\nterm: NUMBER | "(" expr ")"\nNUMBER: /[0-9]+/\n'
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class SyntheticTokenizer:
+    """A byte-level vocabulary of V tokens for llguidance: EOS (id 0), the 256 single bytes, then distinct random
+    strings of 2-8 printable ASCII characters; tokenizes bytes one byte per token."""
+
+    def __init__(self, vocab_size: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;\"{}[]-_@", np.uint8)
+        tokens = [b"<eos>"] + [bytes([i]) for i in range(256)]
+        seen = set(tokens)
+        while len(tokens) < vocab_size:
+            t = bytes(rng.choice(alphabet, int(rng.integers(2, 9))))
+            if t not in seen:
+                seen.add(t)
+                tokens.append(t)
+        self.tokens, self.eos_token_id, self.bos_token_id, self.special_token_ids = tokens, 0, None, [0]
+
+    def __call__(self, text):
+        return [1 + b for b in (text.encode() if isinstance(text, str) else text)]
+
+
+def _grammars(tokenizer, vocab_size=None):
+    """kind -> a function that builds that grammar on `tokenizer`."""
+    return {"regex": lambda: Grammar.regex(GRAMMAR_REGEX, tokenizer, vocab_size=vocab_size),
+            "json_schema": lambda: Grammar.json_schema(JSON_SCHEMA, tokenizer, vocab_size=vocab_size),
+            "cfg": lambda: Grammar.lark(CFG, tokenizer, vocab_size=vocab_size)}
+
+
+def bench_grammar_build(name, make_tokenizer, dense: bool):
+    import llguidance
+
+    tok = make_tokenizer()
+    r0, t0 = _rss_mb(), time.perf_counter()
+    lt = llg_tokenizer(tok) if not isinstance(tok, SyntheticTokenizer) else llguidance.LLTokenizer(llguidance.TokenizerWrapper(tok))
+    emit({"bench": "grammar_build", "config": name, "what": "bind tokenizer", "V": lt.vocab_size,
+          "seconds": round(time.perf_counter() - t0, 4), "rss_mb": round(_rss_mb() - r0, 1)})
+    for kind, build in _grammars(lt).items():
+        r0, t0 = _rss_mb(), time.perf_counter()
+        g = build()
+        g.matcher().compute_bitmask()
+        dt, mb = time.perf_counter() - t0, _rss_mb() - r0
+        row = {"bench": "grammar_build", "config": name, "what": kind, "V": lt.vocab_size, "seconds": round(dt, 4), "rss_mb": round(mb, 1)}
+        if kind == "json_schema":
+            row |= {"goal_seconds": 1.0, "goal_mb": 100}
+        emit(row)
+    if dense:
+        tb = token_bytes(lt)
+        r0, t0 = _rss_mb(), time.perf_counter()
+        mask = regex_automaton(GRAMMAR_REGEX, tb, eos_id=lt.eos_token, vocab_size=lt.vocab_size)
+        emit({"bench": "grammar_build", "config": name, "what": "dense regex_automaton", "V": lt.vocab_size, "states": mask.num_states,
+              "seconds": round(time.perf_counter() - t0, 4), "rss_mb": round(_rss_mb() - r0, 1),
+              "table_mb": round(mask.next_state_SV.nbytes / 2**20, 1)})
+
+
+def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
+    lm = LM.load("embedded")
+    model, params = lm.model, lm.params
+    prompt, pmask = lm.prompt_arrays(B)
+    key = jax.random.PRNGKey(1)
+    plain = lambda: sample(key, model, params, prompt, pmask, T).tokens_BT.block_until_ready()
+    runs = {kind: (lambda g=build(): grammar_masked_sample(key, model, params, prompt, pmask, g, T))
+            for kind, build in _grammars(lm.tokenizer, model.vocab_size).items()}
+    dense_mask = regex_automaton(GRAMMAR_REGEX, token_bytes(lm.tokenizer, model.vocab_size), eos_id=model.eos_id, vocab_size=model.vocab_size)
+    runs["dense regex_automaton"] = lambda: masked_sample(key, model, params, prompt, pmask, dense_mask, T)
+    plain()
+    for kind, run in runs.items():
+        # the host loop stops when every row has ended: time per step it ran (the dense scan always runs T)
+        steps = T if kind.startswith("dense") else int(np.max(run().lengths_B))
+        pairs = [(timed(plain, 1), timed(lambda: jax.block_until_ready(run()), 1)) for _ in range(repeats)]  # interleaved
+        t_plain, t_masked = (float(np.median(x)) for x in zip(*pairs))
+        emit({"bench": "grammar_masked_vs_plain", "config": f"embedded GPT-2 V={model.vocab_size}", "mask": kind, "B": B, "T": T,
+              "steps": steps, "plain_ms_per_token": round(1e3 * t_plain / T, 3), "masked_ms_per_token": round(1e3 * t_masked / steps, 3),
+              "ratio": round((t_masked / steps) / (t_plain / T), 3), "goal_ratio": 1.3})
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="toy and tiny configs only")
+    parser.add_argument("--quick", action="store_true", help="toy and tiny configs only; grammars at V = 8,192 and 50,257")
+    parser.add_argument("--dense-large", action="store_true", help="also build the dense regex table at V = 256,000")
+    parser.add_argument("--grammars-only", action="store_true", help="only the llguidance benchmarks")
     args = parser.parse_args(argv)
+    embedded = lambda: transformers.AutoTokenizer.from_pretrained(str(EMBEDDED))
+    vocabs = [("embedded V=8192", embedded, True), ("synthetic V=50257", lambda: SyntheticTokenizer(50257), True)]
+    if not args.quick:
+        vocabs.append(("synthetic V=256000", lambda: SyntheticTokenizer(256000), args.dense_large))
+    for name, make, dense in vocabs:
+        bench_grammar_build(name, make, dense)
+    bench_grammar_masked(args.repeats)
+    if args.grammars_only:
+        return
     configs = [(toy_config, 256, 256), (tiny_config, 32, 64)] + ([] if args.quick else [(small_config, 64, 64)])
     for make, B, asap_n in configs:
         name, model, params, mask, T = make()

@@ -1,12 +1,22 @@
 """DPG update throughput (sampling + scoring + gradient) on GPT-2 configs, vs a PyTorch reference of the same
-step measured in the same run. One JSON line per config.
+step measured in the same run. One JSON line per config (and batch size).
 
-    python -m bench.bench_dpg [--quick] [--configs tiny,small] [--repeats 3] [--threads 2] [--host-devices 1]
+    python -m bench.bench_dpg [--quick] [--configs tiny,small,embedded] [--batches 128,512] [--repeats 3] [--threads 2]
+                              [--host-devices 1]
 
 The reference is a plain PyTorch implementation of the same on-policy DPG update on the same weights:
 Hugging Face `generate(do_sample=True, top_k=0)` from BOS, the frozen base scores the samples, the policy's
 log-probs with gradients, the running importance-sampling Z-hat, the loss -mean[(P/(Z q) - pi/q) log pi],
-Adam. Goal (issue 5): >= 3x the reference on a 2-core CPU; training MFU against the measured matmul peak.
+Adam. Goal: >= 3x the reference on a 2-core CPU; training MFU against the measured matmul peak.
+
+`embedded` is the shipped base LM (guard_jax/assets/base_lm: 4 layers x 128, V = 8,192) at batch 128 and 512,
+30 new tokens, the experiments' setting. Its lines time each part of the step on both sides in the same turns:
+sampling, scoring under the frozen a, the policy's forward + backward, the optimizer, and the whole step
+(guard_jax: `DPG.step`, which runs the parts in two jitted calls with the host constraint between them),
+plus a float32 matmul as a turn of its own, so the MFU of each part divides by a peak measured under the
+same load. FLOPs count 2 per matmul weight per token forward (sampling, scoring) and 6 forward + backward
+(`bench.common.matmul_params`: the layers' kernels and the V x D head; attention left out). Goals on
+embedded: the step >= 3x torch's, the forward + backward no slower than torch's, the step's MFU >= 25%.
 
 torch keeps its OpenMP default (threads spin briefly, then sleep), its fastest setting on a quiet machine
 (measured 2026-11-26 on the 2-core CPU: a tiny DPG step 0.10 s, against 0.20 s with OMP_WAIT_POLICY=PASSIVE;
@@ -26,11 +36,13 @@ import time
 import jax
 import numpy as np
 
-from bench.common import emit, host_device_mesh, matmul_peak_flops, timed
+from bench.common import (embedded_models, emit, host_device_mesh, interleaved, load_average, matmul_params, matmul_peak_flops,
+                          peak_matmul, timed)
 from guard_jax import constraints as C
 from guard_jax.lm import LM
 from guard_jax.models import hf
-from guard_jax.train.dpg import DPG, DPGConfig
+from guard_jax.train.common import minibatched_log_prob, sample_many
+from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
 from guard_jax.train.loop import step_key
 
 CONFIGS = {
@@ -38,6 +50,7 @@ CONFIGS = {
     "tiny": (2, 64, 2, 1000, 32, 32),
     "small": (6, 384, 6, 8192, 64, 128),
 }
+EMBEDDED_BATCHES, EMBEDDED_NEW_TOKENS = (128, 512), 30
 LR = 1e-4
 
 
@@ -134,23 +147,142 @@ def bench(name: str, repeats: int, threads: int, peak: float, mesh=None) -> dict
     }
 
 
+def torch_parts(policy, base, optimizer, state: dict, B: int, T: int, constraint) -> dict:
+    """The reference step's parts as no-argument functions on one shared batch: sample, score under a,
+    policy forward + backward, optimizer, and the whole step (`torch_dpg_step`)."""
+    import torch
+
+    bos = torch.zeros((B, 1), dtype=torch.long)
+    gen = dict(attention_mask=torch.ones_like(bos), do_sample=True, top_k=0, max_new_tokens=T, min_new_tokens=T,
+               pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ids = policy.generate(bos, **gen)
+    logp = lambda model: torch.log_softmax(model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0].sum(1)
+
+    def sample():
+        with torch.no_grad():
+            policy.generate(bos, **gen)
+
+    def score():
+        with torch.no_grad():
+            logp(base)
+
+    def forward_backward():
+        optimizer.zero_grad()
+        logpi = logp(policy)
+        logq = logpi.detach()
+        loss = -torch.mean((torch.exp(logq - logq) - torch.exp(logpi.detach() - logq)) * logpi)
+        loss.backward()
+
+    return {"sample": sample, "score": score, "forward_backward": forward_backward, "optimizer": optimizer.step,
+            "step": lambda: torch_dpg_step(policy, base, optimizer, state, B, T, constraint)}
+
+
+def jax_parts(trainer: DPG, lm, B: int, T: int) -> dict:
+    """guard_jax's parts on one shared batch, each a jitted call that blocks: the trainer's sampler, the
+    minibatched scorer under a, value_and_grad of `dpg_loss`, the optimizer update; and `trainer.step`."""
+    import jax.numpy as jnp
+    import optax
+
+    model, params = lm.model, lm.params
+    prompt_1P, mask_1P = lm.prompt_arrays(1)
+    prompt_BP, mask_BP = lm.prompt_arrays(B)
+    key = jax.random.PRNGKey(1)
+    tokens_NT, lengths_N, logq_N = sample_many(key, model, params, prompt_1P, mask_1P, 1, B, T)
+    score = jax.jit(minibatched_log_prob, static_argnums=0)
+    grad = jax.jit(jax.value_and_grad(dpg_loss, has_aux=True), static_argnums=1)
+    opt_state = trainer.optimizer.init(params)
+
+    @jax.jit
+    def update(params, opt_state, grads):
+        updates, opt_state = trainer.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    grads = grad(params, model, prompt_BP, mask_BP, tokens_NT, lengths_N, logq_N, logq_N, jnp.float32(0.0))[1]
+    box = {"state": trainer.init_state(params), "step": 0}
+
+    def step():
+        box["state"], _ = trainer.step(box["state"], step_key(0, box["step"]))
+        box["step"] += 1
+        jax.block_until_ready(box["state"].params)
+
+    return {
+        "sample": lambda: jax.block_until_ready(sample_many(key, model, params, prompt_1P, mask_1P, 1, B, T)),
+        "score": lambda: jax.block_until_ready(score(model, params, prompt_1P, mask_1P, tokens_NT[None], lengths_N[None])),
+        "forward_backward": lambda: jax.block_until_ready(
+            grad(params, model, prompt_BP, mask_BP, tokens_NT, lengths_N, logq_N, logq_N, jnp.float32(0.0))),
+        "optimizer": lambda: jax.block_until_ready(update(params, opt_state, grads)),
+        "step": step,
+    }
+
+
+def bench_embedded(B: int, repeats: int, threads: int) -> dict:
+    """Per-part timings of one on-policy DPG step on the shipped base LM, guard_jax and torch in the same turns."""
+    import torch
+
+    torch.set_num_threads(threads)
+    T = EMBEDDED_NEW_TOKENS
+    base_torch, lm = embedded_models()
+    constraint = _constraint(lm.model.vocab_size)
+    trainer = DPG(lm, constraint, DPGConfig(n_samples=B, minibatch=B, max_new_tokens=T, learning_rate=LR))
+    policy = copy.deepcopy(base_torch).train()
+    opt = torch.optim.Adam(policy.parameters(), lr=LR)
+    torch_fns = torch_parts(policy, base_torch, opt, {"log_z_sum": -math.inf, "n_seen": 0}, B, T, constraint)
+    jax_fns = jax_parts(trainer, lm, B, T)
+    peak_run, peak_flops = peak_matmul()
+    fns = {"peak": peak_run, **{f"jax_{k}": f for k, f in jax_fns.items()}, **{f"torch_{k}": f for k, f in torch_fns.items()}}
+    load_before = load_average()
+    r = interleaved(fns, repeats)
+    med = r["median"]
+    peak = peak_flops / med["peak"]
+    n = matmul_params(lm.model) * B * T
+    flops = {"sample": 2 * n, "score": 2 * n, "forward_backward": 6 * n, "optimizer": 0, "step": 10 * n}
+    parts = {}
+    for k in jax_fns:
+        j, t = med[f"jax_{k}"], med[f"torch_{k}"]
+        parts[k] = {"jax_ms": round(1e3 * j, 1), "torch_ms": round(1e3 * t, 1), "speedup_vs_torch": round(t / j, 2)}
+        if flops[k]:
+            parts[k] |= {"jax_mfu": round(flops[k] / j / peak, 3), "torch_mfu": round(flops[k] / t / peak, 3)}
+    return {
+        "bench": "dpg_step_parts", "config": "embedded", "batch": B, "new_tokens": T, "matmul_params": matmul_params(lm.model),
+        "parts": parts, "speedup_vs_torch": parts["step"]["speedup_vs_torch"], "goal_speedup": 3.0,
+        "mfu": parts["step"]["jax_mfu"], "goal_mfu": 0.25, "samples_per_s": round(B / med["jax_step"], 1),
+        "torch_samples_per_s": round(B / med["torch_step"], 1), "peak_gflops": round(peak / 1e9, 1),
+        "jax_compile_plus_first_step_s": round(r["first"]["jax_step"], 2), "repeats": repeats, "threads": threads,
+        "load_average_1min": [load_before, load_average()], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="tiny,small")
+    p.add_argument("--configs", default="tiny,small,embedded")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (match the cores JAX uses)")
+    p.add_argument("--batches", default=",".join(map(str, EMBEDDED_BATCHES)), help="batch sizes of the embedded config")
     p.add_argument("--quick", action="store_true", help="tiny config only, one repeat")
     p.add_argument("--host-devices", type=int, default=1,
                    help="split guard_jax's minibatch over this many CPU host devices (as bench_sampling --host-devices)")
     args = p.parse_args()
     mesh = host_device_mesh(p, args.host_devices)
     names = ["tiny"] if args.quick else args.configs.split(",")
-    unknown = set(names) - set(CONFIGS)
+    unknown = set(names) - set(CONFIGS) - {"embedded"}
     if unknown:
-        p.error(f"unknown --configs {sorted(unknown)}; choose from {sorted(CONFIGS)}")
+        p.error(f"unknown --configs {sorted(unknown)}; choose from {sorted(CONFIGS) + ['embedded']}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        p.error(f"--batches must be positive integers separated by commas, got {args.batches!r}")
+    if "embedded" in names and mesh is not None:
+        p.error("--configs embedded times one device; leave out --host-devices")
     peak = matmul_peak_flops()
     for name in names:
-        emit(bench(name, 1 if args.quick else args.repeats, args.threads, peak, mesh))
+        if name == "embedded":
+            for B in batches:
+                emit(bench_embedded(B, args.repeats, args.threads))
+        else:
+            emit(bench(name, 1 if args.quick else args.repeats, args.threads, peak, mesh))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python bench/bench_exact.py [--repeats 3]
 
-Goal (issue 3): >= 1e6 sequences/s for a tabular ARM with V=8, T=7 on a 2-core CPU.
+Goal: >= 1e6 sequences/s for a tabular ARM with V=8, T=7 on a 2-core CPU.
 """
 
 import argparse

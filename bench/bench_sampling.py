@@ -1,11 +1,13 @@
-"""guard_jax sampling and scoring vs transformers PyTorch on the same random GPT-2. One JSON line per config.
+"""guard_jax sampling and scoring vs transformers PyTorch on the same GPT-2. One JSON line per config and batch.
 
-    python -m bench.bench_sampling [--quick] [--repeats 3] [--threads 2] [--host-devices 1]
+    python -m bench.bench_sampling [--quick] [--configs tiny small embedded] [--batches 128 512] [--repeats 3] [--threads 2]
+                                   [--host-devices 1]
 
-Both sides get the same random weights (a transformers GPT2LMHeadModel converted with
-`gpt2.params_from_hf`), the same batch of [BOS] prompts, the same number of new tokens (no EOS, so every
-row generates exactly T tokens), temperature 1 ancestral sampling (transformers: `generate(do_sample=True,
-top_k=0)`) and the same thread count (torch.set_num_threads; XLA's CPU client uses the process's cores).
+Both sides get the same weights (tiny and small: a random transformers GPT2LMHeadModel converted with
+`gpt2.params_from_hf`; embedded: the shipped base LM), the same batch of [BOS] prompts, the same number of
+new tokens (transformers: min_new_tokens = T, so every row generates exactly T tokens), temperature 1
+ancestral sampling (`generate(do_sample=True, top_k=0)`) and the same thread count (torch.set_num_threads;
+XLA's CPU client uses the process's cores).
 Per-token lines also time the sampler with the cache as one buffer (no growing segments), for comparison.
 Compile time is reported separately from the run time (median of `--repeats` runs, the two sides taking
 turns so that both see the same machine load).
@@ -24,21 +26,25 @@ one program one after another and does a batched attention product on one core, 
 split batch runs N programs side by side (the weight matmuls then share the cores). Every line says
 `host_devices`; the sampling line also times the sampler on one of the devices in the same turns.
 
-Goals (issue 4, 2-core CPU): >= 3x transformers' tokens/s on tiny and small; per-token time at T=512
-within 1.5x of T=32.
+`embedded` is the shipped base LM (guard_jax/assets/base_lm, 4 layers x 128, V = 8,192) on both sides at
+batch 128 and 512 with the experiments' 30 new tokens (its EOS can end a guard_jax row early: the work per
+step is the same, padded); its lines also give the milliseconds per decode step.
+The matmul peak is timed in the same turns as the samplers (a turn of its own), so all three see one load.
+
+Goals (2-core CPU): >= 3x transformers' tokens/s on tiny and small, >= 5x on embedded; per-token time at
+T=512 within 1.5x of T=32.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import emit, host_device_mesh, matmul_peak_flops
+from bench.common import embedded_models, emit, host_device_mesh, interleaved, load_average, peak_matmul
 from guard_jax.models import gpt2
 from guard_jax.parallel import replicate, shard_batch
 from guard_jax.sampling import log_prob, sample, sample_from_uniforms, segments, uniforms
@@ -46,6 +52,8 @@ from guard_jax.sampling import log_prob, sample, sample_from_uniforms, segments,
 CONFIGS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, batch=32, new_tokens=32),
     "small": dict(n_layer=6, n_embd=384, n_head=6, vocab_size=8192, batch=64, new_tokens=128),
+    # the shipped base LM (guard_jax/assets/base_lm: 4 L, 128 d, V=8192) at the experiments' 30 new tokens
+    "embedded": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=8192, batch=(128, 512), new_tokens=30),
 }
 
 
@@ -82,24 +90,6 @@ def place(mesh, params, *batch_arrays):
     if mesh is None:
         return (params, *batch_arrays)
     return (replicate(mesh, params), *shard_batch(mesh, *batch_arrays))
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each no-argument function, run in turns (A, B, A, B, ...) so that both see the
-    same machine load; each is called once first (compilation, warm-up), which is timed separately."""
-    first = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - t0
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    median = {name: float(np.median(t)) for name, t in times.items()}
-    return {"median": median, "first": first}
 
 
 def jax_sampler(model, params, batch: int, new_tokens: int, mesh=None):
@@ -155,23 +145,44 @@ def scorers(torch_model, model, params, batch: int, length: int, mesh=None):
     return jax_fn, torch_fn
 
 
-def bench_config(name: str, repeats: int, per_token_lengths=(32, 128, 512), mesh=None) -> list[dict]:
-    """The records of one config; `mesh` (or None: one device) is where guard_jax's batch is split."""
+def _models(name: str):
+    """(torch model, guard_jax model, params): the shipped base LM for "embedded", else random weights."""
+    if name == "embedded":
+        torch_model, lm = embedded_models()
+        return torch_model, lm.model, lm.params
     c = CONFIGS[name]
-    torch_model, model, params = build(c["n_layer"], c["n_embd"], c["n_head"], c["vocab_size"])
-    B, T = c["batch"], c["new_tokens"]
+    return build(c["n_layer"], c["n_embd"], c["n_head"], c["vocab_size"])
+
+
+def bench_config(name: str, repeats: int, per_token_lengths=(32, 128, 512), mesh=None, batches=None) -> list[dict]:
+    """The records of one config, one set per batch size (`batches`, default the config's); `mesh` (or None: one
+    device) is where guard_jax's batch is split."""
+    c = CONFIGS[name]
+    torch_model, model, params = _models(name)
+    T = c["new_tokens"]
+    records = []
+    for B in batches or (c["batch"] if isinstance(c["batch"], tuple) else (c["batch"],)):
+        records += _bench_batch(name, torch_model, model, params, B, T, repeats, per_token_lengths, mesh)
+    return records
+
+
+def _bench_batch(name, torch_model, model, params, B: int, T: int, repeats: int, per_token_lengths, mesh) -> list[dict]:
+    c = CONFIGS[name]
     common = {"config": name, **{k: c[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "batch": B,
               "host_devices": 1 if mesh is None else mesh.size}
-    peak = matmul_peak_flops()
-    fns = {"jax": jax_sampler(model, params, B, T, mesh), "torch": torch_sampler(torch_model, B, T)}
+    peak_run, peak_flops = peak_matmul()
+    fns = {"jax": jax_sampler(model, params, B, T, mesh), "torch": torch_sampler(torch_model, B, T), "peak": peak_run}
     if mesh is not None:  # the same sampler on one of the devices, timed in the same turns
         fns["jax_one_device"] = jax_sampler(model, jax.device_put(params, mesh.devices.flat[0]), B, T)
     r = interleaved(fns, repeats)
     jax_s, torch_s = r["median"]["jax"], r["median"]["torch"]
+    peak = peak_flops / r["median"]["peak"]
     records = [{
         "bench": "sampling", **common, "new_tokens": T,
         "jax_tokens_per_s": round(B * T / jax_s), "torch_tokens_per_s": round(B * T / torch_s),
-        "ratio": round(torch_s / jax_s, 2), "jax_compile_s": round(max(r["first"]["jax"] - jax_s, 0.0), 3), "goal_ratio": 3.0,
+        "jax_ms_per_step": round(1e3 * jax_s / T, 3), "torch_ms_per_step": round(1e3 * torch_s / T, 3),
+        "ratio": round(torch_s / jax_s, 2), "jax_compile_s": round(max(r["first"]["jax"] - jax_s, 0.0), 3),
+        "goal_ratio": 5.0 if name == "embedded" else 3.0,
         "jax_fraction_of_matmul_peak": round(B * T * decode_flops(model, T) / jax_s / peak, 3),
         "matmul_peak_gflops": round(peak / 1e9, 1),
     }]
@@ -206,9 +217,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (match the CPU cores XLA uses)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes of the embedded config (default 128 512)")
     parser.add_argument("--host-devices", type=int, default=1,
                         help="split guard_jax's batch over this many CPU host devices (see the docstring)")
     args = parser.parse_args()
+    if args.batches is not None and min(args.batches) < 1:
+        parser.error(f"--batches must be >= 1, got {args.batches}")
     mesh = host_device_mesh(parser, args.host_devices)
     import torch
 
@@ -217,9 +231,9 @@ def main():
     if args.quick:
         configs, repeats, lengths = ["tiny"], 1, (32, 128)
     for name in configs:
-        for record in bench_config(name, repeats, lengths, mesh):
+        for record in bench_config(name, repeats, lengths, mesh, args.batches if name == "embedded" else None):
             emit({**record, "torch_threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-                  "load_average_1min": round(os.getloadavg()[0], 2)})
+                  "load_average_1min": load_average()})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: timing, the machine's measured matmul peak, one JSON line out."""
+"""Shared helpers for the benchmarks: timing in turns, the machine's measured matmul peak, the embedded model on both
+sides, one JSON line out."""
 
 from __future__ import annotations
 
@@ -29,10 +30,58 @@ def timed(fn, repeats: int = 3) -> float:
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an XLA float32 n x n matmul on the default device, measured now (the MFU denominator)."""
+    run, flops = peak_matmul(n)
+    run()
+    return flops / timed(run, repeats)
+
+
+def peak_matmul(n: int = 2048):
+    """(run, flops): one XLA float32 n x n matmul on the default device, to time among other turns (the MFU
+    denominator measured under the same load as what it divides)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    return 2 * n**3 / timed(lambda: f(a).block_until_ready(), repeats)
+    return (lambda: f(a).block_until_ready()), 2.0 * n**3
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each no-argument function, run in turns (A, B, A, B, ...) so that all see the same
+    machine load; each is called once first (compilation, warm-up), which is timed separately.
+    -> {"median": {name: s}, "first": {name: s}}."""
+    first = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {"median": {name: float(np.median(t)) for name, t in times.items()}, "first": first}
+
+
+def embedded_models():
+    """The shipped base LM on both sides: (transformers GPT2LMHeadModel in eval mode, without dropout as
+    guard_jax's GPT-2, so a train-mode copy computes the same function; guard_jax LM)."""
+    from transformers import GPT2LMHeadModel
+
+    from guard_jax.lm import EMBEDDED, LM
+
+    torch_model = GPT2LMHeadModel.from_pretrained(EMBEDDED, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return torch_model.eval(), LM.load("embedded")
+
+
+def matmul_params(model) -> int:
+    """Weights a GPT-2 token passes through as matmuls: every layer's kernels and the V x D head (position
+    embeddings, LayerNorms and biases left out). 2 FLOPs each per token forward, 4 more backward."""
+    D, F = model.n_embd, model.inner
+    return model.n_layer * (4 * D * D + 2 * D * F) + model.vocab_size * D
+
+
+def load_average() -> float:
+    """The 1-minute load average (every record carries it: on a shared machine ratios, not times, compare)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def host_device_mesh(parser, host_devices: int):

@@ -36,7 +36,7 @@ from guard_jax.io import atomic_write_json, atomic_write_text
 from guard_jax.rejection import guard_sample
 from guard_jax.sampling import bos_prompt
 from guard_jax.toy_demo import toy_problem
-from guard_jax.train.sft import SFT
+from guard_jax.train.sft import SFT, SFTConfig
 from guard_jax.train.loop import step_key
 
 SOURCES = ("a filtered", "CAP filtered", "masked", "ASAp")
@@ -48,7 +48,7 @@ def draw(source: str, key, problem, log_a, b, n: int, asap_batch: int):
     T = space.max_len
     if source in ("a filtered", "CAP filtered"):
         lm = a if source == "a filtered" else a_cap
-        r = guard_sample(key, lm.model, lm.params, problem.constraint, n, max_new_tokens=T, batch_size=max(256, n), progress=False)
+        r = guard_sample(key, lm, problem.constraint, n, max_new_tokens=T, batch_size=max(256, n), progress=False)
         with jax.enable_x64(True):
             log_law = log_gold(np.asarray(exact_log_prob(lm.model, lm.params, T), np.float64), b)
         return r.tokens_NT[:n], r.lengths_N[:n], log_law
@@ -70,7 +70,7 @@ def draw(source: str, key, problem, log_a, b, n: int, asap_batch: int):
 
 def sft(problem, tokens_NT, lengths_N, steps: int, learning_rate: float, seed: int):
     """SFT of a tabular ARM started at a on the samples -> its params."""
-    trainer = SFT(problem.a.model, tokens_NT, lengths_N, batch_size=min(64, len(tokens_NT)), learning_rate=learning_rate, seed=seed)
+    trainer = SFT(problem.a, tokens_NT, lengths_N, SFTConfig(batch_size=min(64, len(tokens_NT)), learning_rate=learning_rate, seed=seed))
     state = trainer.init_state(problem.a.params)
     for k in range(steps):
         state, _ = trainer.step(state, step_key(seed, k))

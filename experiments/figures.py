@@ -4,10 +4,11 @@
     python -m experiments.figures results/lexical_full_seed{0,1,2} --out results/lexical_full_seeds
 
 Per context: positional bias (g vs each g', the paper's appendix histogram), sample efficiency (KL(g||a')
-against the samples drawn for training, one curve per proposal; issue 9's Figures 3 and 5) and the Pareto
+against the samples drawn for training, one curve per proposal; the paper's Figures 3 and 5) and the Pareto
 plot (AR_a' against KL(g||g') for every proposal and training budget; Figure 4). With several results
 folders (seeds of one config), curves show the mean over seeds with a band from the lowest to the highest
-seed; with one, the band is the 95% CI of each estimate. PNG and SVG, written atomically.
+seed; with one, the band is the 95% CI of each estimate. Each proposal keeps one colour and marker in every
+figure (distinct for up to 20 proposals), legends sit outside the axes. PNG and SVG, written atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import pathlib
 import numpy as np
 
 from guard_jax.metrics.position import plot_positions
-from guard_jax.plots import plt, save_figure
+from guard_jax.plots import Style, legend_outside, new_figure, save_figure, series_styles
+
+GOLD = Style("#000000", "*")  # g (and a, its unconstrained base) in every figure
 
 
 def load(folder: str | pathlib.Path) -> dict:
@@ -58,18 +61,23 @@ def _methods(runs: list[dict], ctx: int) -> list[str]:
     return [m for m in order if all(m in r["contexts"][ctx]["methods"] for r in runs)]
 
 
+def styles(runs: list[dict], ctx: int) -> dict[str, Style]:
+    """One colour and marker per proposal of the context, the same in each of its figures."""
+    return series_styles(_methods(runs, ctx))
+
+
 def sample_efficiency(runs: list[dict], ctx: int, stem: pathlib.Path, quantity: str = "KL(g||a2)") -> list[pathlib.Path]:
     """`quantity` against the samples drawn for training, one line (and band) per proposal."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = new_figure(figsize=(6.5, 4))
     c0 = runs[0]["contexts"][ctx]
-    for name in _methods(runs, ctx):
+    for name, (color, marker) in styles(runs, ctx).items():
         s = _series(runs, ctx, name, quantity)
         if s is None:
             continue
         x, mid, lo, hi = s
         x = np.maximum(x, 1)  # CAP and the base point (0 samples) sit at the left edge of the log axis
-        line, = ax.plot(x, mid, "o-", label=name, markersize=4)
-        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12)
+        ax.plot(x, mid, "-", marker=marker, color=color, label=name, markersize=5)
+        ax.fill_between(x, lo, hi, color=color, alpha=0.12)
     if quantity == "KL(g||a2)":
         ax.axhline(c0["gold"]["KL(g||a)"]["value"], color="k", ls="--", lw=1, label="KL(g||a) = -log Z")
         ax.set_ylabel("KL(g‖a')")
@@ -81,7 +89,7 @@ def sample_efficiency(runs: list[dict], ctx: int, stem: pathlib.Path, quantity: 
     ax.set_xlabel("samples drawn for training (1 = none)")
     seeds = f", {len(runs)} seeds" if len(runs) > 1 else ""
     ax.set_title(f"sample efficiency — {runs[0]['config']['name']} [{c0['name']}]{seeds}")
-    ax.legend(frameon=False, fontsize=8)
+    legend_outside(ax)
     return save_figure(fig, stem)
 
 
@@ -98,9 +106,9 @@ def pareto(runs: list[dict], ctx: int, stem: pathlib.Path) -> list[pathlib.Path]
     """AR_a' (log) against KL(g||g') for every proposal and training budget (first seed), with the Pareto front."""
     r = runs[0]
     c = r["contexts"][ctx]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = new_figure(figsize=(6.5, 4))
     allpts = []
-    for name in _methods(runs, ctx):
+    for name, (color, marker) in styles(runs, ctx).items():
         m = c["methods"][name]
         pts = [p for p in _points(m) if p["KL(g||g2)"] is not None and p["AR_a2"]["value"] > 0]
         if not pts:
@@ -108,10 +116,10 @@ def pareto(runs: list[dict], ctx: int, stem: pathlib.Path) -> list[pathlib.Path]
         kl = [p["KL(g||g2)"]["value"] for p in pts]
         ar = [p["AR_a2"]["value"] for p in pts]
         sizes = [20 + 60 * (i + 1) / len(pts) for i in range(len(pts))]  # marker size grows with the budget
-        ax.plot(kl, ar, "-", alpha=0.4)
-        ax.scatter(kl, ar, s=sizes, label=name, color=ax.lines[-1].get_color())
+        ax.plot(kl, ar, "-", color=color, alpha=0.4)
+        ax.scatter(kl, ar, s=sizes, label=name, color=color, marker=marker)
         allpts += list(zip(kl, ar))
-    ax.scatter([0.0], [c["gold"]["Z"]["value"]], marker="*", s=120, color="k", label="a (AR = Z)")
+    ax.scatter([0.0], [c["gold"]["Z"]["value"]], marker=GOLD.marker, s=120, color=GOLD.color, label="a (AR = Z)")
     allpts.append((0.0, c["gold"]["Z"]["value"]))
     front = sorted(allpts[i] for i in pareto_front(allpts))
     if front:
@@ -120,7 +128,7 @@ def pareto(runs: list[dict], ctx: int, stem: pathlib.Path) -> list[pathlib.Path]
     ax.set_xlabel("KL(g‖g')  (distortion of GUARD's output)")
     ax.set_ylabel("AR_a'  (acceptance rate)")
     ax.set_title(f"AR vs distortion — {r['config']['name']} [{c['name']}] (bigger marker = more training)")
-    ax.legend(frameon=False, fontsize=8)
+    legend_outside(ax)
     return save_figure(fig, stem)
 
 
@@ -128,9 +136,13 @@ def positions(run: dict, ctx: int, stem: pathlib.Path) -> list[pathlib.Path]:
     """The positional-bias histogram: g and each g' (relative position in the continuation, 10% bins)."""
     c = run["contexts"][ctx]
     series = {"g (gold)": np.asarray(c["gold"]["positions"])}
-    series |= {f"g' {name}": np.asarray(c["methods"][name]["positions"]) for name in _methods([run], ctx) if c["methods"][name]["positions"]}
+    looks = {"g (gold)": GOLD}
+    for name, style in styles([run], ctx).items():
+        if c["methods"][name]["positions"]:
+            series[f"g' {name}"] = np.asarray(c["methods"][name]["positions"])
+            looks[f"g' {name}"] = style
     what = run["config"].get("position_label", "relative position of the constraint in the continuation")
-    return plot_positions(series, stem, xlabel=what, title=f"positional bias — {run['config']['name']} [{c['name']}]")
+    return plot_positions(series, stem, xlabel=what, title=f"positional bias — {run['config']['name']} [{c['name']}]", styles=looks)
 
 
 def make_all(*folders: str | pathlib.Path, out: str | pathlib.Path | None = None) -> list[pathlib.Path]:

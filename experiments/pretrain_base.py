@@ -24,9 +24,9 @@ from guard_jax.data import tokenizer as tok_lib
 from guard_jax.data.packing import pack
 from guard_jax.io import atomic_write_json
 from guard_jax.models import gpt2, hf
-from guard_jax.train.common import left_pad_prompts
 from guard_jax.train.loop import LoopConfig, run
-from guard_jax.train.sft import SFT, nll_per_token
+from guard_jax.lm import LM
+from guard_jax.train.sft import SFT, SFTConfig, nll_per_token
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "guard_jax" / "assets" / "base_lm"
@@ -40,7 +40,7 @@ def token_rows(tokenizer, split: str, seq_len: int) -> np.ndarray:
 
 def validation_nll(model, params, rows_NS: np.ndarray, batch_size: int = 64) -> float:
     """Mean NLL per token of the rows (each after BOS), in nats."""
-    ((prompt, mask),) = left_pad_prompts([model.bos_id], pad_id=model.pad_id)
+    prompt, mask = LM.of(model, params).prompt_arrays(1)
     fn = jax.jit(lambda p, t: nll_per_token(model, p, jnp.repeat(prompt, len(t), 0), jnp.repeat(mask, len(t), 0), t,
                                             jnp.full((len(t),), t.shape[1], jnp.int32)))
     total, count = 0.0, 0
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"base LM: GPT-2 {args.n_layer} layers x {args.n_embd} dims, {n_params / 1e6:.2f}M params; "
           f"{train.size} train / {valid.size} validation tokens")
-    trainer = SFT(model, train, np.full(len(train), train.shape[1], np.int32), batch_size=args.batch_size,
-                  learning_rate=args.learning_rate, seed=args.seed, warmup_steps=args.warmup_steps)
+    trainer = SFT(LM.of(model, params), train, np.full(len(train), train.shape[1], np.int32),
+                  SFTConfig(batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, seed=args.seed))
     t0 = time.perf_counter()
     state, history = run(trainer, trainer.init_state(params),
                          LoopConfig(steps=args.steps, out_dir=args.run_dir, seed=args.seed, checkpoint_every=100))

@@ -20,12 +20,14 @@ import re
 import numpy as np
 
 from experiments import pipeline
+from experiments.config import SentimentConfig
 from experiments.lexical import build_setup, parser, run_and_report
+from experiments.lexical import check_settings as lexical_check
 from guard_jax import constraints as C
 from guard_jax.data import corpus
 from guard_jax.estimators import wilson
-from guard_jax.evaluate import draw
 from guard_jax.io import atomic_write_json
+from guard_jax.sampling import draw
 
 
 def _story_like(sentence: str) -> bool:
@@ -68,9 +70,9 @@ def continuation_positions(prefix: str):
 
 def tasks(setup: pipeline.Setup) -> list[pipeline.Task]:
     cfg = setup.config
-    openings = negative_openings(int(cfg["n_contexts"]), float(cfg["context_threshold"]))
-    return [pipeline.Task(f"ctx{i}", o, cfg["cap_prompt"],
-                          C.classifier_threshold(setup.tokenizer, C.vader_positive, float(cfg["threshold"]), prefix=o, name="vader_last"),
+    openings = negative_openings(cfg.n_contexts, cfg.context_threshold)
+    return [pipeline.Task(f"ctx{i}", o, cfg.cap_prompt,
+                          C.classifier_threshold(setup.a.tokenizer, C.vader_positive, cfg.threshold, prefix=o, name="vader_last"),
                           continuation_positions(o))
             for i, o in enumerate(openings)]
 
@@ -80,15 +82,21 @@ def find_threshold(setup: pipeline.Setup, draws: int, target: float) -> list[dic
     scores of `draws` samples of a), and AR_a at the config's threshold with a Wilson CI."""
     rows = []
     for task in tasks(setup):
-        d = draw(setup.key(task.name, "find-threshold"), setup.lm(setup.params, task.context), draws, setup.max_new_tokens,
-                 setup.batch_size, setup.progress, f"[{task.name}] sampling a")
-        texts = [C.last_sentence(task.context + t) for t in C.decode_texts(setup.tokenizer, d.tokens_NT, d.lengths_N)]
+        d = draw(setup.key(task.name, "find-threshold"), setup.a.with_context(task.context), draws,
+                 max_new_tokens=setup.config.max_new_tokens, batch_size=setup.config.batch_size, progress=setup.progress,
+                 desc=f"[{task.name}] sampling a")
+        texts = [C.last_sentence(task.context + t) for t in setup.a.decode(d.tokens_NT, d.lengths_N)]
         s = C.vader_positive(texts)
-        k = int((s > float(setup.config["threshold"])).sum())
+        k = int((s > setup.config.threshold).sum())
         e = wilson(k, draws)
-        rows.append({"context": task.context, "quantile_threshold": float(np.quantile(s, 1 - target)), "config_threshold": float(setup.config["threshold"]),
+        rows.append({"context": task.context, "quantile_threshold": float(np.quantile(s, 1 - target)), "config_threshold": setup.config.threshold,
                      "accepted": k, "draws": draws, "ar": e.value, "lo": e.lo, "hi": e.hi})
     return rows
+
+
+def check_settings(argv: list[str]) -> list[str]:
+    """`experiments.lexical.check_settings` for this experiment's configs."""
+    return lexical_check(argv, "sentiment", SentimentConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,14 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--find-draws", type=int, default=4000)
     p.add_argument("--target-ar", type=float, default=0.005)
     args = p.parse_args(argv)
-    setup = build_setup(args, "sentiment")
+    setup = build_setup(args, "sentiment", SentimentConfig)
     out = pipeline.results_dir(setup.config, args.out)
     if args.find_threshold:
         rows = find_threshold(setup, args.find_draws, args.target_ar)
         for r in rows:
             print(f"{r['context']!r}\n  threshold for AR {args.target_ar}: {r['quantile_threshold']:.4f};  AR at {r['config_threshold']}: "
                   f"{r['ar']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}] ({r['accepted']} / {r['draws']:,})")
-        atomic_write_json(out / "find_threshold.json", {"model": setup.config["model"], "target": args.target_ar, "rows": rows})
+        atomic_write_json(out / "find_threshold.json", {"model": setup.config.model, "target": args.target_ar, "rows": rows})
         return {"find_threshold": rows}
     return run_and_report(setup, tasks(setup), out, args)
 

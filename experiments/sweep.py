@@ -12,7 +12,10 @@ Optional spec fields: `"set_flag": "--set"` passes each cell's parameters as `--
 reach nested config fields, e.g. `train.dpg.learning_rate`) instead of `--name value`; `"out_flag"` names the flag
 that receives the cell's result file (default `--out`); `{cell_dir}` in the command is replaced by the cell's
 own folder (e.g. as the results root of an experiment, so cells never share checkpoints). See
-`experiments/configs/lexical_sweep.json`.
+`experiments/configs/lexical_sweep.json`. Before running anything, a `--set` sweep of an experiment module with
+`check_settings` (experiments.lexical, experiments.sentiment) checks every cell's settings: a grid key that some
+cell does not read (e.g. `train.dpg.learning_rate` in a cell that never trains dpg) or a misspelled one refuses
+the sweep.
 
 A cell is done when its `result.json` exists (commands must write it atomically, as every guard_jax command
 does); done cells are skipped, so a killed sweep resumes where it stopped. The summary (`summary.md`,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib
 import itertools
 import json
 import pathlib
@@ -63,6 +67,24 @@ def cell_command(spec: dict, cell: dict, result: pathlib.Path) -> list[str]:
         else:
             args += [flag, str(v)]
     return args + [spec.get("out_flag", "--out"), str(result)]
+
+
+def unread_keys(spec: dict, todo: list[dict]) -> list[str]:
+    """Grid settings some cell would not read, or would refuse: for a `set_flag` spec whose command runs
+    `python -m MODULE` and MODULE has `check_settings(argv) -> messages` (experiments.lexical, .sentiment),
+    each cell's arguments are checked in this process, before any cell runs. -> "cell: message" lines."""
+    cmd = [str(x) for x in spec["command"]]
+    if not spec.get("set_flag") or "-m" not in cmd:
+        return []
+    module = importlib.import_module(cmd[cmd.index("-m") + 1])
+    check = getattr(module, "check_settings", None)
+    if check is None:
+        return []
+    out = []
+    for cell in todo:
+        argv = cell_command(spec, cell, pathlib.Path("result.json"))[cmd.index("-m") + 2 :]
+        out += [f"{cell_name(cell)}: {m}" for m in check(argv)]
+    return out
 
 
 def run_cell(spec: dict, cell: dict, out: pathlib.Path) -> tuple[str, str]:
@@ -149,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         if key not in spec:
             raise ValueError(f"sweep spec {args.spec} has no {key!r}")
     todo = cells(spec["grid"])
+    problems = unread_keys(spec, todo)
+    if problems:
+        raise ValueError(f"sweep spec {args.spec}: {len(problems)} cell(s) would not read or would refuse their grid settings "
+                         f"(a grid key every cell must read; split the sweep or drop the key):\n  " + "\n  ".join(problems))
     failed = []
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for name, status in pool.map(lambda c: run_cell(spec, c, args.out), todo):

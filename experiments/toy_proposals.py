@@ -1,6 +1,6 @@
 """Every proposal guard_jax has, trained on one toy ARM and measured EXACTLY against the number of samples drawn.
 
-    python -m experiments.toy_proposals --config quick --out results/toy_proposals       # <= 60 s on 2 cores
+    python -m experiments.toy_proposals --config quick --out results/toy_proposals       # 3 min on 2 loaded cores
     python -m experiments.toy_proposals --config full --out results/toy_proposals
     python -m experiments.toy_proposals --config full --out results/toy_proposals --plot-only
 
@@ -8,17 +8,18 @@ The problem is `guard_jax.toy_demo.toy_problem`: a random tabular ARM a over V^T
 (the bigram (1, 2) occurs and the first token is not 3), and a "CAP" proposal: the exact ARM of the mixture
 (1 - m) a + m h, h the gold law of another random ARM (it raises the acceptance rate but distorts g, as a
 constraint-aware prompt does). Every trained proposal is a tabular ARM over the same space initialised at a,
-trained through `guard_jax.train.loop.run`:
+built by the same recipes as the language-model experiments (`guard_jax.proposals`), with the exact evaluator
+(`guard_jax.evaluate.ExactEvaluator`) for their curves:
 
-- sft_a / sft_cap: SFT on the b-filtered samples of N draws of a / of the CAP proposal (one run per budget N);
-- dpg: on-policy DPG; warm_dpg: SFT on the first budget's filtered a-samples, then DPG;
-- l3m: SFT on the first budget's filtered a-samples plus the relaxed log barrier on E_pi[b] >= c;
-- aux_q / aux_policy: the value-head proposal q = a · sigmoid(R) and the policy distilled from it (one run);
-- rl:beta: REINFORCE with a KL penalty to a (reward b) at each beta;
-- sft_masked: SFT on N masked-decoding samples of a (exact reachability masks; constrained decoding);
-- asap / sft_asap: N sequential ASAp samples of a (the trie learns as they are drawn, `asap_batch` rows per
-  update): `asap` is the law of ASAp's next sample after N (an ARM: the masked a reweighted by the trie's
-  θ̃, AR 1), `sft_asap` the SFT of a on those N samples.
+- sft_a / sft_cap: `sft` on the b-filtered samples of N draws of a / of the CAP proposal (one run per budget N);
+- dpg: on-policy `dpg`; warm_dpg: `warm_start_dpg` from `sft` on the first budget's filtered a-samples;
+- l3m: `l3m` on the first budget's filtered a-samples, the relaxed log barrier on E_pi[b] >= c;
+- aux_q / aux_policy: `aux`'s value-head proposal q = a · sigmoid(R) and the policy distilled from it (one run);
+- rl:beta: `rl`, REINFORCE with a KL penalty to a (reward b) at each beta;
+- sft_masked: `sft_masked` on N masked-decoding samples of a (exact reachability masks; constrained decoding);
+- asap / sft_asap: `sft_asap` on N sequential ASAp samples of a (the trie learns as they are drawn,
+  `asap_batch` rows per update; one run per budget): `asap` is the law of ASAp's next sample after N (an ARM:
+  the masked a reweighted by the trie's θ̃, AR 1), `sft_asap` the SFT of a on those N samples.
 
 The untrained references are a, CAP and the masked law of a (AR 1, the distortion of constrained decoding).
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import pathlib
 import time
@@ -42,20 +42,12 @@ import time
 import jax
 import numpy as np
 
-from guard_jax.decoding import Asap, exact_masked_log_prob, masked_sample, reachability_automaton
-from guard_jax.evaluate import LM, draw
-from guard_jax.exact import exact_constraint, exact_log_prob, exact_quantities, log_rl_ideal
+from guard_jax import proposals as P
+from guard_jax.decoding import exact_masked_log_prob, reachability_automaton
+from guard_jax.evaluate import CurvePoint, ExactEvaluator, draw_gold
+from guard_jax.exact import exact_quantities, log_rl_ideal
 from guard_jax.io import atomic_write_json, atomic_write_text
-from guard_jax.models.toy import TabularARM
-from guard_jax.sampling import bos_prompt
 from guard_jax.toy_demo import toy_problem
-from guard_jax.train.aux import AuxConfig, AuxTrainer
-from guard_jax.train.common import adam
-from guard_jax.train.dpg import DPG, DPGConfig
-from guard_jax.train.l3m import L3M, L3MConfig
-from guard_jax.train.loop import LoopConfig, run
-from guard_jax.train.rl import RL, RLConfig
-from guard_jax.train.sft import SFT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +66,7 @@ class Config:
     sft_batch: int = 64
     sft_lr: float = 0.05
     dpg_lr: float = 0.05
+    warm_swap_every: int = 1  # warm-start DPG's proposal check, as in the experiments' configs
     l3m_lr: float = 0.05
     l3m_threshold: float = 0.9
     aux_lr: float = 0.1
@@ -93,142 +86,109 @@ CURVES = {"aux": ("aux_q", "aux_policy"), "asap": ("asap", "sft_asap")}  # metho
 QUANTITIES = ("ar", "ar_gain", "kl_g_a2", "kl_g_g2", "kl_g2_g", "tv_g_g2", "mass_b0")
 
 
-class Setup:
-    """The toy problem with its exact law tables, and trainers built once (one compiled step each)."""
+class Toy:
+    """The toy problem: a, its CAP proposal, b, the exact evaluator, the reachability automaton of b, and a
+    gold set (the recipes' interface; the exact evaluator does not need its samples)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         problem = toy_problem(cfg.problem_seed, cfg.vocab_size, cfg.max_len, beta=cfg.cap_mix)
-        self.model, self.a_params = problem.a.model, problem.a.params
-        self.cap, self.constraint = problem.a2, problem.constraint
-        if not isinstance(self.model, TabularARM) or problem.a2.model != self.model:
-            raise TypeError("toy_proposals expects tabular a and CAP proposal over one space")
-        with jax.enable_x64(True):
-            self.log_a = exact_log_prob(self.model, self.a_params, cfg.max_len)
-            self.b = exact_constraint(problem.space, self.constraint)
+        self.a, self.cap, self.b, self.space = problem.a, problem.a2, problem.constraint, problem.space
         self.z = problem.exact.z
-        self.space = problem.space
-        self.automaton = reachability_automaton(self.space, self.b)
-        self.sft_optimizer = adam(cfg.sft_lr)
-
-    def quantities(self, model, params) -> dict:
-        """Exact quantities of the proposal (model, params) against g = a·b / Z."""
-        with jax.enable_x64(True):
-            return self.quantities_of_law(exact_log_prob(model, params, self.cfg.max_len))
-
-    def quantities_of_law(self, log_a2) -> dict:
-        """Exact quantities of a proposal given as its log law over the grid."""
-        with jax.enable_x64(True):
-            q = exact_quantities(self.log_a, log_a2, self.b)
-        return {"ar": q.ar, "ar_gain": q.ar / self.z, "kl_g_a2": q.kl_g_a2, "kl_g_g2": q.kl_g_g2, "kl_g2_g": q.kl_g2_g,
-                "tv_g_g2": q.tv_g_g2, "mass_b0": max(1.0 - q.ar, 0.0)}  # >= 0; round-off of AR = 1 can give -1e-16
+        self.evaluator = ExactEvaluator(self.a, self.b, cfg.max_len)
+        self.automaton = reachability_automaton(self.space, self.evaluator.b)
+        self.gold = draw_gold(jax.random.PRNGKey(cfg.problem_seed), self.a, self.b, cfg.budgets[0], max_new_tokens=cfg.max_len,
+                              batch_size=cfg.per_step, progress=False)
 
     def masked_law(self, log_theta_levels=None):
         """Log law over the grid of masked decoding of a (reweighted by ASAp's θ̃ levels when given)."""
         with jax.enable_x64(True):
-            return exact_masked_log_prob(self.space, np.asarray(self.log_a, np.float64), self.b, log_theta_levels)
-
-    def filtered_draws(self, key, lm: LM, n: int):
-        """n samples of lm, b-filtered -> (tokens_NT, lengths_N) of the kept ones."""
-        d = draw(key, lm, n, self.cfg.max_len, batch_size=min(n, self.cfg.per_step), progress=False)
-        keep = np.asarray(self.constraint(d.tokens_NT, d.lengths_N), bool)
-        return d.tokens_NT[keep], d.lengths_N[keep]
-
-    def sft(self, params, tokens, lengths, seed: int):
-        """SFT of `params` on (tokens, lengths) for cfg.sft_epochs epochs (unchanged if there is nothing to learn)."""
-        if len(tokens) == 0:
-            return params
-        trainer = SFT(self.model, tokens, lengths, batch_size=min(self.cfg.sft_batch, len(tokens)), learning_rate=self.cfg.sft_lr,
-                      seed=seed, optimizer=self.sft_optimizer)
-        state, _ = run(trainer, trainer.init_state(params), LoopConfig(steps=self.cfg.sft_epochs * trainer.steps_per_epoch, progress=False))
-        return state.params
-
-    @functools.cached_property
-    def dpg(self) -> DPG:
-        c = self.cfg
-        return DPG(self.model, self.a_params, self.constraint,
-                   DPGConfig(n_samples=c.per_step, minibatch=c.per_step, max_new_tokens=c.max_len, learning_rate=c.dpg_lr))
-
-    def rl(self, beta: float) -> RL:
-        c = self.cfg
-        return RL(self.model, self.a_params, self.constraint, RLConfig(beta=beta, n_samples=c.per_step, max_new_tokens=c.max_len,
-                                                                       learning_rate=c.rl_lr))
-
-    @functools.cached_property
-    def aux(self) -> AuxTrainer:
-        c = self.cfg
-        return AuxTrainer(self.model, self.a_params, self.model, self.constraint,
-                          AuxConfig(n_samples=c.per_step, max_new_tokens=c.max_len, learning_rate=c.aux_lr))
+            return exact_masked_log_prob(self.space, np.asarray(self.evaluator.log_a, np.float64), self.evaluator.b, log_theta_levels)
 
 
-def _online(setup: Setup, trainer, state, offset: int, seed: int, evaluate) -> list[dict]:
-    """Run `trainer` from `state` and evaluate at every budget >= offset; samples = offset + what it logged."""
-    rows, drawn = [], offset
-    for budget in setup.cfg.budgets:
-        if budget < offset:
-            continue
-        steps = (budget - offset) // setup.cfg.per_step
-        history = []
-        if steps > int(state.step):
-            state, history = run(trainer, state, LoopConfig(steps=steps, seed=seed, progress=False))
-        drawn += int(sum(h["samples"] for h in history))
-        rows += [{"curve": name, "samples": drawn, "step": int(state.step), **q} for name, q in evaluate(state).items()]
-    return rows
+def _row(curve: str, p: CurvePoint, **more) -> dict:
+    return {"curve": curve, "samples": p.samples, "step": p.step, **more, "ar": p.ar.value, "kl_g_a2": p.kl_g_a2.value,
+            "kl_g_g2": p.kl_g_g2.value, **p.extra}
 
 
-def run_method(setup: Setup, method: str, seed: int) -> list[dict]:
-    """Train `method` with `seed` and return its exact quantities at each budget (rows of one or more curves)."""
-    cfg, key = setup.cfg, jax.random.fold_in(jax.random.PRNGKey(seed), sum(map(ord, method)))
-    a_lm, n0 = LM.unconditional(setup.model, setup.a_params), cfg.budgets[0]
-    policy = lambda name: (lambda state: {name: setup.quantities(setup.model, state.params)})  # noqa: E731
+def _curve_rows(name: str, curve: list[CurvePoint], final: CurvePoint) -> list[dict]:
+    """A recipe's curve and its final point as rows, from the first budget on (a itself is a reference)."""
+    return [_row(name, p) for p in curve + [final] if p.samples > 0]
+
+
+def _online(cfg: Config, offset: int, seed: int) -> dict:
+    """Steps and curve steps of an on-line trainer that has drawn `offset` samples before its first update."""
+    steps = (cfg.budgets[-1] - offset) // cfg.per_step
+    return dict(steps=steps, eval_steps=tuple(sorted({(b - offset) // cfg.per_step for b in cfg.budgets if b > offset})), seed=seed)
+
+
+def _sft_on(toy: Toy, key, source, n: int, seed: int) -> tuple[CurvePoint, int]:
+    """SFT of a on the b-filtered samples of the first n draws of `source` (one stream: nested data sets)."""
+    cfg = toy.cfg
+    tokens, lengths, kept = P.filtered_draws(key, source, toy.b, n, max_new_tokens=cfg.max_len, batch_size=min(n, cfg.per_step),
+                                             progress=False)
+    if kept == 0:  # nothing to learn: a unchanged
+        return dataclasses.replace(toy.evaluator.start(), samples=n), 0
+    config = P.SFTRecipeConfig(epochs=cfg.sft_epochs, batch_size=min(cfg.sft_batch, kept), learning_rate=cfg.sft_lr, seed=seed)
+    p = P.sft(toy.a, toy.b, toy.gold, config, key=key, data=(tokens, lengths, n), progress=False)
+    return toy.evaluator.point(p.lm, n, 0), kept
+
+
+def run_method(toy: Toy, method: str, seed: int) -> list[dict]:
+    """Train `method` with `seed` through the library's recipes and return its exact quantities at each budget
+    (rows of one or more curves)."""
+    cfg, ev = toy.cfg, toy.evaluator
+    key, n0 = jax.random.fold_in(jax.random.PRNGKey(seed), sum(map(ord, method))), cfg.budgets[0]
+    a, b, gold = toy.a, toy.b, toy.gold
+    common = dict(key=key, evaluator=ev, progress=False, tensorboard=False)
+    dpg_settings = dict(n_samples=cfg.per_step, minibatch=cfg.per_step, learning_rate=cfg.dpg_lr)
     if method in ("sft_a", "sft_cap"):
-        lm = a_lm if method == "sft_a" else setup.cap
+        source = a if method == "sft_a" else toy.cap
         rows = []
-        for budget in cfg.budgets:  # the first `budget` draws of one stream: the data sets are nested
-            tokens, lengths = setup.filtered_draws(key, lm, budget)
-            params = setup.sft(setup.a_params, tokens, lengths, seed)
-            rows.append({"curve": method, "samples": budget, "step": 0, "kept": len(tokens), **setup.quantities(setup.model, params)})
+        for budget in cfg.budgets:
+            point, kept = _sft_on(toy, key, source, budget, seed)
+            rows.append(_row(method, point, kept=kept))
         return rows
     if method == "dpg":
-        return _online(setup, setup.dpg, setup.dpg.init_state(setup.a_params), 0, seed, policy("dpg"))
+        p = P.dpg(a, b, gold, P.DPGRecipeConfig(**dpg_settings, **_online(cfg, 0, seed)), **common)
+        return _curve_rows(method, p.curve, ev.point(p.lm, p.train_samples, -1))
     if method == "warm_dpg":
-        params = setup.sft(setup.a_params, *setup.filtered_draws(key, a_lm, n0), seed)
-        return _online(setup, setup.dpg, setup.dpg.init_state(params), n0, seed, policy("warm_dpg"))
+        tokens, lengths, kept = P.filtered_draws(key, a, b, n0, max_new_tokens=cfg.max_len, batch_size=min(n0, cfg.per_step), progress=False)
+        start = P.sft(a, b, gold, P.SFTRecipeConfig(epochs=cfg.sft_epochs, batch_size=min(cfg.sft_batch, kept), learning_rate=cfg.sft_lr,
+                                                     seed=seed), key=key, data=(tokens, lengths, n0), progress=False)
+        config = P.DPGRecipeConfig(**dpg_settings, swap_every=cfg.warm_swap_every, **_online(cfg, n0, seed))
+        p = P.warm_start_dpg(a, b, gold, config, start=start, **common)
+        return _curve_rows(method, p.curve, ev.point(p.lm, p.train_samples, -1))
     if method == "l3m":
-        tokens, lengths = setup.filtered_draws(key, a_lm, n0)
-        steps = (cfg.budgets[-1] - n0) // cfg.per_step
-        trainer = L3M(setup.model, tokens, lengths, setup.constraint,
-                      L3MConfig(thresholds=[cfg.l3m_threshold], total_steps=max(steps, 1), n_samples=cfg.per_step,
-                                batch_size=min(cfg.sft_batch, len(tokens)), max_new_tokens=cfg.max_len, learning_rate=cfg.l3m_lr), seed=seed)
-        return _online(setup, trainer, trainer.init_state(setup.a_params), n0, seed, policy("l3m"))
+        tokens, lengths, kept = P.filtered_draws(key, a, b, n0, max_new_tokens=cfg.max_len, batch_size=min(n0, cfg.per_step), progress=False)
+        config = P.L3MRecipeConfig(threshold=cfg.l3m_threshold, n_samples=cfg.per_step, batch_size=min(cfg.sft_batch, kept),
+                                   learning_rate=cfg.l3m_lr, **_online(cfg, n0, seed))
+        p = P.l3m(a, b, gold, config, data=(tokens, lengths, n0), **common)
+        return _curve_rows(method, p.curve, ev.point(p.lm, p.train_samples, -1))
     if method == "aux":
-        head = jax.tree.map(np.zeros_like, setup.a_params)  # R = 0: q = a at the start
-
-        def evaluate(state):
-            return {"aux_q": setup.quantities(*setup.aux.proposal(state)), "aux_policy": setup.quantities(setup.model, state.params["policy"])}
-
-        return _online(setup, setup.aux, setup.aux.init_state({"head": head, "policy": setup.a_params}), 0, seed, evaluate)
+        p = P.aux(a, b, gold, P.AuxRecipeConfig(n_samples=cfg.per_step, learning_rate=cfg.aux_lr, **_online(cfg, 0, seed)), **common)
+        return (_curve_rows("aux_q", p.extras["q_curve"], ev.point(p.extras["q"], p.train_samples, -1))
+                + _curve_rows("aux_policy", p.curve, ev.point(p.lm, p.train_samples, -1)))
     if method == "sft_masked":
-        prompt, pmask = bos_prompt(setup.model, cfg.budgets[-1])
-        s = masked_sample(key, setup.model, setup.a_params, prompt, pmask, setup.automaton, cfg.max_len)
-        tokens, lengths = np.asarray(s.tokens_BT), np.asarray(s.lengths_B)
-        return [{"curve": method, "samples": n, "step": 0, **setup.quantities(setup.model, setup.sft(setup.a_params, tokens[:n], lengths[:n], seed))}
-                for n in cfg.budgets]  # the first n samples of one stream: nested data sets
+        rows = []
+        for n in cfg.budgets:  # the first n samples of one stream: nested data sets
+            config = P.SFTMaskedConfig(draws=n, epochs=cfg.sft_epochs, batch_size=min(cfg.sft_batch, n), learning_rate=cfg.sft_lr, seed=seed)
+            p = P.sft_masked(a, b, gold, config, automaton=toy.automaton, key=key, batch_size=cfg.per_step, progress=False, tensorboard=False)
+            rows.append(_row(method, ev.point(p.lm, n, 0)))
+        return rows
     if method == "asap":
-        asap, rows, parts, drawn = Asap(setup.model, setup.a_params, setup.automaton, cfg.max_len), [], [], 0
-        for i, budget in enumerate(cfg.budgets):
-            s = asap.sample(jax.random.fold_in(key, i), budget - drawn, batch_size=cfg.asap_batch)
-            parts.append((s.tokens_NT, s.lengths_N))
-            drawn = budget
-            tokens, lengths = (np.concatenate(x) for x in zip(*parts))
-            rows.append({"curve": "asap", "samples": budget, "step": 0, **setup.quantities_of_law(setup.masked_law(asap.log_theta_levels(setup.space)))})
-            rows.append({"curve": "sft_asap", "samples": budget, "step": 0,
-                         **setup.quantities(setup.model, setup.sft(setup.a_params, tokens, lengths, seed))})
+        rows = []
+        for budget in cfg.budgets:
+            config = P.SFTAsapConfig(draws=budget, asap_batch=cfg.asap_batch, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch,
+                                     learning_rate=cfg.sft_lr, seed=seed)
+            p = P.sft_asap(a, b, gold, config, automaton=toy.automaton, key=key, progress=False, tensorboard=False)
+            rows.append(_row("asap", ev.point_of_law(toy.masked_law(p.extras["asap"].log_theta_levels(toy.space)), budget, 0)))
+            rows.append(_row("sft_asap", ev.point(p.lm, budget, 0)))
         return rows
     if method.startswith("rl:"):
-        beta = float(method.split(":", 1)[1])
-        trainer = setup.rl(beta)
-        return _online(setup, trainer, trainer.init_state(setup.a_params), 0, seed, policy(method))
+        config = P.RLRecipeConfig(beta=float(method.split(":", 1)[1]), n_samples=cfg.per_step, learning_rate=cfg.rl_lr, **_online(cfg, 0, seed))
+        p = P.rl(a, b, gold, config, **common)
+        return _curve_rows(method, p.curve, ev.point(p.lm, p.train_samples, -1))
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS[:-1])} or rl:BETA (e.g. rl:0.5)")
 
 
@@ -236,29 +196,30 @@ def methods_of(cfg: Config) -> list[str]:
     return [m for m in METHODS if m != "rl"] + [f"rl:{beta:g}" for beta in cfg.rl_betas]
 
 
-def references(setup: Setup) -> dict:
-    """Untrained proposals (a, CAP) and the exact ideal law of KL-RL at each beta, as proposals for GUARD."""
-    rl = []
-    for beta in setup.cfg.rl_betas:
+def references(toy: Toy) -> dict:
+    """Untrained proposals (a, CAP, masked a) and the exact ideal law of KL-RL at each beta, as proposals for GUARD."""
+    ev, rl = toy.evaluator, []
+    for beta in toy.cfg.rl_betas:
         with jax.enable_x64(True):
-            q = exact_quantities(setup.log_a, log_rl_ideal(setup.log_a, setup.b, beta), setup.b)
+            q = exact_quantities(ev.log_a, log_rl_ideal(ev.log_a, ev.b, beta), ev.b)
         rl.append({"beta": beta, "mass_b0": 1 - q.ar, "ar": q.ar, "kl_g_a2": q.kl_g_a2, "kl_g_g2": q.kl_g_g2})
-    return {"z": setup.z, "a": setup.quantities(setup.model, setup.a_params), "cap": setup.quantities(setup.cap.model, setup.cap.params),
-            "masked": setup.quantities_of_law(setup.masked_law()), "rl_ideal": rl}
+    quantities = lambda p: {k: v for k, v in _row("", p).items() if k in QUANTITIES}  # noqa: E731
+    return {"z": toy.z, "a": quantities(ev.start()), "cap": quantities(ev.point(toy.cap, 0, 0)),
+            "masked": quantities(ev.point_of_law(toy.masked_law(), 0, 0)), "rl_ideal": rl}
 
 
-def run_seed(setup: Setup, seed: int, folder: pathlib.Path) -> dict:
+def run_seed(toy: Toy, seed: int, folder: pathlib.Path) -> dict:
     """Every method for one seed; curves.jsonl is rewritten (atomically) after each method, result.json at the end."""
     rows, timings = [], {}
-    for method in methods_of(setup.cfg):
+    for method in methods_of(toy.cfg):
         t0 = time.perf_counter()
-        rows += [{"method": method, "seed": seed, **r} for r in run_method(setup, method, seed)]
+        rows += [{"method": method, "seed": seed, **r} for r in run_method(toy, method, seed)]
         timings[method] = time.perf_counter() - t0
         atomic_write_text(folder / "curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     final = {}
     for r in rows:
         final[r["curve"]] = r  # rows are in budget order: the last one of a curve is its final point
-    result = {"seed": seed, "config": setup.cfg.name, "final": final, "seconds": timings, "complete": True}
+    result = {"seed": seed, "config": toy.cfg.name, "final": final, "seconds": timings, "complete": True}
     atomic_write_json(folder / "result.json", result)
     return result
 
@@ -403,26 +364,26 @@ def main(argv=None) -> int:
     if args.seeds:
         cfg = dataclasses.replace(cfg, seeds=tuple(args.seeds))
     if args.method:
-        setup = Setup(cfg)
-        rows = run_method(setup, args.method, args.seed)
+        toy = Toy(cfg)
+        rows = run_method(toy, args.method, args.seed)
         final = {r["curve"]: r for r in rows}
         main_curve = CURVES.get(args.method, (args.method,))[0]
         atomic_write_json(args.out, {"config": cfg.name, "method": args.method, "seed": args.seed, "final": final[main_curve],
-                                     "final_by_curve": final, "curve": rows, "references": references(setup)})
+                                     "final_by_curve": final, "curve": rows, "references": references(toy)})
         print(json.dumps(final[main_curve], indent=1))
         return 0
     root = args.out / cfg.name
     if not args.plot_only:
         t0 = time.perf_counter()
-        setup = Setup(cfg)
-        atomic_write_json(root / "config.json", {"config": dataclasses.asdict(cfg), "references": references(setup),
+        toy = Toy(cfg)
+        atomic_write_json(root / "config.json", {"config": dataclasses.asdict(cfg), "references": references(toy),
                                                  "space": f"V={cfg.vocab_size}, T={cfg.max_len}, EOS=0"})
         for seed in cfg.seeds:
             folder = root / f"seed={seed}"
             if (folder / "result.json").exists():
                 print(f"seed {seed}: done before, skipped")
                 continue
-            result = run_seed(setup, seed, folder)
+            result = run_seed(toy, seed, folder)
             print(f"seed {seed}: {sum(result['seconds'].values()):.1f} s")
         print(f"trained in {time.perf_counter() - t0:.1f} s")
     summary = summarise(root)

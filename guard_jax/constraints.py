@@ -8,8 +8,10 @@ returns the wrong shape or dtype raises a `TypeError` naming the constraint.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -159,13 +161,25 @@ def text_regex(tokenizer, pattern: str, flags: int = 0, prefix: str = "") -> Con
                 f"text_regex({pattern!r})", prefix)
 
 
+def keyword_pattern(word: str, case_sensitive: bool = True) -> re.Pattern:
+    """The regex of `keyword`: `word` literally, not preceded and not followed by a word character.
+
+    The rule: a match may not be part of a longer word, i.e. the character before it and the one after it
+    (if any) are not letters, digits or underscores (`(?<!\\w)WORD(?!\\w)`). For a word that starts and ends
+    with word characters this is the paper's `\\bWORD\\b`; unlike `\\b`, it also works for words that start
+    or end with other characters: `c++` matches in "I write c++ code." but not in "c++x", `.net` matches
+    in "a .net app" but not in "asp.net".
+    """
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"keyword must be a non-empty word, got {word!r}")
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", 0 if case_sensitive else re.IGNORECASE)
+
+
 def keyword(tokenizer, word: str, case_sensitive: bool = True) -> Constraint:
-    """The word occurs with word boundaries on both sides (the paper's `\\bamazing\\b`)."""
-    if not word or not word.strip():
-        raise ValueError("word must be a non-empty string")
-    c = text_regex(tokenizer, rf"\b{re.escape(word)}\b", 0 if case_sensitive else re.IGNORECASE)
-    c.name = f"keyword({word!r})"
-    return c
+    """The word occurs as a whole word in the decoded text (see `keyword_pattern` for the boundary rule)."""
+    compiled = keyword_pattern(word, case_sensitive)
+    return text(tokenizer, lambda texts: np.fromiter((compiled.search(t) is not None for t in texts), bool, len(texts)),
+                f"keyword({word!r})")
 
 
 def last_sentence(text_: str) -> str:
@@ -204,21 +218,211 @@ def vader_positive(texts: list[str]) -> np.ndarray:
 _vader_cache: dict = {}
 
 
-def from_spec(spec: str, tokenizer) -> Constraint:
-    """A text constraint from a short spec, for command lines and configs.
+# ---- constraint specs: a small grammar for command lines and configs ----
 
-    `keyword:WORD` (word boundaries), `regex:PATTERN`, `sentiment:THRESHOLD` (VADER compound score of the
-    last sentence > THRESHOLD); join several with ` & `.
+SPEC_KINDS = ("keyword", "regex", "sentiment")
+_OPERATORS = "&|~()"
+_QUOTES = "'\""
+
+
+class SpecError(ValueError):
+    """A constraint spec that does not parse; the message says where and how to write it."""
+
+
+class SpecAtom(NamedTuple):
+    """One `KIND:ARG` of a spec (ARG unquoted)."""
+
+    kind: str
+    arg: str
+
+
+class SpecOp(NamedTuple):
+    """`op` is "&", "|" (two or more operands, left to right) or "~" (one operand)."""
+
+    op: str
+    operands: tuple
+
+
+SPEC_HELP = ("KIND:ARG with KIND in keyword, regex, sentiment, combined with & (and), | (or), ~ (not) and "
+             "parentheses; quote an ARG that holds spaces, quotes or any of & | ~ ( ), e.g. regex:'a|b'")
+
+
+def quote_spec_arg(arg: str) -> str:
+    r"""`arg` in single quotes, with `\` and `'` escaped: parses back to `arg` (see `parse_spec`)."""
+    return "'" + arg.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _spec_tokens(spec: str) -> list[tuple[str, object, int]]:
+    """-> [(type, value, position)] with type "op" (value: the operator) or "atom" (value: SpecAtom)."""
+    out, i, n = [], 0, len(spec)
+    while i < n:
+        ch = spec[i]
+        if ch.isspace():
+            i += 1
+        elif ch in _OPERATORS:
+            out.append(("op", ch, i))
+            i += 1
+        else:
+            start = i
+            while i < n and (spec[i].isalnum() or spec[i] == "_"):
+                i += 1
+            kind = spec[start:i]
+            if not kind or i >= n or spec[i] != ":":
+                raise SpecError(f"constraint spec {spec!r}: expected KIND:ARG at position {start} "
+                                f"({spec[start:start + 20]!r}); write {SPEC_HELP}")
+            if kind not in SPEC_KINDS:
+                raise SpecError(f"constraint spec {spec!r}: unknown kind {kind!r}; use one of {', '.join(SPEC_KINDS)}")
+            i += 1
+            if i < n and spec[i] in _QUOTES:
+                quote, i, chars = spec[i], i + 1, []
+                while i < n and spec[i] != quote:
+                    if spec[i] == "\\" and i + 1 < n and spec[i + 1] in (quote, "\\"):
+                        i += 1
+                    chars.append(spec[i])
+                    i += 1
+                if i >= n:
+                    raise SpecError(f"constraint spec {spec!r}: the quote {quote} opened at position {start + len(kind) + 1} "
+                                    f"is never closed; end the argument with {quote}")
+                i += 1
+                arg = "".join(chars)
+            else:
+                arg_start = i
+                while i < n and not spec[i].isspace() and spec[i] not in _OPERATORS + _QUOTES:
+                    i += 1
+                arg = spec[arg_start:i]
+                if i < n and spec[i] in "&|~(" + _QUOTES:
+                    one = f"{kind}:{quote_spec_arg(spec[arg_start:])}"
+                    two = f"{kind}:{arg} {spec[i]} {spec[i + 1:].lstrip()}" if spec[i] in "&|" and arg else None
+                    fix = f"write {two!r} for two constraints or {one!r} for one argument" if two else f"quote the argument: {one!r}"
+                    raise SpecError(f"constraint spec {spec!r}: ambiguous {spec[i]!r} right after {kind}:{arg} "
+                                    f"(position {i}); {fix}")
+            if not arg:
+                raise SpecError(f"constraint spec {spec!r}: {kind}: has an empty argument at position {start}; "
+                                f"write {kind}:ARG (quote an ARG that holds spaces or any of & | ~ ( ))")
+            if i < n and not spec[i].isspace() and spec[i] != ")" and spec[i] not in "&|":
+                raise SpecError(f"constraint spec {spec!r}: unexpected {spec[i]!r} after {kind}:{quote_spec_arg(arg)} "
+                                f"(position {i}); separate constraints with & or |")
+            out.append(("atom", SpecAtom(kind, arg), start))
+    return out
+
+
+def parse_spec(spec: str):
+    r"""Parse a constraint spec into a tree of `SpecAtom` / `SpecOp` (no tokenizer needed; raises `SpecError`).
+
+    Grammar (`~` binds tightest, then `&`, then `|`; operators are left-associative):
+
+        spec  := or
+        or    := and ("|" and)*
+        and   := unary ("&" unary)*
+        unary := "~" unary | "(" or ")" | KIND ":" ARG
+        KIND  := keyword | regex | sentiment
+        ARG   := a run of characters other than spaces, quotes and & | ~ ( )
+               | '...' or "..." (inside, \' or \" is the quote and \\ a backslash; any other \ stays)
+
+    An unquoted ARG directly followed by `&`, `|`, `~`, `(` or a quote (as in `keyword:love&keyword:the`)
+    is an error, not a guess: write `keyword:love & keyword:the` for two constraints or
+    `keyword:'love&keyword:the'` for one.
     """
-    if " & " in spec:
-        return all_of(*(from_spec(part, tokenizer) for part in spec.split(" & ")))
-    kind, sep, arg = spec.partition(":")
-    if not sep or not arg:
-        raise ValueError(f"constraint spec {spec!r} must look like keyword:WORD, regex:PATTERN or sentiment:THRESHOLD")
-    if kind == "keyword":
-        return keyword(tokenizer, arg)
-    if kind == "regex":
-        return text_regex(tokenizer, arg)
-    if kind == "sentiment":
-        return classifier_threshold(tokenizer, vader_positive, float(arg), name="vader")
-    raise ValueError(f"unknown constraint kind {kind!r} in {spec!r}: use keyword, regex or sentiment")
+    if not isinstance(spec, str):
+        raise SpecError(f"constraint spec must be a string, got {type(spec).__name__}")
+    tokens = _spec_tokens(spec)
+    if not tokens:
+        raise SpecError(f"constraint spec {spec!r} is empty; write {SPEC_HELP}")
+    pos = 0
+
+    def where() -> str:
+        return f"position {tokens[pos][2]}" if pos < len(tokens) else "the end"
+
+    def expect_operand():
+        nonlocal pos
+        if pos >= len(tokens) or (tokens[pos][0] == "op" and tokens[pos][1] in "&|)"):
+            got = "the end" if pos >= len(tokens) else f"{tokens[pos][1]!r} at {where()}"
+            raise SpecError(f"constraint spec {spec!r}: expected a constraint (KIND:ARG, ~ or '(') but found {got}")
+
+    def binary(op: str, operand):
+        nonlocal pos
+        parts = [operand()]
+        while pos < len(tokens) and tokens[pos][:2] == ("op", op):
+            pos += 1
+            parts.append(operand())
+        return parts[0] if len(parts) == 1 else SpecOp(op, tuple(parts))
+
+    def unary():
+        nonlocal pos
+        expect_operand()
+        typ, value, at = tokens[pos]
+        pos += 1
+        if typ == "atom":
+            return value
+        if value == "~":
+            return SpecOp("~", (unary(),))
+        inner = either()
+        if pos >= len(tokens) or tokens[pos][:2] != ("op", ")"):
+            raise SpecError(f"constraint spec {spec!r}: the '(' at position {at} is never closed; add ')'")
+        pos += 1
+        return inner
+
+    def either():
+        return binary("|", lambda: binary("&", unary))
+
+    tree = either()
+    if pos < len(tokens):
+        typ, value, _ = tokens[pos]
+        got = repr(value) if typ == "op" else f"{value.kind}:{quote_spec_arg(value.arg)}"
+        raise SpecError(f"constraint spec {spec!r}: unexpected {got} at {where()}; join constraints with & or |, "
+                        f"and match each ')' with a '('")
+    _check_atoms(tree, spec)
+    return tree
+
+
+def _check_atoms(tree, spec: str) -> None:
+    if isinstance(tree, SpecOp):
+        for t in tree.operands:
+            _check_atoms(t, spec)
+        return
+    if tree.kind == "keyword" and not tree.arg.strip():
+        raise SpecError(f"constraint spec {spec!r}: keyword:{quote_spec_arg(tree.arg)} has no word; give a non-empty word")
+    if tree.kind == "regex":
+        try:
+            re.compile(tree.arg)
+        except re.error as e:
+            raise SpecError(f"constraint spec {spec!r}: regex {tree.arg!r} does not compile ({e}); fix the pattern "
+                            f"(quote it if it holds spaces or any of & | ~ ( ))") from None
+    if tree.kind == "sentiment":
+        try:
+            threshold = float(tree.arg)
+        except ValueError:
+            threshold = math.nan
+        if not -1 <= threshold <= 1:
+            raise SpecError(f"constraint spec {spec!r}: sentiment:{tree.arg} needs a threshold in [-1, 1] "
+                            f"(VADER compound score), e.g. sentiment:0.5")
+
+
+def spec_to_str(tree) -> str:
+    """A spec string that parses back to `tree` (every argument quoted, every operation parenthesised)."""
+    if isinstance(tree, SpecAtom):
+        return f"{tree.kind}:{quote_spec_arg(tree.arg)}"
+    if tree.op == "~":
+        return "~" + spec_to_str(tree.operands[0])
+    return "(" + f" {tree.op} ".join(spec_to_str(t) for t in tree.operands) + ")"
+
+
+def from_spec(spec: str, tokenizer) -> Constraint:
+    """A text constraint from a spec (grammar in `parse_spec`), for command lines and configs.
+
+    `keyword:WORD` (a whole word, see `keyword_pattern`), `regex:PATTERN` (`re.search` on the decoded text),
+    `sentiment:THRESHOLD` (VADER compound score of the last sentence > THRESHOLD, in [-1, 1]), combined with
+    `&`, `|`, `~` and parentheses, e.g. `keyword:love & ~(regex:'ha(te|ted)' | sentiment:-0.5)`.
+    """
+
+    def build(tree) -> Constraint:
+        if isinstance(tree, SpecOp):
+            parts = [build(t) for t in tree.operands]
+            return ~parts[0] if tree.op == "~" else (all_of if tree.op == "&" else any_of)(*parts)
+        if tree.kind == "keyword":
+            return keyword(tokenizer, tree.arg)
+        if tree.kind == "regex":
+            return text_regex(tokenizer, tree.arg)
+        return classifier_threshold(tokenizer, vader_positive, float(tree.arg), name="vader")
+
+    return build(parse_spec(spec))

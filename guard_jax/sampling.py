@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from guard_jax.lm import LM
+from guard_jax.logprob import token_log_prob
 from guard_jax.models.base import ARM, Params
 
 
@@ -49,7 +50,8 @@ def bos_prompt(model: ARM, batch_size: int) -> tuple[jax.Array, jax.Array]:
 def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
     """One draw per row by inverse CDF from one uniform u in (0, 1] per row -> (token_B int32, logp_B).
 
-    logp_B is the token's log-probability under softmax(logits_BV) (-inf logits have probability 0). The
+    logp_B is the token's log-probability under softmax(logits_BV) (-inf logits have probability 0), NaN
+    for a row whose logits hold a NaN or +inf or are all -inf (see `check_finite_logp`). The
     search is two-level, so no cumulative sum runs over the whole vocabulary (XLA's CPU cumsum over V = 8192
     cost more than a transformer layer): sum the weights in blocks of `block` tokens, find the block where
     the cumulative mass first reaches u * total, then the token inside it. A token of probability zero is
@@ -70,7 +72,10 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple
     idx_B = jnp.minimum(jnp.sum(jnp.cumsum(w_BC, axis=-1) < (target_B - before_B)[:, None], axis=-1), last_B)
     token_B = (blk_B * C + idx_B).astype(jnp.int32)
     logp_B = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0] - max_B1[:, 0] - jnp.log(cum_BN[:, -1])
-    return token_B, logp_B
+    # a row with a NaN or +inf logit, or no finite one, has no law to draw from: its logp is NaN, so the
+    # host-side `check_finite_logp` refuses the sample instead of returning a token drawn from garbage
+    finite_B = jnp.isfinite(max_B1[:, 0]) & ~jnp.any(jnp.isnan(logits_BV) | (logits_BV == jnp.inf), axis=-1)
+    return token_B, jnp.where(finite_B, logp_B, jnp.nan)
 
 
 def uniforms(key: jax.Array, batch_size: int, max_new_tokens: int) -> jax.Array:
@@ -107,7 +112,7 @@ def scan_segments(model: ARM, step, carry, xs_T, prompt_len: int, ends: list[int
     prompt_len + ends[0]) to prompt_len + end before each segment -> the stacked per-step outputs."""
     outs, start = [], 0
     for end in ends:
-        if start:
+        if outs:
             carry = (carry[0], model.grow_cache(carry[1], prompt_len + end), *carry[2:])
         carry, out = jax.lax.scan(step, carry, jax.tree.map(lambda x: x[start:end], xs_T))
         outs.append(out)
@@ -150,19 +155,27 @@ def sample_from_uniforms(
     cache = model.init_cache(B, P + ends[0])
     logits_BV, cache = model.prefill(params, prompt_BP, prompt_mask_BP, cache)
 
-    def step(carry, u_B):
-        logits_BV, cache, done_B = carry
-        logits_BV = logits_BV.astype(jnp.float32) / temperature
-        token_B, logp_B = categorical(u_B, logits_BV)
+    def draw(logits_BV, u_B, done_B):
+        token_B, logp_B = categorical(u_B, logits_BV.astype(jnp.float32) / temperature)
         token_B = jnp.where(done_B, model.pad_id, token_B)
         logp_B = jnp.where(done_B, 0.0, logp_B)
         alive_B = ~done_B
         if model.eos_id is not None:
             done_B = done_B | (token_B == model.eos_id)
-        logits_BV, cache = model.decode(params, token_B, cache)
-        return (logits_BV, cache, done_B), (token_B, logp_B, alive_B)
+        return token_B, logp_B, alive_B, done_B
 
-    tokens_TB, logp_TB, alive_TB = scan_segments(model, step, (logits_BV, cache, jnp.zeros((B,), bool)), u_TB, P, ends)
+    def step(carry, u_B):
+        token_B, cache, done_B = carry
+        logits_BV, cache = model.decode(params, token_B, cache)
+        token_B, logp_B, alive_B, done_B = draw(logits_BV, u_B, done_B)
+        return (token_B, cache, done_B), (token_B, logp_B, alive_B)
+
+    # The first token comes from the prefill's logits; step t decodes token t - 1 and draws token t, so the
+    # logits never ride in the scan's carry (XLA copied them every step) and no step decodes the last token
+    # for nothing. Step t writes slot P + t - 1: the cache grows at the same sizes P + end as before.
+    first = draw(logits_BV, u_TB[0], jnp.zeros((B,), bool))
+    rest = scan_segments(model, step, (first[0], cache, first[3]), u_TB[1:], P + 1, [end - 1 for end in ends])
+    tokens_TB, logp_TB, alive_TB = (jnp.concatenate([x_B[None], x_TB]) for x_B, x_TB in zip(first[:3], rest))
     return Samples(tokens_TB.T, alive_TB.sum(0).astype(jnp.int32), logp_TB.T, logp_TB.sum(0))
 
 
@@ -176,16 +189,44 @@ def log_prob(
     lengths_B: jax.Array,
     temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0."""
+    """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0.
+
+    A model with `apply_features` (features and output embedding, logits = features @ w.T) is scored by
+    `guard_jax.logprob.token_log_prob`, which never holds the B×T×V logits; any other through its logits.
+    """
     _check_temperature(temperature)
-    P, T = prompt_BP.shape[1], tokens_BT.shape[1]
+    (B, P), T = prompt_BP.shape, tokens_BT.shape[1]
     inputs_BS = jnp.concatenate([prompt_BP, tokens_BT[:, :-1]], axis=1).astype(jnp.int32)
     mask_BS = jnp.concatenate([prompt_mask_BP, jnp.ones_like(tokens_BT[:, :-1])], axis=1)
-    logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
-    logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
-    logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    tokens_BT = tokens_BT.astype(jnp.int32)
+    if hasattr(model, "apply_features"):
+        x_BSD, w_VD = model.apply_features(params, inputs_BS, mask_BS)
+        x_ND = x_BSD[:, P - 1 : P - 1 + T].reshape(B * T, -1)
+        logp_BT = token_log_prob(x_ND, w_VD, tokens_BT.reshape(-1), float(temperature)).reshape(B, T)
+    else:
+        logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
+        logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
+        logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None], axis=-1)[..., 0]
     logp_BT = jnp.where(jnp.arange(T)[None] < lengths_B[:, None], logp_BT, 0.0)
     return logp_BT.sum(-1), logp_BT
+
+
+class NonFiniteError(FloatingPointError):
+    """A model produced NaN/Inf (logits, log-probs or a training metric); the message names the model and where."""
+
+
+def check_finite_logp(logp_N, where: str) -> None:
+    """Raise NonFiniteError when a sequence log-prob is NaN or +inf (its logits were not finite).
+
+    `where` names the model and the call, e.g. "sampling GPT2 (batch 3)". Cheap: one pass over N numbers on
+    the host, next to the transfer of the samples that is made anyway.
+    """
+    logp_N = np.asarray(logp_N)
+    bad_N = np.isnan(logp_N) | (logp_N == np.inf)
+    if bad_N.any():
+        raise NonFiniteError(f"{where}: {int(bad_N.sum())} of {logp_N.size} sequence log-probs are NaN/inf because the model's "
+                             f"logits are not finite; no sample is returned. Check the weights for NaN/Inf (guard_jax.models.hf.load "
+                             f"names a bad tensor), or lower the learning rate of the run that produced them")
 
 
 # --- the batch-drawing driver over an LM ----------------------------------------------------------------
@@ -231,7 +272,9 @@ def draw_batches(key: jax.Array, lm: LM, batch_size: int, max_new_tokens: int) -
     def batches():
         for i in itertools.count():
             s = sample(jax.random.fold_in(key, i), lm.model, params, prompt_BP, mask_BP, max_new_tokens)
-            yield Draws(np.asarray(s.tokens_BT), np.asarray(s.lengths_B), np.asarray(s.logp_B))
+            logp_B = np.asarray(s.logp_B)
+            check_finite_logp(logp_B, f"sampling {type(lm.model).__name__} (batch {i})")
+            yield Draws(np.asarray(s.tokens_BT), np.asarray(s.lengths_B), logp_B)
 
     return batches()
 
@@ -275,4 +318,5 @@ def score(lm: LM, tokens_NT, lengths_N, *, batch_size: int = 1024) -> np.ndarray
         tokens_BT, lengths_B = split(jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(lengths_B, jnp.int32))
         logp_B, _ = log_prob(lm.model, params, prompt_BP, mask_BP, tokens_BT, lengths_B)
         out.append(np.asarray(logp_B)[: batch_size - pad])
+        check_finite_logp(out[-1], f"scoring with {type(lm.model).__name__} (rows {start}-{start + len(out[-1]) - 1})")
     return np.concatenate(out)

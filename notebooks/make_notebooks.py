@@ -1,6 +1,7 @@
 """Writes the notebooks of this folder from the cell sources below (run it after editing a cell).
 
-Each notebook is Colab-ready: its first cell installs guard_jax when it is not importable.
+Each notebook is Colab-ready: its first cell (INSTALL) installs guard_jax into the running kernel when it is not
+importable, from the path or URL in its one variable GUARD_JAX_SOURCE.
 """
 
 import pathlib
@@ -9,12 +10,20 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = pathlib.Path(__file__).parent
-INSTALL = """# Colab / a fresh kernel: make guard_jax importable. In Colab, clone the repository first
-# (!git clone <its URL> guard_jax) and set GUARD_JAX_REPO to that folder.
-import importlib.util, os, subprocess, sys
+INSTALL = """# Run first. Where guard_jax is importable (a clone set up by `bash scripts/dev.sh`, a pip install) it does nothing.
+# Elsewhere (Colab, a fresh kernel) it pip-installs guard_jax into this kernel from GUARD_JAX_SOURCE: a folder holding
+# the repository (upload it, or `!git clone <its URL> /content/guard_jax`), a wheel file or a pip URL ("git+https://...").
+import importlib, importlib.util, os, site, subprocess, sys
+GUARD_JAX_SOURCE = ".." if os.path.isfile("../pyproject.toml") else "/content/guard_jax"
 if importlib.util.find_spec("guard_jax") is None:
-    repo = os.environ.get("GUARD_JAX_REPO", "..")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", repo], check=True)"""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", GUARD_JAX_SOURCE], check=True)
+    importlib.invalidate_caches()  # the running kernel sees the new files: no restart needed
+    folders = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    for folder in folders:
+        if os.path.isdir(folder) and folder not in sys.path:
+            site.addsitedir(folder)  # e.g. a user site-packages that this install created
+import guard_jax
+print("guard_jax from", os.path.dirname(guard_jax.__file__))"""
 
 # Small settings by default; the test suite runs the notebook as it is.
 THEOREM2 = [
@@ -29,24 +38,25 @@ On a toy ARM every term is computable exactly by enumerating $V^T$; here we comp
 its Monte-Carlo estimate (the estimators of the paper's code) as the number of samples $N$ grows."""),
     new_code_cell(INSTALL),
     new_code_cell("""import jax, numpy as np, matplotlib.pyplot as plt
+import guard_jax as gj
 from guard_jax.toy_demo import toy_problem
-from guard_jax.evaluate import monte_carlo
 
-p = toy_problem(seed=0, vocab_size=5, max_len=5, beta=0.3)
+p = toy_problem(seed=0, vocab_size=5, max_len=5, beta=0.3)  # p.a, p.a2: toy ARMs as LMs; p.constraint: b
 ex = p.exact
 print(f"exact: Z={ex.z:.4f}  AR_a'={ex.ar:.4f}  KL(g||a')={ex.kl_g_a2:.4f}  KL(g||g')={ex.kl_g_g2:.4f}")
 print(f"Theorem 2: {ex.kl_g_a2:.10f} = {-ex.log_ar + ex.kl_g_g2:.10f}")"""),
     new_code_cell("""sizes = [500, 2000, 8000, 32000]
-rows = [monte_carlo(jax.random.PRNGKey(n), p.a, p.a2, p.constraint, 5, n, n, batch_size=4096, progress=False) for n in sizes]
-exact = {"Z": ex.z, "AR_a2": ex.ar, "KL(g||a2)": ex.kl_g_a2, "KL(g||g2)": ex.kl_g_g2}
+rows = [gj.monte_carlo(jax.random.key(n), p.a, p.a2, p.constraint, max_new_tokens=5, n_a=n, n_a2=n, batch_size=4096, progress=False)
+        for n in sizes]  # each an Evaluation: z, ar, kl_g_a2, kl_g_g2, ... with 95% CIs
+exact = {"Z": ("z", ex.z), "AR_a'": ("ar", ex.ar), "KL(g||a')": ("kl_g_a2", ex.kl_g_a2), "KL(g||g')": ("kl_g_g2", ex.kl_g_g2)}
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-for ax, (name, truth) in zip(axes, exact.items()):
-    v = np.array([r[name].value for r in rows]); lo = np.array([r[name].lo for r in rows]); hi = np.array([r[name].hi for r in rows])
-    ax.fill_between(sizes, lo, hi, alpha=0.3, label="95% CI")
-    ax.plot(sizes, v, "o-", label="estimate"); ax.axhline(truth, color="k", ls="--", label="exact")
-    ax.set_xscale("log"); ax.set_title(name.replace("a2", "a'").replace("g2", "g'")); ax.set_xlabel("N samples")
+for ax, (name, (field, truth)) in zip(axes, exact.items()):
+    est = [getattr(r, field) for r in rows]
+    ax.fill_between(sizes, [e.lo for e in est], [e.hi for e in est], alpha=0.3, label="95% CI")
+    ax.plot(sizes, [e.value for e in est], "o-", label="estimate"); ax.axhline(truth, color="k", ls="--", label="exact")
+    ax.set_xscale("log"); ax.set_title(name); ax.set_xlabel("N samples")
 axes[0].legend(); plt.tight_layout(); plt.show()
-inside = {name: [r[name].contains(t) for r in rows] for name, t in exact.items()}
+inside = {name: [getattr(r, field).contains(t) for r in rows] for name, (field, t) in exact.items()}
 print(inside)"""),
     new_markdown_cell("""## Moving a' toward g
 
@@ -113,7 +123,7 @@ assert abs(rows[0][3]) < 1e-9                            # rejection from a: exa
 Draw from $a$ until $b = 1$: the empirical law of the accepted samples approaches $g$ (total variation
 shrinking like $1/\\sqrt{N}$) and every sample satisfies $b$."""),
     new_code_cell("""from guard_jax.rejection import guard_sample
-r = guard_sample(jax.random.PRNGKey(0), p.a.model, p.a.params, p.constraint, 5_000, max_new_tokens=T, batch_size=1 << 16, progress=False)
+r = guard_sample(jax.random.key(0), p.a, p.constraint, 5_000, max_new_tokens=T, batch_size=1 << 16, progress=False)
 idx = space.index(r.tokens_NT)
 emp = np.bincount(idx, minlength=space.size) / len(idx)
 print(f"accepted {r.accepted} of {r.draws} draws (AR {r.ar.value:.4f}, 95% CI [{r.ar.lo:.4f}, {r.ar.hi:.4f}], exact Z = {ex.z:.4f})")
@@ -134,12 +144,10 @@ for n in (0, 10, 100, 400):
 print(f"Z = {ex.z:.4f}; prefixes in the full tree: {(4**T - 1) // 3}")"""),
 ]
 
-SETUP = """import os, pathlib, sys, tempfile
-REPO = pathlib.Path(os.environ.get("GUARD_JAX_REPO", "..")).resolve()
-sys.path.insert(0, str(REPO))  # the experiments/ scripts live beside the package
+MODEL_SETUP = """import os
 # The embedded base LM, or any local GPT-2/Gemma Hugging Face folder (set GUARD_JAX_MODEL or edit this line).
-MODEL = os.environ.get("GUARD_JAX_MODEL", str(REPO / "guard_jax" / "assets" / "base_lm"))
-OUT = pathlib.Path(os.environ.get("GUARD_JAX_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="guard_jax_notebook_"))  # results folder"""
+MODEL = os.environ.get("GUARD_JAX_MODEL", "embedded")"""
+
 
 QUICKSTART = [
     new_markdown_cell("""# GUARD in five minutes
@@ -153,74 +161,117 @@ Colab: Runtime → Change runtime type picks CPU, GPU or TPU; JAX uses whatever 
     new_code_cell(INSTALL),
     new_code_cell("""import jax
 print("JAX backend:", jax.default_backend(), jax.devices())"""),
-    new_code_cell(SETUP),
-    new_code_cell("""from guard_jax.models import hf
-from guard_jax import constraints as C
-from guard_jax.rejection import guard_sample
-from guard_jax.constraints import decode_texts
+    new_code_cell(MODEL_SETUP),
+    new_code_cell("""import guard_jax as gj
 
-model, params, tokenizer = hf.load(MODEL)
-b = C.from_spec("keyword:nothing", tokenizer)  # the word 'nothing', with word boundaries
-res = guard_sample(jax.random.PRNGKey(0), model, params, b, 5, max_new_tokens=30, batch_size=256, max_draws=50_000)
+a = gj.LM.load(MODEL)                                   # model + params + tokenizer, unconditional ([BOS])
+b = gj.constraints.keyword(a.tokenizer, "nothing")      # the word 'nothing', with word boundaries
+res = gj.guard_sample(jax.random.key(0), a, b, 5, max_new_tokens=30, batch_size=256, max_draws=50_000)
 print(f"{res.accepted} accepted of {res.draws} draws: AR_a = {res.ar}")
-for t in decode_texts(tokenizer, res.tokens_NT, res.lengths_N):
+for t in a.decode(res.tokens_NT, res.lengths_N):
     print("-", t)"""),
     new_markdown_cell("""A constraint-aware prompt (CAP) is a proposal $a'(y) = a(y \\mid \\text{prompt})$: GUARD with it is still
-exact for $g' \\propto a' b$, at a different acceptance rate. `guard_jax.evaluate.monte_carlo` estimates how far
-$g'$ is from $g$ (KL with confidence intervals); `experiments/lexical.py` trains better proposals (SFT, DPG)."""),
-    new_code_cell("""prompt = [model.bos_id] + tokenizer('The next fortune contains the word "nothing".\\n\\n', add_special_tokens=False)["input_ids"]
-import jax.numpy as jnp
-cap = (jnp.asarray([prompt]), jnp.ones((1, len(prompt)), jnp.int32))
-res2 = guard_sample(jax.random.PRNGKey(1), model, params, b, 5, max_new_tokens=30, batch_size=256, max_draws=50_000, prompt=cap)
+exact for $g' \\propto a' b$, at a different acceptance rate. `gj.evaluate_proposal` estimates how far $g'$ is
+from $g$ (KL with confidence intervals) and `gj.proposals` trains better proposals (SFT, DPG): see the README's
+quickstart and `lexical.ipynb`."""),
+    new_code_cell("""cap = a.with_prefix('The next fortune contains the word "nothing".\\n\\n')  # same model and params, a prompt first
+res2 = gj.guard_sample(jax.random.key(1), cap, b, 5, max_new_tokens=30, batch_size=256, max_draws=50_000)
 print(f"CAP: {res2.accepted} accepted of {res2.draws} draws: AR_a' = {res2.ar}")
 assert bool(b(res2.tokens_NT, res2.lengths_N).all())"""),
 ]
 
 
-def _experiment_cells(module: str, config: str, overrides: str, figure: str) -> list:
+RESULTS_SETUP = MODEL_SETUP + """
+import pathlib, tempfile
+OUT = pathlib.Path(os.environ.get("GUARD_JAX_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="guard_jax_notebook_"))  # run folders, figures"""
+
+
+def _experiment_cells(task: str, proposals: str, position_of: str) -> list:
+    """The cells shared by the two experiments: gold samples, proposals, their evaluation, diversity, positions."""
     return [
         new_code_cell(INSTALL),
-        new_code_cell(SETUP),
-        new_code_cell(f"""from IPython.display import Image, Markdown, display
-from experiments import {module}, pipeline
+        new_code_cell(RESULTS_SETUP),
+        new_code_cell(task),
+        new_markdown_cell("""Each proposal trains in its own run folder (checkpoints, `metrics.jsonl`, TensorBoard events) and records
+KL(g‖a'), AR_a' and KL(g‖g') along the way on the same gold samples (`gj.MonteCarloEvaluator`). Budgets are tiny
+so that the notebook runs in minutes on a laptop CPU: raise them for real numbers."""),
+        new_code_cell(proposals),
+        new_code_cell("""from IPython.display import Image, Markdown, display
 
-config = pipeline.load_config(REPO / "experiments" / "configs" / "{config}")
-# Small settings so that the notebook runs in a minute or two on a laptop CPU; raise them (or use the config as it
-# is) for real numbers.
-{overrides}
-model, params, tokenizer = pipeline.load_model(MODEL)
-out = pipeline.results_dir(config, OUT)
-setup = pipeline.Setup(model, params, tokenizer, config, out / "runs")
-results = pipeline.run(setup, {module}.tasks(setup), out, MODEL)
-display(Markdown((out / "results.md").read_text()))"""),
-        new_code_cell(f"""for name in ("{figure}", "pareto", "sample_efficiency"):
-    display(Image(filename=str(out / "figures" / f"{{name}}_{{results['contexts'][0]['name']}}.png")))"""),
-        new_markdown_cell("""Every figure regenerates from `results.json` alone: `python -m experiments.figures <results folder>`.
-Proposals are looked up by name in `experiments.proposals.PROPOSALS`; register your own with
-`@proposals.register("name")`."""),
+evals = {name: gj.evaluate_proposal(jax.random.fold_in(jax.random.key(3), i), gold, a, p.lm, b, N_A2, progress=False)
+         for i, (name, p) in enumerate(props.items())}  # n_a2 fresh draws of each a', the same gold samples
+rows = ["| proposal | train samples | AR_a' | AR gain | KL(g‖a') | KL(g‖g') | KL(g'‖g) |", "|---|---|---|---|---|---|---|"]
+rows += [f"| {n} | {props[n].train_samples:,} | {e.ar} | {e.ar_gain or 'n/a'} | {e.kl_g_a2} | {e.kl_g_g2 or 'n/a'} | {e.kl_g2_g or 'n/a'} |" for n, e in evals.items()]
+display(Markdown(f"Z = AR_a = {gold.z}, KL(g‖a) = {gold.kl_g_a}\\n\\n" + "\\n".join(rows)))"""),
+        new_code_cell(f"""import matplotlib.pyplot as plt
+from guard_jax.metrics.position import first_positions, plot_positions
+
+texts = {{"g (gold)": a.decode(gold.tokens_NT, gold.lengths_N)}} | {{f"g' {{n}}": a.decode(e.tokens_NT, e.lengths_N) for n, e in evals.items()}}
+size = gj.common_set_size([len(t) for t in texts.values()], n_max=50)  # Self-BLEU at one set size for every row
+for name, t in texts.items():
+    print(f"{{name:16s}} n={{len(t):4d}}  Self-BLEU-2..5 (set of {{size}}): {{gj.diversity_report(t, size, semantic=False)['self_bleu']}}")
+display(Image(filename=str(plot_positions({{n: {position_of} for n, t in texts.items()}}, OUT / "positional_bias")[0])))
+
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for name, p in props.items():
+    if p.curve:
+        ax.plot([max(q.samples, 1) for q in p.curve], [q.kl_g_a2.value for q in p.curve], "o-", label=name)
+ax.axhline(gold.kl_g_a.value, color="k", ls="--", label="KL(g||a) = -log Z")
+ax.set_xscale("log"); ax.set_xlabel("samples drawn for training"); ax.set_ylabel("KL(g||a')"); ax.legend(); plt.show()"""),
     ]
 
 
 LEXICAL = [
     new_markdown_cell("""# The lexical experiment (GUARD §5.1) on the embedded model
 
-Unconditional generation of 30 tokens that must contain a keyword (word boundaries). We estimate $Z = \\mathrm{AR}_a$,
-build proposals (CAP, SFT on $b$-filtered samples, warm-start DPG), and evaluate each: $\\mathrm{AR}_{a'}$,
-$\\mathrm{KL}(g\\|a')$, $\\mathrm{KL}(g\\|g')$, $\\mathrm{KL}(g'\\|g)$ with 95% CIs, Self-BLEU, positional bias."""),
-    *_experiment_cells("lexical", "lexical_quick.json", """config.update(name="lexical_notebook", proposals=["cap", "sft_a", "sft_dpg"], semantic=False,
-              eval={"n_a": 4096, "n_a2": 1024, "n_diversity": 50, "n_curve": 512})
-config["train"] = {"sft_a": {**config["train"]["sft_a"], "draws": 4096, "epochs": 1},
-                   "sft_dpg": {**config["train"]["sft_dpg"], "steps": 2}}""", "positional_bias"),
+Unconditional generation of 30 tokens that must contain a keyword (word boundaries). We estimate $Z = \\mathrm{AR}_a$
+from gold samples drawn once, build proposals (CAP, SFT on $b$-filtered samples, warm-start DPG), and evaluate each:
+$\\mathrm{AR}_{a'}$, $\\mathrm{KL}(g\\|a')$, $\\mathrm{KL}(g\\|g')$, $\\mathrm{KL}(g'\\|g)$ with 95% CIs, Self-BLEU, positional
+bias. `python -m experiments.lexical` runs the same recipes at the paper's budgets."""),
+    *_experiment_cells("""import jax
+import guard_jax as gj
+from guard_jax.proposals import CAPConfig, DPGRecipeConfig, SFTRecipeConfig
+
+N_A, N_A2, WORD = 4096, 1024, "life"                       # draws of a (gold) and of each a'; AR_a('life') is about 0.01
+a = gj.LM.load(MODEL)
+b = gj.constraints.keyword(a.tokenizer, WORD)
+gold = gj.draw_gold(jax.random.key(0), a, b, N_A, max_new_tokens=30)
+curve = gj.MonteCarloEvaluator(gold, b, n_draws=512)
+print(f"{gold.accepted} gold samples of {gold.draws} draws: Z = {gold.z}")""",
+"""props = {"cap": gj.proposals.cap(a, b, gold, CAPConfig(prompt=f'The next fortune contains the word "{WORD}".\\n\\n'))}
+props["sft_a"] = gj.proposals.sft(a, b, gold, SFTRecipeConfig(draws=N_A, batch_size=8, learning_rate=3e-4), key=jax.random.key(1),
+                                  run_dir=OUT / "sft_a", evaluator=curve)
+props["sft_dpg"] = gj.proposals.warm_start_dpg(a, b, gold, DPGRecipeConfig(steps=2, n_samples=512, minibatch=128, learning_rate=3e-4),
+                                               key=jax.random.key(2), start=props["sft_a"], run_dir=OUT / "sft_dpg", evaluator=curve)""",
+"first_positions(t, WORD)"),
 ]
 
 SENTIMENT = [
     new_markdown_cell("""# Sentiment reversal (GUARD §5.2) on the embedded model
 
-Contexts are negative openings from the corpus; the continuation's last sentence must be positive (VADER compound
-above a threshold). Same proposals and estimates as the lexical experiment, per context."""),
-    *_experiment_cells("sentiment", "sentiment_quick.json", """config.update(name="sentiment_notebook", proposals=["cap", "sft_a"], semantic=False, n_contexts=1,
-              eval={"n_a": 2048, "n_a2": 512, "n_diversity": 50, "n_curve": 256})
-config["train"] = {"sft_a": {**config["train"]["sft_a"], "draws": 2048, "epochs": 1}}""", "positional_bias"),
+The context is a negative opening from the corpus; the last sentence of opening + continuation must be positive
+(VADER compound above a threshold). Same proposals and estimates as the lexical experiment, for one opening.
+`python -m experiments.sentiment` runs them on several openings at the paper's budgets."""),
+    *_experiment_cells("""import jax, numpy as np
+import guard_jax as gj
+from guard_jax.constraints import classifier_threshold, last_sentence, vader_positive
+from guard_jax.proposals import CAPConfig, SFTRecipeConfig
+
+OPENING = "A hard-luck actor who appeared in one colossal disaster after another finally got a break, a broken leg to be exact."
+N_A, N_A2, THRESHOLD = 2048, 512, 0.6                     # VADER > 0.6 on the last sentence: AR_a about 0.03 here
+a = gj.LM.load(MODEL).with_context(OPENING)               # a(y | opening)
+b = classifier_threshold(a.tokenizer, vader_positive, THRESHOLD, prefix=OPENING, name="vader_last")
+gold = gj.draw_gold(jax.random.key(0), a, b, N_A, max_new_tokens=80)
+curve = gj.MonteCarloEvaluator(gold, b, n_draws=256)
+print(f"{gold.accepted} gold samples of {gold.draws} draws: Z = {gold.z}")
+
+def last_sentence_start(texts):  # where the judged (last) sentence starts, relative to the continuation
+    return np.asarray([(OPENING + t).rfind(last_sentence(OPENING + t)) - len(OPENING) for t in texts], float).clip(0) / \\
+        np.maximum([len(t) for t in texts], 1)""",
+"""props = {"cap": gj.proposals.cap(a, b, gold, CAPConfig(prompt="This is a story with a happy ending. "))}
+props["sft_a"] = gj.proposals.sft(a, b, gold, SFTRecipeConfig(draws=N_A, batch_size=4, learning_rate=3e-4), key=jax.random.key(1),
+                                  run_dir=OUT / "sft_a", evaluator=curve)""",
+"np.minimum(last_sentence_start(t), np.nextafter(1.0, 0.0))"),
 ]
 
 NOTEBOOKS = {"theorem2_toy.ipynb": THEOREM2, "theorem1.ipynb": THEOREM1, "quickstart.ipynb": QUICKSTART, "lexical.ipynb": LEXICAL, "sentiment.ipynb": SENTIMENT}

@@ -6,6 +6,7 @@
 #   bash scripts/dev.sh test        the default test suite (what CI runs)
 #   bash scripts/dev.sh test-slow   the slow tests
 #   bash scripts/dev.sh bench       all benchmarks, one JSON line each
+#   bash scripts/dev.sh docs        regenerate docs/results tables from the runs in results/
 #   bash scripts/dev.sh accel       on an accelerator: default tests + gemma-2b-shape benchmarks -> accel_report.json (CPU: "no accelerator", exit 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,7 @@ case "$job" in
   test) exec python -m pytest -m "not slow" -n 2 "$@" ;;
   test-slow) exec python -m pytest -m slow "$@" ;;
   bench) for f in bench/bench_*.py; do python -m "bench.$(basename "$f" .py)" "$@"; done ;;
+  docs) exec python docs/make_docs.py "$@" ;;
   accel) exec python -m bench.accel "$@" ;;
-  *) echo "unknown job '$job': use main, toy, test, test-slow or bench" >&2; exit 2 ;;
+  *) echo "unknown job '$job': use main, toy, test, test-slow, bench, docs or accel" >&2; exit 2 ;;
 esac

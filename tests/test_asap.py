@@ -56,17 +56,19 @@ def test_fully_explored_trie_gives_z_and_g_exactly(x64):
     assert exact_quantities(log_a, log_q, b).kl_g_a2 < 1e-10
 
 
-def test_a_round_samples_the_exact_law_of_its_trie(toy):
+def test_draw_samples_the_exact_law_of_its_trie_and_leaves_it_alone(toy):
     params, space, log_a, b, mask = toy
     asap = Asap(MODEL, params, mask, 3)
     asap.sample(jax.random.PRNGKey(1), 12)  # a partly explored trie
     log_q = exact_masked_log_prob(space, log_a, b, asap.log_theta_levels(space))
-    frozen = Asap(MODEL, params, mask, 3)
-    frozen.nodes = {k: type(v)(v.allowed, v.logp, v.log_theta.copy()) for k, v in asap.nodes.items()}
-    s = frozen._round(jax.random.PRNGKey(2), 4000)  # one round: every row from the same snapshot
+    history = list(asap.history)
+    s = asap.draw(jax.random.PRNGKey(2), 4000, batch_size=1000)
+    assert asap.history == history  # no bound moved
+    np.testing.assert_allclose(exact_masked_log_prob(space, log_a, b, asap.log_theta_levels(space)), log_q)
     index = space.index(s.tokens_NT)
     np.testing.assert_allclose(s.logq_N, log_q[index], atol=1e-4)
     np.testing.assert_allclose(s.base_logp_N, log_a[index], atol=1e-4)
+    np.testing.assert_allclose(asap.log_prob(s.tokens_NT[:200], s.lengths_N[:200]), log_q[index[:200]], atol=1e-4)
     _chi_square_ok(index, np.exp(log_q))
 
 

@@ -140,3 +140,136 @@ def test_minibatched_update_equals_the_whole_batch():
         np.testing.assert_allclose(float(mx[k]), float(my[k]), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="divisible"):
         AuxConfig(n_samples=64, minibatch=24)
+
+
+def _grid_corpus(space):
+    """Every valid grid sequence once: the corpus law D is uniform on them and visits every valid prefix."""
+    tokens_NT = space.tokens(np.arange(space.size))
+    lengths_N, valid_N = space.lengths_and_valid(tokens_NT)
+    valid_N = np.asarray(valid_N)
+    return np.asarray(tokens_NT)[valid_N], np.asarray(lengths_N)[valid_N]
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 4.0])
+def test_corpus_objective_is_minimised_by_the_mixture_of_corpus_and_q(lam, x64):
+    """For a tabular policy the corpus NLL + lam · token KL(q || p) is stationary exactly at
+    p(.|u) = (D(.|u) + lam q(.|u)) / (1 + lam) on every corpus prefix u (D: the corpus's conditionals)."""
+    from guard_jax.exact import arm_from_law
+    from guard_jax.train.aux import corpus_objective
+
+    a = TabularARM(3, 3, eos_id=0)
+    a_params = a.init(jax.random.PRNGKey(0), scale=1.5)
+    space = SequenceSpace.of(a, 3)
+    log_a = exact_log_prob(a, a_params, 3)
+    head, head_params = exact_prefix_values(space, log_a, exact_constraint(space, B))
+    aux = AuxProposal(a, head)
+    tokens, lengths = _grid_corpus(space)
+    idx = space.index(tokens)
+    log_d = np.full(space.size, -np.inf)
+    log_d[idx] = -np.log(len(idx))
+    _, d_params = arm_from_law(space, log_d)
+    q_rows = jnp.exp(AuxProposal.combine(a_params["logits_NV"], head_params["logits_NV"]))
+    p_rows = (jax.nn.softmax(d_params["logits_NV"]) + lam * q_rows) / (1 + lam)
+    star = {"logits_NV": jnp.log(jnp.maximum(p_rows, 1e-300))}  # finite: rows after EOS put 0 mass on non-pad tokens
+    prompt, mask = bos_prompt(a, len(tokens))
+    aux_params = {"base": a_params, "head": head_params}
+
+    def loss(p):
+        return corpus_objective(a, p, aux, aux_params, prompt, mask, jnp.asarray(tokens), jnp.asarray(lengths), lam)[0]
+
+    grad = jax.grad(loss)(star)["logits_NV"]
+    assert float(jnp.max(jnp.abs(grad))) < 1e-10
+    off = {"logits_NV": star["logits_NV"] + 0.3 * jax.random.normal(jax.random.PRNGKey(1), star["logits_NV"].shape)}
+    assert float(jnp.max(jnp.abs(jax.grad(loss)(off)["logits_NV"]))) > 1e-3  # the check can fail
+    assert float(loss(off)) > float(loss(star))
+
+
+def test_the_corpus_objective_optimum_tends_to_g_as_lambda_grows(x64):
+    """With the exact prefix values, the stationary policy's KL(g || p_lambda) decreases to 0 as lambda grows
+    (p_lambda -> q = g); at lambda = 0 it is the corpus law (the SFT optimum)."""
+    from guard_jax.exact import arm_from_law
+
+    a = TabularARM(3, 3, eos_id=0)
+    a_params = a.init(jax.random.PRNGKey(0), scale=1.5)
+    space = SequenceSpace.of(a, 3)
+    log_a = exact_log_prob(a, a_params, 3)
+    b = exact_constraint(space, B)
+    head, head_params = exact_prefix_values(space, log_a, b)
+    tokens, _ = _grid_corpus(space)
+    log_d = np.full(space.size, -np.inf)
+    log_d[space.index(tokens)] = -np.log(len(tokens))
+    _, d_params = arm_from_law(space, log_d)
+    q_rows = jnp.exp(AuxProposal.combine(a_params["logits_NV"], head_params["logits_NV"]))
+    kls = []
+    for lam in (0.0, 1.0, 10.0, 100.0, 1e4):
+        p_rows = (jax.nn.softmax(d_params["logits_NV"]) + lam * q_rows) / (1 + lam)
+        log_p = exact_log_prob(a, {"logits_NV": jnp.log(p_rows)}, 3)
+        if lam == 0:
+            np.testing.assert_allclose(np.exp(log_p), np.exp(log_d), atol=1e-12)
+        kls.append(exact_quantities(log_a, log_p, b).kl_g_a2)
+    assert all(y < x for x, y in zip(kls, kls[1:])), kls
+    assert kls[-1] < 1e-3 < kls[0], kls
+
+
+def test_with_a_corpus_lambda_zero_is_the_sft_update(x64):
+    """kl_weight = 0 with a corpus: the policy's update is exactly SFT's on the same corpus batch (same
+    Adam, same (seed, step) rows), while the head still learns (concurrently, in the same step). In float64:
+    Adam turns float32 round-off on near-zero gradients into full-size steps."""
+    from guard_jax.train.sft import SFT, SFTConfig
+
+    a = TabularARM(5, 4, eos_id=0)
+    a_params = a.init(jax.random.PRNGKey(0))
+    base = LM.of(a, a_params)
+    s = sample(jax.random.PRNGKey(1), a, a_params, *bos_prompt(a, 40), 4)
+    corpus = (np.asarray(s.tokens_BT), np.asarray(s.lengths_B))
+    cfg = AuxConfig(n_samples=32, max_new_tokens=4, learning_rate=1e-2, kl_weight=0.0, corpus_batch=8, seed=3)
+    trainer = AuxTrainer(base, a, B, cfg, corpus=corpus)
+    head0 = a.init(jax.random.PRNGKey(2))
+    state = trainer.init_state({"head": head0, "policy": a_params})
+    sft = SFT(base, *corpus, SFTConfig(batch_size=8, learning_rate=1e-2, seed=3))
+    sft_state = sft.init_state(a_params)
+    for i in range(3):
+        state, m = trainer.step(state, jax.random.PRNGKey(10 + i))
+        sft_state, sm = sft.step(sft_state, jax.random.PRNGKey(10 + i))
+        np.testing.assert_allclose(float(m["nll"]), float(sm["loss"]), rtol=1e-5)
+    for u, v in zip(jax.tree.leaves(state.params["policy"]), jax.tree.leaves(sft_state.params)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-10)
+    moved = max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(state.params["head"]), jax.tree.leaves(head0)))
+    assert moved > 1e-3
+    assert float(m["token_kl"]) > 0 and {"nll", "bce", "token_kl", "loss"} <= set(m)
+    # lambda > 0 changes the policy's update (the regulariser is live)
+    t2 = AuxTrainer(base, a, B, AuxConfig(n_samples=32, max_new_tokens=4, learning_rate=1e-2, kl_weight=5.0, corpus_batch=8, seed=3),
+                    corpus=corpus)
+    s2, _ = t2.step(t2.init_state({"head": head0, "policy": a_params}), jax.random.PRNGKey(10))
+    s1, _ = trainer.step(trainer.init_state({"head": head0, "policy": a_params}), jax.random.PRNGKey(10))
+    assert max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(s1.params["policy"]), jax.tree.leaves(s2.params["policy"]))) > 1e-4
+    with pytest.raises(ValueError, match="params must be"):
+        trainer.init_state({"head": head0})
+    with pytest.raises(ValueError, match="corpus_batch"):
+        AuxTrainer(base, a, B, AuxConfig(corpus_batch=64), corpus=corpus)
+
+
+@pytest.mark.slow
+def test_large_lambda_fine_tuning_moves_the_policy_toward_g():
+    """The trainer end to end on a tabular ARM with a corpus of a's samples: at large lambda the policy's exact
+    KL(g || p) falls well below the SFT (lambda = 0) policy's, and its AR rises."""
+    a = TabularARM(3, 4, eos_id=0)
+    a_params = a.init(jax.random.PRNGKey(1), scale=1.0)
+    space = SequenceSpace.of(a, 4)
+    with jax.enable_x64(True):
+        log_a = exact_log_prob(a, a_params, 4)
+    b = exact_constraint(space, B)
+    s = sample(jax.random.PRNGKey(7), a, a_params, *bos_prompt(a, 512), 4)
+    corpus = (np.asarray(s.tokens_BT), np.asarray(s.lengths_B))
+    out = {}
+    for lam in (0.0, 20.0):
+        head = TabularARM(3, 4, eos_id=0)
+        cfg = AuxConfig(n_samples=512, max_new_tokens=4, learning_rate=3e-2, kl_weight=lam, corpus_batch=128)
+        trainer = AuxTrainer(LM.of(a, a_params), head, B, cfg, corpus=corpus)
+        state = trainer.init_state({"head": {"logits_NV": jnp.zeros_like(a_params["logits_NV"])}, "policy": a_params})
+        state, _ = run(trainer, state, LoopConfig(steps=200, progress=False))
+        p = trainer.policy_lm(state)
+        with jax.enable_x64(True):
+            out[lam] = exact_quantities(log_a, exact_log_prob(p.model, p.params, 4), b)
+    assert out[20.0].kl_g_a2 < 0.5 * out[0.0].kl_g_a2, out
+    assert out[20.0].ar > out[0.0].ar + 0.1, out

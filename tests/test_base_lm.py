@@ -1,5 +1,5 @@
 """The shipped base LM (guard_jax/assets/base_lm): loads offline in guard_jax and transformers with the same
-logits, and its validation perplexity is the one its training log and the README report."""
+logits, and its validation perplexity is the one its training log and docs/models.md report."""
 
 import json
 import pathlib
@@ -39,11 +39,11 @@ def test_transformers_gives_the_same_logits(shipped):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_validation_perplexity_matches_log_and_readme(shipped):
+def test_validation_perplexity_matches_log_and_docs(shipped):
     model, params, tokenizer = shipped
     log = json.loads((SHIPPED / "train_log.json").read_text())
     ppl = float(np.exp(validation_nll(model, params, token_rows(tokenizer, "validation", log["config"]["seq_len"]))))
     assert ppl == pytest.approx(log["validation_perplexity"], rel=0.01)
-    reported = re.search(r"validation perplexity \*\*([0-9.]+)\*\*", (ROOT / "README.md").read_text())
-    assert reported, "README.md must state the base LM's 'validation perplexity **X**'"
+    reported = re.search(r"validation perplexity \*\*([0-9.]+)\*\*", (ROOT / "docs" / "models.md").read_text())
+    assert reported, "docs/models.md must state the base LM's 'validation perplexity **X**'"
     assert ppl == pytest.approx(float(reported.group(1)), rel=0.01)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_sampling_quick_on_two_host_devices():
     env = {**os.environ, "XLA_FLAGS": ""}  # the bench sets the device count itself
@@ -26,3 +28,30 @@ def test_bench_sampling_refuses_bad_host_devices():
     r = subprocess.run([sys.executable, "-m", "bench.bench_sampling", "--quick", "--host-devices", "0"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--host-devices must be >= 1" in r.stderr
+
+
+@pytest.mark.slow  # compiles the DPG update and runs torch beside it: minutes on the shared CPU
+def test_bench_dpg_embedded_times_each_part_beside_torch():
+    out = subprocess.run([sys.executable, "-m", "bench.bench_dpg", "--configs", "embedded", "--batches", "8", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=900, check=True).stdout
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    assert (record["config"], record["batch"], record["new_tokens"]) == ("embedded", 8, 30)
+    assert set(record["parts"]) == {"sample", "score", "forward_backward", "optimizer", "step"}
+    for name, part in record["parts"].items():
+        assert part["jax_ms"] > 0 and part["torch_ms"] > 0, name
+        assert abs(part["speedup_vs_torch"] - part["torch_ms"] / part["jax_ms"]) < 0.02 + 0.01 * part["speedup_vs_torch"], name
+    assert record["speedup_vs_torch"] == record["parts"]["step"]["speedup_vs_torch"]
+    assert 0 < record["mfu"] == record["parts"]["step"]["jax_mfu"] and record["peak_gflops"] > 0
+    assert len(record["load_average_1min"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_sampling_embedded_lines():
+    out = subprocess.run([sys.executable, "-m", "bench.bench_sampling", "--configs", "embedded", "--batches", "8", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=900, check=True).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [(r["bench"], r["config"], r["batch"]) for r in records] == [("sampling", "embedded", 8), ("scoring", "embedded", 8)]
+    sampling, scoring = records
+    assert sampling["new_tokens"] == 30 and sampling["goal_ratio"] == 5.0
+    assert sampling["jax_ms_per_step"] > 0 and sampling["matmul_peak_gflops"] > 0
+    assert scoring["max_abs_logp_diff_vs_torch"] < 1e-3  # the fused scorer agrees with transformers on the shipped model

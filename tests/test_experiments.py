@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import figures, lexical, pipeline, proposals, sentiment
+from experiments import figures, lexical, sentiment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ TINY = {
     "eval": {"n_a": 4096, "n_a2": 512, "n_diversity": 30, "n_curve": 256},
     "train": {
         "sft_a": {"draws": 1024, "batch_size": 4, "learning_rate": 1e-2, "epochs": 1, "eval_points": 2},
-        "sft_dpg": {"steps": 2, "n_samples": 512, "minibatch": 256, "learning_rate": 1e-2, "eval_points": 1},
+        "sft_dpg": {"steps": 2, "n_samples": 512, "minibatch": 256, "learning_rate": 1e-2, "eval_points": 1, "swap_every": 1},
     },
 }
 
@@ -90,6 +90,7 @@ def check_results(out: pathlib.Path, config: dict) -> dict:
                 if e is not None:
                     _check_estimate(e)
             assert m["estimates"]["Z"] == g["Z"]  # one gold set for every proposal
+            assert m["config"] == results["config"]["train"][name]  # the settings it was trained with
             assert isinstance(m["train_samples"], int) and m["train_samples"] >= 0
             assert all(0 <= p < 1 for p in m["positions"])
             if m["train_samples"] > 0:  # trained: a curve from its start to its budget, and the trainer's log
@@ -157,13 +158,6 @@ def test_pareto_front():
     assert sorted(figures.pareto_front(pts)) == [0, 3, 4]
 
 
-def test_unknown_proposal_names_the_registry():
-    b = proposals.Builder(pipeline.Setup(None, None, None, {}, pathlib.Path(".")), None, None)
-    with pytest.raises(ValueError, match="unknown proposal 'nope'.*sft_dpg"):
-        b.get("nope")
-    assert {"cap", "sft_a", "sft_cap", "dpg", "sft_dpg", "cap_dpg"} <= set(proposals.PROPOSALS)
-
-
 def test_sentiment_contexts_and_positions():
     openings = sentiment.negative_openings(3, -0.3)
     assert len(openings) == 3 and len(set(openings)) == 3
@@ -210,33 +204,12 @@ def test_baseline_proposals_end_to_end(tiny_model, tmp_path):
     assert m["l3m"]["train_samples"] == 1024 + 2 * 64 and m["rl"]["train_samples"] == m["rl:0.5"]["train_samples"] == 2 * 64
     assert m["aux"]["train_samples"] == m["aux_q"]["train_samples"] == 2 * 64
     assert m["masked"]["train_samples"] == 0 and m["sft_masked"]["train_samples"] == 64 and m["sft_asap"]["train_samples"] == 32
-    # masking guarantees b (every token of the tiny vocabulary decodes to ASCII-or-FFFD text that the regex walks)
+    # masking guarantees b (the automaton walks every token's bytes, multi-byte characters included)
     assert m["masked"]["estimates"]["AR_a2"]["value"] == 1.0
     # rl and rl:0.5 are different runs (different beta) in different folders
     assert m["rl"]["metrics_jsonl"] != m["rl:0.5"]["metrics_jsonl"]
     metrics = [json.loads(line) for line in pathlib.Path(m["l3m"]["metrics_jsonl"]).read_text().splitlines()]
     assert {"mu", "lambda_0", "C_0"} <= set(metrics[-1])
-
-
-def test_parametrised_proposal_names():
-    b = proposals.Builder(pipeline.Setup(None, None, None, {}, pathlib.Path(".")), None, None)
-    with pytest.raises(ValueError, match="must be a number"):
-        b.get("rl:big")
-    with pytest.raises(ValueError, match="unknown proposal 'sft_a:0.1'.*suffix: rl"):
-        b.get("sft_a:0.1")
-    assert {"l3m", "aux", "aux_q", "rl", "masked", "sft_masked", "sft_asap"} <= set(proposals.PROPOSALS)
-
-
-def test_settings_override_nested_config_fields():
-    from experiments.pipeline import apply_settings
-
-    config = {"train": {"dpg": {"learning_rate": 1e-4}}, "proposals": ["cap"]}
-    apply_settings(config, ["train.dpg.learning_rate=3e-4", 'proposals=["dpg","sft_a"]', "train.l3m.threshold=0.5", "keyword=love"])
-    assert config == {"train": {"dpg": {"learning_rate": 3e-4}, "l3m": {"threshold": 0.5}}, "proposals": ["dpg", "sft_a"], "keyword": "love"}
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        apply_settings(config, ["learning_rate"])
-    with pytest.raises(ValueError, match="not a nested section"):
-        apply_settings(config, ["keyword.x=1"])
 
 
 def test_sweep_drives_the_lexical_experiment(tiny_model, tmp_path, monkeypatch):
@@ -264,3 +237,70 @@ def test_sweep_drives_the_lexical_experiment(tiny_model, tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert rows[0]["average.cap.AR_a2"] == result["average"]["cap"]["AR_a2"] and rows[0]["average.dpg.AR_a2"] is None
     assert sweep.run_cell(spec, {"proposals": ["cap"], "eval.n_a2": 256}, tmp_path / "sweep")[1] == "skipped"
+
+
+def test_sweep_refuses_a_grid_key_some_cell_does_not_read(tiny_model, tmp_path, monkeypatch):
+    """train.dpg.learning_rate swept over a cell that never trains dpg: refused before any cell runs."""
+    from experiments import sweep
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    spec = {"command": ["python", "-m", "experiments.lexical", "--config", str(config), "--model", str(tiny_model), "--quiet",
+                        "--out", "{cell_dir}"],
+            "set_flag": "--set", "out_flag": "--result",
+            "grid": {"proposals": [["dpg"], ["cap"]], "train.dpg.learning_rate": [1e-3, 1e-2]}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=r"proposals=cap,train.dpg.learning_rate=0.001: .*no proposal of this run reads train.dpg"):
+        sweep.main([str(tmp_path / "spec.json"), "--out", str(tmp_path / "sweep")])
+    assert not (tmp_path / "sweep" / "cells").exists()
+    spec["grid"]["train.dpg.lerning_rate"] = spec["grid"].pop("train.dpg.learning_rate")
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="unknown key 'lerning_rate'"):
+        sweep.main([str(tmp_path / "spec.json"), "--out", str(tmp_path / "sweep")])
+
+
+def test_shipped_sweep_reads_every_grid_key(monkeypatch):
+    from experiments import sweep
+
+    monkeypatch.chdir(ROOT)
+    spec = json.loads((ROOT / "experiments" / "configs" / "lexical_sweep.json").read_text())
+    assert sweep.unread_keys(spec, sweep.cells(spec["grid"])) == []
+
+
+TINY_DPG = {**TINY, "name": "lexical_tiny_dpg", "proposals": ["dpg"], "eval": {"n_a": 2048, "n_a2": 256, "n_diversity": 20, "n_curve": 128},
+            "train": {"dpg": {"steps": 2, "n_samples": 256, "minibatch": 256, "learning_rate": 1e-3, "eval_points": 1}}}
+
+
+def _dpg_row(results: dict) -> dict:
+    return results["contexts"][0]["methods"]["dpg"]
+
+
+def test_changed_settings_retrain_instead_of_resuming(tiny_model, tmp_path):
+    """A rerun with another learning rate trains dpg afresh in its own folder (the row changes and results.json
+    states the rate used); rerunning the first settings resumes their finished run (no new training step)."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_DPG))
+    args = ["--config", str(config), "--model", str(tiny_model), "--out", str(tmp_path), "--quiet"]
+    first = _dpg_row(lexical.main(args))
+    lines = pathlib.Path(first["metrics_jsonl"]).read_text().splitlines()
+    changed = lexical.main(args + ["--set", "train.dpg.learning_rate=1e-1", "--set", 'proposals=["dpg"]'])
+    row = _dpg_row(changed)
+    assert changed["config"]["train"]["dpg"]["learning_rate"] == row["config"]["learning_rate"] == 0.1
+    assert json.loads((tmp_path / "lexical_tiny_dpg_seed0" / "results.json").read_text())["config"]["train"]["dpg"]["learning_rate"] == 0.1
+    assert row["run_dir"] != first["run_dir"] and json.loads((pathlib.Path(row["run_dir"]) / "config.json").read_text())["config"]["learning_rate"] == 0.1
+    assert row["estimates"]["KL(g||a2)"] != first["estimates"]["KL(g||a2)"]  # retrained: another proposal
+    assert len(pathlib.Path(row["metrics_jsonl"]).read_text().splitlines()) == 2
+    again = _dpg_row(lexical.main(args))
+    assert again["estimates"] == first["estimates"] and pathlib.Path(first["metrics_jsonl"]).read_text().splitlines() == lines
+
+
+@pytest.mark.slow
+def test_quick_run_then_a_changed_learning_rate_retrains_dpg(tmp_path):
+    """The exact sequence: `--quick`, then `--set train.dpg.learning_rate=1e-2 --set 'proposals=["dpg"]'`."""
+    first = _dpg_row(lexical.main(["--quick", "--out", str(tmp_path), "--quiet"]))
+    second = lexical.main(["--quick", "--out", str(tmp_path), "--quiet", "--set", "train.dpg.learning_rate=1e-2", "--set", 'proposals=["dpg"]'])
+    row = _dpg_row(second)
+    assert list(second["contexts"][0]["methods"]) == ["dpg"] and second["config"]["train"]["dpg"]["learning_rate"] == 0.01
+    assert row["config"]["learning_rate"] == 0.01 and row["run_dir"] != first["run_dir"]
+    assert row["estimates"]["KL(g||a2)"] != first["estimates"]["KL(g||a2)"]

@@ -296,5 +296,6 @@ def test_cli_sample_and_estimate(ref, tmp_path, capsys):
     assert {"Z", "AR_a2"} <= set(est) and 0 < est["Z"]["value"] < 1
     no_tok = tmp_path / "no_tokenizer"
     hf.export(no_tok, *hf.load(path, tokenizer=False)[:2])
-    with pytest.raises(ValueError, match="no tokenizer"):
-        main(["sample", "--model", str(no_tok), "--constraint", "keyword:apple", "--quiet"])
+    capsys.readouterr()
+    assert main(["sample", "--model", str(no_tok), "--constraint", "keyword:apple", "--quiet"]) == 2
+    assert "--model" in (err := capsys.readouterr().err) and "no tokenizer" in err and err.count("\n") == 1

@@ -89,3 +89,35 @@ def test_metrics_files_and_checkpoint_policies(tmp_path):
 def test_bad_loop_config():
     with pytest.raises(ValueError, match="steps"):
         LoopConfig(steps=0)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_between_checkpoints_writes_each_step_once(tmp_path):
+    class DiesAt(_Counter):
+        def __init__(self, die_at):
+            super().__init__()
+            self.die_at = die_at
+
+        def step(self, state, key):
+            if int(state.step) == self.die_at:
+                raise _Killed
+            return super().step(state, key)
+
+    config = LoopConfig(steps=30, out_dir=tmp_path, checkpoint_every=10, progress=False)
+    with pytest.raises(_Killed):  # killed at step 12: steps 10 and 11 are in metrics.jsonl, the checkpoint is at 10
+        run(DiesAt(12), DiesAt(12).init_state({"w": jnp.zeros(3)}), config)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 12, "lo')  # a line torn by the kill
+    stray = [tmp_path / ".metrics.json.k3j2.tmp", tmp_path / ".export.x1.tmp"]
+    stray[0].write_text("half a file")
+    stray[1].mkdir()
+    state, history = run(_Counter(), _Counter().init_state({"w": jnp.zeros(3)}), config)
+    assert [h["step"] for h in history] == list(range(10, 30))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(30))
+    assert not any(p.exists() for p in stray) and not list(tmp_path.glob(".*.tmp"))
+    straight, _ = run(_Counter(), _Counter().init_state({"w": jnp.zeros(3)}), LoopConfig(steps=30, progress=False))
+    np.testing.assert_array_equal(state.params["w"], straight.params["w"])

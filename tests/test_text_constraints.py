@@ -67,3 +67,55 @@ def test_specs(tok):
     for bad in ("amazing", "keyword:", "colour:red"):
         with pytest.raises(ValueError, match="spec|kind"):
             C.from_spec(bad, tok)
+
+
+def test_spec_grammar_combines_with_and_or_not(tok):
+    tokens, lengths = batch(tok, ["the film was amazing", "I loved it . happy", "bad", "the film"])
+    b = lambda spec: C.from_spec(spec, tok)(tokens, lengths).tolist()
+    assert b("keyword:amazing | keyword:loved") == [True, True, False, False]
+    assert b("keyword:the & ~keyword:amazing") == [False, False, False, True]
+    assert b("~(keyword:amazing | keyword:bad)") == [False, True, False, True]
+    assert b("keyword:the & keyword:film | keyword:bad") == [True, False, True, True]  # & binds tighter than |
+    assert b("keyword:the & (keyword:amazing | keyword:bad)") == [True, False, False, False]
+    assert b("regex:'film (was|is)'") == [True, False, False, False]
+    assert b('regex:"^I loved"') == [False, True, False, False]
+
+
+def test_spec_without_spaces_around_an_operator_is_an_error_not_one_keyword(tok):
+    with pytest.raises(C.SpecError, match=r"ambiguous '&' .*keyword:love & keyword:the.*keyword:'love&keyword:the'"):
+        C.from_spec("keyword:love&keyword:the", tok)
+    for bad, what in (("regex:a|b", r"ambiguous '\|'"), ("regex:(a)", r"ambiguous '\('"), ("(keyword:a", "never closed"),
+                      ("keyword:a)", r"unexpected '\)'"), ("keyword:a keyword:b", "unexpected keyword:'b'"),
+                      ("regex:'a", "never closed"), ("keyword:a &", "found the end"), ("sentiment:x", "threshold in"),
+                      ("regex:'('", "does not compile"), ("", "empty"), ("~", "found the end")):
+        with pytest.raises(C.SpecError, match=what):
+            C.parse_spec(bad)
+
+
+def test_parse_spec_quotes_and_round_trips():
+    assert C.parse_spec("keyword:'it\\'s'") == C.SpecAtom("keyword", "it's")
+    assert C.parse_spec(r"keyword:'\bfoo\\'") == C.SpecAtom("keyword", "\\bfoo\\")  # \\ is one backslash, \b stays
+    tree = C.parse_spec("~(keyword:'a b' | regex:\"x&y\") & sentiment:0.2")
+    assert tree == C.SpecOp("&", (C.SpecOp("~", (C.SpecOp("|", (C.SpecAtom("keyword", "a b"), C.SpecAtom("regex", "x&y"))),)),
+                                  C.SpecAtom("sentiment", "0.2")))
+    assert C.parse_spec(C.spec_to_str(tree)) == tree
+
+
+def test_keyword_boundaries_for_words_with_non_word_characters():
+    search = lambda word, text: C.keyword_pattern(word).search(text) is not None
+    assert search("c++", "I write c++ code.") and search("c++", "c++") and not search("c++", "c++x")
+    assert search(".net", "a .net app") and not search(".net", "asp.net")
+    assert search("amazing", "so amazing!") and not search("amazing", "amazingly") and not search("amazing", "unamazing")
+    assert search("e-mail", "send an e-mail.") and not search("e-mail", "e-mails")
+
+
+def test_keyword_c_plus_plus_matches_decoded_text():
+    from guard_jax.models import hf
+    from guard_jax.lm import EMBEDDED
+
+    tokenizer = hf.load_tokenizer(EMBEDDED)
+    rows = [tokenizer("I write c++ code.", add_special_tokens=False)["input_ids"],
+            tokenizer("I write c code.", add_special_tokens=False)["input_ids"]]
+    T = max(map(len, rows))
+    tokens = np.asarray([r + [0] * (T - len(r)) for r in rows])
+    assert C.from_spec("keyword:c++", tokenizer)(tokens, np.asarray([len(r) for r in rows])).tolist() == [True, False]

@@ -26,6 +26,7 @@ import numpy as np
 
 from guard_jax.decoding.gcd import TokenAutomaton, check_feasible
 from guard_jax.exact import SequenceSpace
+from guard_jax.grammars import Grammar, mask_of
 from guard_jax.models.base import ARM, Params
 
 
@@ -54,6 +55,54 @@ class AsapSamples(NamedTuple):
     accepted_N: np.ndarray
 
 
+class _AutomatonSets:
+    """ASAp's allowed sets from a dense token automaton: states are ints, masks are length-aware."""
+
+    def __init__(self, mask: TokenAutomaton):
+        self.next_SV = np.asarray(mask.next_state_SV, np.int64)
+        self.steps_S = np.asarray(mask.steps_to_accept_S, np.int64)
+        self.accepting_S = np.asarray(mask.accepting_S, bool)
+        self.initial = int(mask.initial_state)
+
+    def start(self, batch_size: int) -> list:
+        return [self.initial] * batch_size
+
+    def allowed(self, state: int, remaining: int) -> np.ndarray:
+        nxt = self.next_SV[state]
+        ok = nxt >= 0
+        ok[ok] = self.steps_S[nxt[ok]] <= remaining
+        return np.flatnonzero(ok)
+
+    def advance(self, state: int, token: int) -> int:
+        return int(self.next_SV[state, token]) if state >= 0 else state
+
+    def accepting(self, state: int) -> bool:
+        return state >= 0 and bool(self.accepting_S[state])
+
+
+class _GrammarSets:
+    """ASAp's allowed sets from a `Grammar`: states are llguidance matchers (one per row), masks are the
+    grammar's (not length-aware: a sample cut off by max_new_tokens fails b, and the trie learns it)."""
+
+    def __init__(self, grammar: Grammar):
+        self.grammar = grammar
+
+    def start(self, batch_size: int) -> list:
+        return [self.grammar.matcher() for _ in range(batch_size)]
+
+    def allowed(self, matcher, remaining: int) -> np.ndarray:
+        del remaining
+        return np.flatnonzero(mask_of(matcher, self.grammar.vocab_size)) if not matcher.is_error() else np.zeros(0, np.int64)
+
+    def advance(self, matcher, token: int):
+        if token != self.grammar.eos_id:
+            matcher.consume_token(int(token))
+        return matcher
+
+    def accepting(self, matcher) -> bool:
+        return not matcher.is_error() and matcher.is_accepting()
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _next_log_probs(model: ARM, params: Params, tokens_BL, mask_BL, position):
     """log softmax of a's logits at `position` of a left-padded buffer -> logp_BV (float32)."""
@@ -62,20 +111,31 @@ def _next_log_probs(model: ARM, params: Params, tokens_BL, mask_BL, position):
     return jax.nn.log_softmax(logits_BV.astype(jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames=("model", "prompt_len"))
+def _teacher_forced_log_probs(model: ARM, params: Params, tokens_BL, prompt_len: int):
+    """log softmax of a's logits at the positions that predict the generated tokens -> logp_BTV (float32)."""
+    logits_BLV = model.apply(params, tokens_BL, jnp.ones_like(tokens_BL))
+    return jax.nn.log_softmax(logits_BLV[:, prompt_len - 1 : -1].astype(jnp.float32))
+
+
 class Asap:
-    """The ASAp sampler for a model, a mask (a `TokenAutomaton` whose accepting states define b) and a length.
+    """The ASAp sampler for a model, a mask and a length. The mask is a `TokenAutomaton` (its accepting states
+    define b; length-aware masks) or a `guard_jax.grammars.Grammar` (b = the text is in the language; its masks
+    are not length-aware, so a sample cut off at `max_new_tokens` fails b and its path's bound drops to 0).
 
     `prompt_1P` (one row, default [BOS]) is what a conditions on. The trie persists across `sample` calls.
     """
 
-    def __init__(self, model: ARM, params: Params, mask: TokenAutomaton, max_new_tokens: int, prompt_1P=None):
-        check_feasible(mask, max_new_tokens)
+    def __init__(self, model: ARM, params: Params, mask: TokenAutomaton | Grammar, max_new_tokens: int, prompt_1P=None):
+        if isinstance(mask, Grammar):
+            if mask.eos_id != model.eos_id or mask.vocab_size != model.vocab_size:
+                raise ValueError(f"mask {mask} must share the model's eos_id={model.eos_id} and vocab_size={model.vocab_size}")
+            self._sets = _GrammarSets(mask)
+        else:
+            check_feasible(mask, max_new_tokens)
+            self._sets = _AutomatonSets(mask)
         self.model, self.params, self.max_new_tokens = model, params, int(max_new_tokens)
         self.prompt_P = np.asarray([model.bos_id] if prompt_1P is None else np.asarray(prompt_1P).reshape(-1), np.int32)
-        self._next = np.asarray(mask.next_state_SV, np.int64)
-        self._steps = np.asarray(mask.steps_to_accept_S, np.int64)
-        self._accepting = np.asarray(mask.accepting_S, bool)
-        self._initial = int(mask.initial_state)
         self.nodes: dict[tuple[int, ...], Node] = {}
         self.history: list[float] = [self.root_log_theta]  # log theta~(root) after each sample
 
@@ -84,12 +144,6 @@ class Asap:
         """log theta~ at the root: an upper bound on log Z that never increases (0 before any sample)."""
         root = self.nodes.get(())
         return 0.0 if root is None else root.log_value()
-
-    def _allowed(self, state: int, remaining: int) -> np.ndarray:
-        nxt = self._next[state]
-        ok = nxt >= 0
-        ok[ok] = self._steps[nxt[ok]] <= remaining
-        return np.flatnonzero(ok)
 
     def sample(self, key: jax.Array, num_samples: int, batch_size: int = 1) -> AsapSamples:
         """Draw `num_samples` sequences, updating the trie after every round of `batch_size` rows."""
@@ -100,7 +154,16 @@ class Asap:
             out.append(self._round(jax.random.fold_in(key, r), min(batch_size, num_samples - start)))
         return AsapSamples(*(np.concatenate(parts) for parts in zip(*out)))
 
-    def _round(self, key: jax.Array, B: int) -> AsapSamples:
+    def draw(self, key: jax.Array, num_samples: int, batch_size: int = 256) -> AsapSamples:
+        """`num_samples` samples of the current law q (`log_prob`'s), without updating the bounds: every row comes
+        from the same trie, in rounds of `batch_size` rows."""
+        if num_samples <= 0 or batch_size <= 0:
+            raise ValueError(f"num_samples and batch_size must be > 0, got {num_samples} and {batch_size}")
+        out = [self._round(jax.random.fold_in(key, r), min(batch_size, num_samples - start), update=False)
+               for r, start in enumerate(range(0, num_samples, batch_size))]
+        return AsapSamples(*(np.concatenate(parts) for parts in zip(*out)))
+
+    def _round(self, key: jax.Array, B: int, update: bool = True) -> AsapSamples:
         model, T, P = self.model, self.max_new_tokens, len(self.prompt_P)
         u_TB = np.asarray(1.0 - jax.random.uniform(key, (T, B)), np.float64)
         buf_BL = np.full((B, P + T), model.pad_id, np.int32)
@@ -108,7 +171,7 @@ class Asap:
         mask_BL = np.zeros((B, P + T), np.int32)
         mask_BL[:, :P] = 1
         tokens_BT = np.full((B, T), model.pad_id, np.int32)
-        state_B = np.full(B, self._initial, np.int64)
+        state_B = self._sets.start(B)
         lengths_B = np.zeros(B, np.int32)
         logq_B, loga_B = np.zeros(B), np.zeros(B)
         done_B = np.zeros(B, bool)
@@ -122,7 +185,7 @@ class Asap:
                 logp_BV = np.asarray(_next_log_probs(model, self.params, jnp.asarray(buf_BL), jnp.asarray(mask_BL), P - 1 + t), np.float64)
                 for b in rows:
                     if prefixes[b] not in self.nodes:
-                        allowed = self._allowed(state_B[b], T - t - 1)
+                        allowed = self._sets.allowed(state_B[b], T - t - 1)
                         self.nodes[prefixes[b]] = Node(allowed, logp_BV[b, allowed], np.zeros(len(allowed)))
             for b in rows:
                 node = self.nodes[prefixes[b]]
@@ -138,11 +201,11 @@ class Asap:
                 logq_B[b] += logq[k]
                 loga_B[b] += node.logp[k]
                 lengths_B[b] = t + 1
-                state_B[b] = self._next[state_B[b], v]
+                state_B[b] = self._sets.advance(state_B[b], v)
                 if model.eos_id is not None and v == model.eos_id:
                     done_B[b] = True
-        accepted_B = ~dead_B & (state_B >= 0) & self._accepting[np.maximum(state_B, 0)]
-        for b in range(B):
+        accepted_B = ~dead_B & np.asarray([self._sets.accepting(state) for state in state_B], bool)
+        for b in range(B if update else 0):
             self._update(tokens_BT[b, : lengths_B[b]], bool(accepted_B[b]), dead=bool(dead_B[b]))
         return AsapSamples(tokens_BT, lengths_B, logq_B, loga_B, accepted_B)
 
@@ -167,6 +230,47 @@ class Asap:
             node.log_theta[k] = min(node.log_theta[k], value)  # bounds only fall (guards against rounding)
             value = node.log_value()
         self.history.append(self.root_log_theta)
+
+    def log_prob(self, tokens_NT, lengths_N, batch_size: int = 32) -> np.ndarray:
+        """log q(y) of the law the next sample is drawn from (the current trie), for any sequences -> float64 [N].
+
+        q(y_t | u) = P(y_t | u) theta~(u y_t) / sum_{v allowed} P(v | u) theta~(uv), with theta~ = 1 below the
+        explored trie (and -inf off the mask). With an empty trie this is the law of masked decoding with the
+        same mask, so it scores masking's proposal too. a's conditionals come from one teacher-forced pass per
+        `batch_size` rows.
+        """
+        tokens_NT, lengths_N = np.asarray(tokens_NT, np.int32), np.asarray(lengths_N)
+        N, T = tokens_NT.shape
+        if T != self.max_new_tokens:
+            raise ValueError(f"tokens_NT has {T} positions; this sampler generates max_new_tokens={self.max_new_tokens}")
+        P = len(self.prompt_P)
+        out = np.zeros(N)
+        for start in range(0, N, batch_size):
+            rows = tokens_NT[start : start + batch_size]
+            full = np.zeros((batch_size, T), np.int32)  # one shape for every chunk: one compilation
+            full[: len(rows)] = rows
+            buf_BL = np.concatenate([np.broadcast_to(self.prompt_P, (batch_size, P)), full], axis=1)
+            logp_BTV = np.asarray(_teacher_forced_log_probs(self.model, self.params, jnp.asarray(buf_BL), P), np.float64)
+            states = self._sets.start(len(rows))
+            for b, row in enumerate(rows):
+                out[start + b] = self._row_log_prob(row[: int(lengths_N[start + b])].tolist(), logp_BTV[b], states[b])
+        return out
+
+    def _row_log_prob(self, row: list[int], logp_TV: np.ndarray, state) -> float:
+        total, T = 0.0, self.max_new_tokens
+        for t, v in enumerate(row):
+            node = self.nodes.get(tuple(row[:t]))
+            if node is not None:
+                allowed, w = node.allowed, node.logp + node.log_theta
+            else:
+                allowed = self._sets.allowed(state, T - t - 1)
+                w = logp_TV[t, allowed]
+            k = int(np.searchsorted(allowed, v))
+            if k == len(allowed) or allowed[k] != v or not np.isfinite(w[k]):
+                return -np.inf
+            total += w[k] - np.logaddexp.reduce(w)
+            state = self._sets.advance(state, v)
+        return total
 
     def log_theta_levels(self, space: SequenceSpace) -> list[np.ndarray]:
         """The trie as dense log theta~(uv) arrays: element t has shape [V^t, V] (0 where unexplored).

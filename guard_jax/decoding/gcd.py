@@ -13,7 +13,8 @@ Token v is allowed in state s with `r` tokens left after it iff `next_state_SV[s
 satisfies b. Two builders:
 
 - `reachability_automaton`: toy ARMs, exact reachability from the enumerated b (the prefix tree of V^T);
-- `regex_automaton`: a regex over a real tokenizer's vocabulary (interegular's DFA walked by each token).
+- `regex_automaton`: a small regex over a real tokenizer's vocabulary (interegular's DFA walked by each
+  token's bytes); `guard_jax.grammars.Grammar` covers CFGs, JSON schemas and large regexes (host masks).
 
 Masking guarantees b but samples q(y) = prod_t a(y_t | u) 1[allowed] / a(allowed | u), not
 g(y) = a(y) b(y) / Z: `exact_masked_log_prob` gives that law on the grid.
@@ -21,6 +22,7 @@ g(y) = a(y) b(y) / Z: `exact_masked_log_prob` gives that law on the grid.
 
 from __future__ import annotations
 
+import codecs
 import functools
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -32,6 +34,7 @@ import numpy as np
 
 from guard_jax.constraints import Constraint
 from guard_jax.exact import SequenceSpace, prefix_log_marginals
+from guard_jax.grammars import Grammar
 from guard_jax.models.base import ARM, Params
 from guard_jax.sampling import categorical, check_segment_ends, scan_segments, uniforms
 
@@ -173,58 +176,212 @@ def reachability_automaton(space: SequenceSpace, b) -> TokenAutomaton:
     return _automaton(next_state, accepting, 0)
 
 
-# ---- regex over a tokenizer's vocabulary: interegular's DFA, walked by every token string ----
+# ---- regex over a tokenizer's vocabulary: interegular's DFA, walked by every token's bytes ----
 
 
-def regex_automaton(pattern: str, token_strings: Mapping[int, str] | Sequence[str], eos_id: int, vocab_size: int | None = None) -> TokenAutomaton:
-    """A length-aware mask for `re.fullmatch(pattern, text)`, text = the concatenated token strings before EOS.
+def regex_automaton(pattern: str, tokens: Mapping[int, bytes | str] | Sequence[bytes | str], eos_id: int,
+                    vocab_size: int | None = None) -> TokenAutomaton:
+    """A length-aware mask for `re.fullmatch(pattern, text)`, text = the concatenated bytes of the tokens before
+    EOS decoded as UTF-8 with each invalid or unfinished byte sequence read as U+FFFD (what a byte-level
+    tokenizer's `decode` returns).
 
-    `token_strings` maps token id -> its decoded string (a list or a dict; special tokens left out); `eos_id`
-    ends a sequence and is allowed only where the text so far matches; `vocab_size` (default: one more than
-    the largest id) is the model's output size: ids absent from `token_strings` are never allowed.
+    `tokens` maps token id -> the bytes it spells (`guard_jax.grammars.token_bytes`; a str is taken as its
+    UTF-8 bytes), as a list or a dict, special tokens left out. Tokens are bytes: the two byte-level pieces of
+    "é" spell it only together. `eos_id` ends a sequence and is allowed only where the text so far matches;
+    `vocab_size` (default: one more than the largest id) is the model's output size: ids absent from `tokens`
+    are never allowed.
 
-    The regex is compiled to a character DFA by `interegular` (the engine outlines 0.x used); every token
-    string is then walked through it for all states at once (vectorized), giving [states, vocab_size].
-    outlines-core's `Index` (0.2.10-0.2.14) would be the direct route, but it drops transitions that loop
-    back through accepting states (its index for `(ab)*` accepts only the empty string), so it is not used.
+    The regex is compiled to a character DFA by `interegular`; a state of the token automaton is a DFA state
+    with the bytes of an unfinished character (pending bytes whose completions the regex does not name are
+    merged into one state per length), and every token's bytes are walked through it for all DFA states at
+    once (vectorized), giving [states, vocab_size]. This dense table is for small regexes (its size is
+    states x V); `guard_jax.grammars.Grammar.regex` has no such limit. outlines-core's `Index` is not used: it
+    drops transitions that loop back through accepting states (its `(ab)*` accepts only "").
     """
     import interegular
 
-    items = dict(enumerate(token_strings)) if not isinstance(token_strings, Mapping) else dict(token_strings)
+    items = dict(enumerate(tokens)) if not isinstance(tokens, Mapping) else dict(tokens)
     items.pop(eos_id, None)
     if not items:
-        raise ValueError("token_strings must hold at least one non-EOS token")
+        raise ValueError("tokens must hold at least one non-EOS token")
+    items = {int(i): (t.encode("utf-8") if isinstance(t, str) else bytes(t)) for i, t in items.items()}
     V = vocab_size if vocab_size is not None else max(max(items), eos_id) + 1
     if max(max(items), eos_id) >= V:
         raise ValueError(f"vocab_size={V} is smaller than the largest token id {max(max(items), eos_id)}")
-    if any(not s for s in items.values()):
-        raise ValueError("every non-special token needs its (non-empty) text in token_strings; leave special tokens out")
+    if any(not t for t in items.values()):
+        raise ValueError("every non-special token needs its (non-empty) bytes in tokens; leave special tokens out")
     try:
         fsm = interegular.parse_pattern(pattern).to_fsm()
     except Exception as e:  # interegular raises several types for unsupported syntax
         raise ValueError(f"pattern {pattern!r} is not a regex interegular can compile to a DFA: {e}") from e
-    states = sorted(fsm.states)
-    sid = {s: k for k, s in enumerate(states)}
-    S, K = len(states), max(fsm.alphabet.by_transition) + 1
-    char_next_SK = np.full((S + 1, K + 1), S, np.int64)  # row S: the dead state; column K: a character outside the regex
-    for s, row in fsm.map.items():
-        for sym, s2 in row.items():
-            char_next_SK[sid[s], sym] = sid[s2]
+    walker = _ByteWalker(fsm)
+    S, width = walker.num_states, _MAX_PENDING
     ids = np.fromiter(items, np.int64, len(items))
-    L = max(len(t) for t in items.values())
-    sym_NL = np.full((len(ids), L), -1, np.int64)
-    for n, i in enumerate(ids):
-        sym_NL[n, : len(items[i])] = [K if fsm.alphabet[c] is None else fsm.alphabet[c] for c in items[i]]
-    state_SN = np.broadcast_to(np.arange(S)[:, None], (S, len(ids))).copy()
-    for k in range(L):
-        sym_N = sym_NL[:, k]
-        state_SN = np.where(sym_N[None] >= 0, char_next_SK[state_SN, np.maximum(sym_N, 0)[None]], state_SN)
-    accepting = np.zeros(S, bool)
-    accepting[[sid[s] for s in fsm.finals]] = True
-    next_state = np.full((S, V), -1, np.int64)
-    next_state[:, ids] = np.where(state_SN < S, state_SN, -1)
+    data = [items[i] for i in ids]
+    pairs: dict[tuple[int, int], int] = {}  # (DFA state, pending id) -> automaton state
+    order: list[tuple[int, int]] = []
+
+    def pair_id(s: int, p: int) -> int:
+        if (s, p) not in pairs:
+            pairs[(s, p)] = len(order)
+            order.append((s, p))
+        return pairs[(s, p)]
+
+    pair_id(walker.initial, walker.pending_id(b""))
+    rows = []
+    while len(rows) < len(order):
+        s, p = order[len(rows)]
+        state_SN, tail_N = walker.walk(p, data)
+        nxt_N = state_SN[s]
+        live_N = nxt_N < S
+        live_N[live_N] = walker.live(nxt_N[live_N], tail_N[live_N])
+        uniq, inverse = np.unique(nxt_N[live_N] * width + tail_N[live_N], return_inverse=True)
+        row = np.full(V, -1, np.int64)
+        if len(uniq):
+            row[ids[live_N]] = np.asarray([pair_id(int(c) // width, int(c) % width) for c in uniq], np.int64)[inverse]
+        rows.append(row)
+    next_state = np.stack(rows)
+    accepting = np.asarray([walker.accepting(s, p) for s, p in order], bool)
     next_state[accepting, eos_id] = np.flatnonzero(accepting)  # EOS ends a matching text where it is
-    return _automaton(next_state, accepting, sid[fsm.initial])
+    return _automaton(next_state, accepting, 0)
+
+
+_MAX_PENDING = 4096
+_REPLACEMENT = "\ufffd"
+# a stand-in for merged pending bytes, by (character length, bytes pending): past the second byte, every
+# continuation byte is valid, so these behave as any pending of their length
+_STAND_IN = {(3, 2): b"\xe1\x80", (4, 2): b"\xf1\x80", (4, 3): b"\xf1\x80\x80"}
+
+
+class _ByteWalker:
+    """interegular's character DFA driven by bytes, decoded as UTF-8 with U+FFFD for each invalid or unfinished
+    byte sequence (Python's "replace" error handler, the same substitution as a tokenizer's decode). The
+    pending bytes of an unfinished character are part of the state; a pending of 2+ bytes that no character
+    named by the regex starts with is merged with every other such pending of its length."""
+
+    def __init__(self, fsm):
+        from interegular.fsm import anything_else
+
+        states = sorted(fsm.states)
+        sid = {s: k for k, s in enumerate(states)}
+        self.num_states = S = len(states)
+        K = max(fsm.alphabet.by_transition) + 1
+        self.char_next_SK = np.full((S + 1, K + 1), S, np.int64)  # row S: dead; column K: a character outside the regex
+        for s, row in fsm.map.items():
+            for sym, s2 in row.items():
+                self.char_next_SK[sid[s], sym] = sid[s2]
+        self.initial, self.finals = sid[fsm.initial], {sid[s] for s in fsm.finals}
+        self.explicit = {c: sym for c, sym in fsm.alphabet._symbol_mapping.items() if isinstance(c, str)}
+        other = fsm.alphabet._symbol_mapping.get(anything_else)
+        self.other = K if other is None else other
+        self.prefixes: dict[bytes, set[int]] = {}  # proper prefixes of named multi-byte characters -> their symbols
+        for c, sym in self.explicit.items():
+            enc = c.encode("utf-8")
+            for n in range(1, len(enc)):
+                self.prefixes.setdefault(enc[:n], set()).add(sym)
+        self._ids: dict = {}
+        self._keys: list = []
+        self._walks: dict = {}
+
+    def symbol(self, char: str) -> int:
+        return self.explicit.get(char, self.other)
+
+    def pending_id(self, tail: bytes) -> int:
+        """The id of a pending value: b"" (none), the bytes themselves, or ("other", length, pending) merged."""
+        key = tail
+        if len(tail) >= 2 and tail not in self.prefixes:
+            key = ("other", _utf8_length(tail[0]), len(tail))
+        if key not in self._ids:
+            if len(self._keys) >= _MAX_PENDING:
+                raise ValueError(f"the regex over this vocabulary needs over {_MAX_PENDING} pending-byte states; "
+                                 "use guard_jax.grammars.Grammar.regex")
+            self._ids[key] = len(self._keys)
+            self._keys.append(key)
+        return self._ids[key]
+
+    def _split(self, pending_id: int, data: bytes) -> tuple[list[int], int]:
+        """pending + data -> (the symbols of the characters completed, the pending id after)."""
+        key = self._keys[pending_id]
+        merged = isinstance(key, tuple)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.setstate((_STAND_IN[key[1:]] if merged else key, 0))
+        chars = decoder.decode(data)
+        syms = [self.symbol(c) for c in chars]
+        if merged and chars and chars[0] != _REPLACEMENT:  # the merged pending's character: one the regex does not name
+            syms[0] = self.other
+        return syms, self.pending_id(decoder.getstate()[0])
+
+    def _walk_tokens(self, pending_id: int, data: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """`data` from every DFA state with this pending value -> (state_SN, S = dead; tail_N: pending ids)."""
+        split = [self._split(pending_id, d) for d in data]
+        tail_N = np.asarray([r[1] for r in split], np.int64)
+        L = max([len(r[0]) for r in split] + [1])
+        sym_NL = np.full((len(data), L), -1, np.int64)
+        for n, (syms, _) in enumerate(split):
+            sym_NL[n, : len(syms)] = syms
+        S = self.num_states
+        state_SN = np.broadcast_to(np.arange(S)[:, None], (S, len(data))).copy()
+        for k in range(L):
+            sym_N = sym_NL[:, k]
+            state_SN = np.where(sym_N[None] >= 0, self.char_next_SK[state_SN, np.maximum(sym_N, 0)[None]], state_SN)
+        return state_SN, tail_N
+
+    def walk(self, pending_id: int, data: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Every token from every DFA state with this pending value -> (state_SN: the DFA state after, S = dead;
+        tail_N: the pending id after). With pending bytes, a token that starts a new character first closes
+        them as one U+FFFD and then reads as from no pending: only tokens that start with a continuation byte
+        are walked again."""
+        if pending_id in self._walks:
+            return self._walks[pending_id]
+        empty = self.pending_id(b"")
+        if pending_id == empty:
+            out = self._walk_tokens(empty, data)
+        else:
+            base_SN, base_N = self.walk(empty, data)
+            S = self.num_states
+            after_fffd_S = self.char_next_SK[:S, self.symbol(_REPLACEMENT)]
+            state_SN = np.where(after_fffd_S[:, None] < S, base_SN[np.minimum(after_fffd_S, S - 1)], S)
+            tail_N = base_N.copy()
+            cont = np.asarray([n for n, d in enumerate(data) if 0x80 <= d[0] <= 0xBF], np.int64)
+            if len(cont):
+                state_SN[:, cont], tail_N[cont] = self._walk_tokens(pending_id, [data[n] for n in cont])
+            out = (state_SN, tail_N)
+        self._walks[pending_id] = out
+        return out
+
+    def _finishing(self, pending_id: int) -> set[int]:
+        """Symbols of the characters a pending value can turn into: a completion, or U+FFFD."""
+        key = self._keys[pending_id]
+        syms = {self.symbol(_REPLACEMENT)}
+        if key != b"":
+            syms |= {self.other} | (set(self.prefixes.get(key, ())) if isinstance(key, bytes) else set())
+        return syms
+
+    def live(self, state_M: np.ndarray, tail_M: np.ndarray) -> np.ndarray:
+        """False where (DFA state, pending) cannot finish its character into a live DFA state (a safe prune: the
+        automaton's reachability search would find such states dead anyway)."""
+        dead, empty = self.num_states, self.pending_id(b"")
+        return np.asarray([p == empty or any(self.char_next_SK[s, sym] != dead for sym in self._finishing(p))
+                           for s, p in zip(state_M.tolist(), tail_M.tolist())], bool)
+
+    def accepting(self, s: int, p: int) -> bool:
+        """The text ends here: unfinished pending bytes read as one U+FFFD."""
+        if p == self.pending_id(b""):
+            return s in self.finals
+        return int(self.char_next_SK[s, self.symbol(_REPLACEMENT)]) in self.finals
+
+
+def _utf8_length(lead: int) -> int:
+    """Bytes in the UTF-8 character that starts with `lead` (0: not a lead byte)."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
 
 
 def unconstrained_automaton(vocab_size: int) -> TokenAutomaton:
@@ -299,12 +456,15 @@ def masked_sample_from_uniforms(u_TB, model: ARM, params: Params, prompt_BP, pro
 # ---- the exact law of masking on a toy grid ----
 
 
-def exact_masked_log_prob(space: SequenceSpace, log_a, b, log_bias_levels: Sequence[np.ndarray] | None = None) -> np.ndarray:
-    """log q(y) over the grid for masking with exact reachability masks (-inf where b = 0) -> float64 [V^T].
+def exact_masked_log_prob(space: SequenceSpace, log_a, b, log_bias_levels: Sequence[np.ndarray] | None = None,
+                          allowed_levels: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """log q(y) over the grid for masked decoding -> float64 [V^T].
 
-    q(y) = prod_t a(y_t | y_<t) w(y_<=t) 1[allowed] / sum_{v allowed} a(v | y_<t) w(y_<t v). Without
-    `log_bias_levels` the weights w are 1 (masking); element t of `log_bias_levels`, shape [V^t, V], gives
-    log w(uv) for the prefixes u of length t (ASAp's log theta~).
+    q(y) = prod_t a(y_t | y_<t) w(y_<=t) 1[allowed] / sum_{v allowed} a(v | y_<t) w(y_<t v). The masks are the
+    exact reachability masks of b (q = -inf where b = 0) unless `allowed_levels` gives them (element t: bool
+    [V^t, V], e.g. `Grammar.allowed_levels`; then q may put mass where b = 0). Without `log_bias_levels` the
+    weights w are 1 (masking); element t of `log_bias_levels`, shape [V^t, V], gives log w(uv) for the
+    prefixes u of length t (ASAp's log theta~).
     """
     V, T = space.vocab_size, space.max_len
     b = np.asarray(b, bool)
@@ -312,7 +472,11 @@ def exact_masked_log_prob(space: SequenceSpace, log_a, b, log_bias_levels: Seque
     if b.shape != (space.size,) or log_a.shape != (space.size,):
         raise ValueError(f"log_a {log_a.shape} and b {b.shape} must both be grids of {space.size} points")
     m = prefix_log_marginals(space, log_a)
-    reach = _prefix_any(space, b)
+    if allowed_levels is None:
+        reach = _prefix_any(space, b)
+        allowed_levels = [reach[t + 1].reshape(V**t, V) for t in range(T)]
+    elif len(allowed_levels) != T or any(np.shape(allowed_levels[t]) != (V**t, V) for t in range(T)):
+        raise ValueError(f"allowed_levels must hold {T} bool arrays of shapes [V^t, V] (t = 0..{T - 1}), V = {V}")
     log_q = np.zeros(1)
     for t in range(T):
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -320,9 +484,76 @@ def exact_masked_log_prob(space: SequenceSpace, log_a, b, log_bias_levels: Seque
         cond = np.where(np.isfinite(m[t])[:, None], cond, -np.inf)
         if log_bias_levels is not None:
             cond = cond + np.asarray(log_bias_levels[t], np.float64).reshape(V**t, V)
-        cond = np.where(reach[t + 1].reshape(V**t, V), cond, -np.inf)
+        cond = np.where(np.asarray(allowed_levels[t], bool), cond, -np.inf)
         norm = np.logaddexp.reduce(cond, axis=1, keepdims=True)
         with np.errstate(invalid="ignore"):
             step = np.where(np.isfinite(norm), cond - norm, -np.inf)
         log_q = (log_q[:, None] + step).reshape(-1)
     return log_q
+
+
+# ---- masked sampling with a grammar: masks on the host, the model under jit ----
+
+
+@functools.partial(jax.jit, static_argnames=("model", "length"))
+def _prefill(model: ARM, params: Params, prompt_BP, mask_BP, length: int):
+    return model.prefill(params, prompt_BP, mask_BP, model.init_cache(prompt_BP.shape[0], length))
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _decode(model: ARM, params: Params, token_B, cache):
+    return model.decode(params, token_B, cache)
+
+
+def unpack_bitmask(bitmask_BW: jax.Array, vocab_size: int) -> jax.Array:
+    """int32 bitmask [B, ceil(V/32)] -> bool allowed_BV (jit-able): bit v % 32 of word v // 32."""
+    v_V = jnp.arange(vocab_size)
+    return ((bitmask_BW[:, v_V // 32] >> (v_V % 32)) & 1).astype(bool)
+
+
+@functools.partial(jax.jit, static_argnames=("pad_id", "eos_id"))
+def _masked_pick(logits_BV, bitmask_BW, u_B, done_B, pad_id: int, eos_id: int):
+    """One masked draw per row -> (token_B, logq_B, loga_B, alive_B, done_B), as `masked_sample`'s step."""
+    base_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32))
+    masked_BV = jnp.where(unpack_bitmask(bitmask_BW, logits_BV.shape[-1]), base_BV, -jnp.inf)
+    token_B, logq_B = categorical(u_B, masked_BV)
+    loga_B = jnp.take_along_axis(base_BV, token_B[:, None], axis=-1)[:, 0]
+    token_B = jnp.where(done_B, pad_id, token_B)
+    logq_B, loga_B = jnp.where(done_B, 0.0, logq_B), jnp.where(done_B, 0.0, loga_B)
+    return token_B, logq_B, loga_B, ~done_B, done_B | (token_B == eos_id)
+
+
+def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP, prompt_mask_BP, grammar: Grammar,
+                          max_new_tokens: int) -> MaskedSamples:
+    """Masked ancestral sampling after a left-padded prompt (one row per sample), masks from a `Grammar`
+    (numpy fields).
+
+    Same uniforms and inverse-CDF draw as `guard_jax.sampling.sample` (a grammar that allows every token gives
+    exactly its samples). Each step runs two jitted calls: the masked draw, then the model's decode step, which
+    is dispatched before the host computes the next masks (llguidance, all rows in parallel), so the two overlap.
+    The masks are not length-aware: a row still inside a string after `max_new_tokens` fails b.
+    """
+    if grammar.eos_id != model.eos_id or grammar.vocab_size != model.vocab_size:
+        raise ValueError(f"grammar {grammar} must share the model's eos_id={model.eos_id} and vocab_size={model.vocab_size}; "
+                         "build it with vocab_size=model.vocab_size")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    (B, P), T = prompt_BP.shape, int(max_new_tokens)
+    u_TB = np.asarray(uniforms(key, B, T))
+    logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), P + T)
+    matchers = grammar.batch(B)
+    bitmask_BW = np.empty((B, grammar.mask_words), np.int32)
+    done_B = jnp.zeros((B,), bool)
+    tokens, logq, loga, alive = (np.zeros((T, B), d) for d in (np.int32, np.float32, np.float32, bool))
+    tokens[:] = model.pad_id
+    for t in range(T):
+        matchers.fill(bitmask_BW)
+        token_B, logq_B, loga_B, alive_B, done_B = _masked_pick(logits_BV, jnp.asarray(bitmask_BW), u_TB[t], done_B,
+                                                               model.pad_id, model.eos_id)
+        if t + 1 < T:
+            logits_BV, cache = _decode(model, params, token_B, cache)  # runs while the host computes masks
+        tokens[t], logq[t], loga[t], alive[t] = (np.asarray(x) for x in (token_B, logq_B, loga_B, alive_B))
+        matchers.consume(tokens[t])
+        if not matchers.running_B.any():
+            break
+    return MaskedSamples(tokens.T, alive.sum(0).astype(np.int32), logq.T, logq.sum(0), loga.T, loga.sum(0))

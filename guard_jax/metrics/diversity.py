@@ -134,3 +134,42 @@ def self_bleu_sets(texts: Sequence[str], set_size: int, orders: Sequence[int] = 
     sets = [texts[i : i + set_size] for i in range(0, len(texts) - set_size + 1, set_size)]
     scores = [self_bleu(s, orders, tokenize) for s in sets]
     return {n: float(np.mean([s[n] for s in scores])) for n in scores[0]}
+
+
+def common_set_size(counts: Sequence[int], n_max: int, min_set: int = 20) -> int | None:
+    """The Self-BLEU set size shared by rows with `counts` samples each (e.g. gold and every proposal of one
+    context): the fewest samples a row has (at most n_max), among the rows with at least min_set samples;
+    None when no row has that many."""
+    sizes = [min(n, n_max) for n in counts if n >= max(min_set, 2)]
+    return min(sizes) if sizes else None
+
+
+def diversity_report(texts: Sequence[str], set_size: int | None, semantic: bool = True) -> dict:
+    """Self-BLEU-2..5 on disjoint sets of `set_size` texts (`self_bleu_sets`: comparable across rows with
+    different numbers of samples; None when there are fewer texts or `set_size` is None) and, when `semantic`
+    and the optional extra is installed, semantic similarity (mean pairwise cosine of all the texts, whose
+    expectation does not depend on their number). Notes say why a value is missing.
+
+    -> {"n", "self_bleu": {"2": ..., "5": ...} | None, "self_bleu_set", "self_bleu_note", "semantic_similarity",
+    "semantic_note"}.
+    """
+    out: dict = {"n": len(texts), "self_bleu": None, "self_bleu_set": None, "self_bleu_note": None,
+                 "semantic_similarity": None, "semantic_note": None}
+    if len(texts) < 2:
+        out["self_bleu_note"] = out["semantic_note"] = "fewer than 2 samples"
+        return out
+    if set_size is not None and len(texts) >= set_size:
+        out["self_bleu"] = {str(k): v for k, v in self_bleu_sets(list(texts), set_size).items()}
+        out["self_bleu_set"] = set_size
+    else:
+        out["self_bleu_note"] = f"{len(texts)} samples, fewer than the set size ({set_size})"
+    if not semantic:
+        out["semantic_note"] = "disabled"
+        return out
+    try:
+        from guard_jax.metrics.semantic import semantic_similarity
+
+        out["semantic_similarity"] = semantic_similarity(list(texts))
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        out["semantic_note"] = f"not computed: {e}"
+    return out

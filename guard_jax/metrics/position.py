@@ -14,16 +14,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from guard_jax.plots import plt, save_figure
+from guard_jax.constraints import keyword_pattern
+from guard_jax.plots import Style, legend_outside, new_figure, save_figure, series_styles
 
 UNITS = ("relative", "char", "word")
-
-
-def keyword_pattern(word: str, case_sensitive: bool = True) -> re.Pattern:
-    """The regex of guard_jax.constraints.keyword: `word` with word boundaries on both sides."""
-    if not word or not word.strip():
-        raise ValueError("word must be a non-empty string")
-    return re.compile(rf"\b{re.escape(word)}\b", 0 if case_sensitive else re.IGNORECASE)
 
 
 def _compile(pattern: str | re.Pattern) -> re.Pattern:
@@ -90,19 +84,45 @@ def histogram(positions_N: np.ndarray, bins: int | Sequence[float] = 10, value_r
     return {"counts": counts_K, "fractions": fractions_K, "edges": edges, "matched": len(found), "total": len(positions_N)}
 
 
-def plot_positions(series: Mapping[str, np.ndarray], stem: str | pathlib.Path, *, bins: int | Sequence[float] = 10,
-                   value_range: tuple[float, float] | None = (0.0, 1.0), xlabel: str = "relative position of the first match",
-                   title: str = "positional bias") -> list[pathlib.Path]:
+def position_report(positions_N, bins: int | Sequence[float] = 10, value_range: tuple[float, float] | None = (0.0, 1.0)) -> dict:
+    """A JSON-ready summary of matched positions (e.g. `first_positions` of the samples of g or of a g'):
+    {"positions": the non-NaN values, "fractions": per bin, "edges", "matched", "total"}."""
+    positions_N = np.asarray(positions_N, np.float64)
+    h = histogram(positions_N, bins, value_range)
+    return {"positions": [float(p) for p in positions_N[~np.isnan(positions_N)]], "fractions": [float(f) for f in h["fractions"]],
+            "edges": [float(e) for e in h["edges"]], "matched": int(h["matched"]), "total": int(h["total"])}
+
+
+def positions_figure(series: Mapping[str, np.ndarray], *, bins: int | Sequence[float] = 10,
+                     value_range: tuple[float, float] | None = (0.0, 1.0), xlabel: str = "relative position of the first match",
+                     title: str = "positional bias", styles: Mapping[str, Style] | None = None):
     """One step histogram per series (e.g. {"g": ..., "g' DPG": ..., "g' CAP": ...}), as fractions of each
-    series' matched samples; saved as `stem.png` and `stem.svg`. -> the two paths."""
+    series' matched samples, with a marker at each bin centre. -> a matplotlib Figure (outside pyplot:
+    display it in a notebook by leaving it as a cell's value).
+
+    styles: a Style per series name (default `guard_jax.plots.series_styles` in the order given: a distinct
+    colour and marker for up to 20 series); the legend sits outside the axes.
+    """
     if not series:
         raise ValueError("series must hold at least one named array of positions")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    styles = dict(styles) if styles is not None else series_styles(list(series))
+    missing = [name for name in series if name not in styles]
+    if missing:
+        raise ValueError(f"styles has no entry for series {missing}: pass a Style for every series name")
+    fig, ax = new_figure(figsize=(6, 3.5))
     for name, positions in series.items():
         h = histogram(positions, bins, value_range)
-        ax.stairs(h["fractions"], h["edges"], label=f"{name} (n={h['matched']})", linewidth=1.8)
+        color, marker = styles[name]
+        ax.stairs(h["fractions"], h["edges"], color=color, linewidth=1.5)
+        centres = (h["edges"][:-1] + h["edges"][1:]) / 2
+        ax.plot(centres, h["fractions"], ls="none", marker=marker, color=color, markersize=5, label=f"{name} (n={h['matched']})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of samples")
     ax.set_title(title)
-    ax.legend(frameon=False)
-    return save_figure(fig, stem)
+    legend_outside(ax)
+    return fig
+
+
+def plot_positions(series: Mapping[str, np.ndarray], stem: str | pathlib.Path, **kwargs) -> list[pathlib.Path]:
+    """`positions_figure(series, **kwargs)` saved as `stem.png` and `stem.svg`. -> the two paths."""
+    return save_figure(positions_figure(series, **kwargs), stem)

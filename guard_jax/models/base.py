@@ -14,6 +14,9 @@ Conventions (B = batch, T = time, V = output vocabulary, L = cache length):
     the next one.
 - `grow_cache(cache, max_len) -> cache`: the same decoding state in buffers of `max_len` >= the current
     length (the sampler starts with a short buffer and grows it, so early steps attend over fewer slots).
+- optional `apply_features(params, tokens_BT, mask_BT=None) -> (features_BTD, w_VD)`: `apply` before a
+    linear head (logits = features @ w.T); `sampling.log_prob` then scores through
+    `guard_jax.logprob.token_log_prob`, chunked, without the B×T×V logits.
 
 `bos_id` is the token that starts an unconditional sequence, `eos_id` (or None) ends one, and `pad_id`
 fills positions after the end.

@@ -90,7 +90,8 @@ class _GPT2Net(nn.Module):
     cfg: "GPT2"
 
     @nn.compact
-    def __call__(self, tokens_BT, pos_BT, mask_BTS, kvs=None, index=None):
+    def __call__(self, tokens_BT, pos_BT, mask_BTS, kvs=None, index=None, features=False):
+        """-> (logits_BTV, new kvs); with `features`, the final hidden states x_BTD before the head."""
         c = self.cfg
         embed_init = nn.initializers.normal(0.02)
         wte = nn.Embed(c.vocab_size, c.n_embd, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=embed_init, name="wte")
@@ -106,6 +107,8 @@ class _GPT2Net(nn.Module):
             x_BTD, kv = block(x_BTD, mask_BTS, None if kvs is None else kvs[i], index)
             new_kvs.append(kv)
         x_BTD = nn.LayerNorm(c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_f")(x_BTD)
+        if features:
+            return x_BTD, None
         if c.tie_word_embeddings:
             logits_BTV = wte.attend(x_BTD)
         else:
@@ -183,16 +186,26 @@ class GPT2:
             raise ValueError(f"{what} is {length} positions but this GPT-2 has n_positions={self.n_positions}; "
                              f"shorten the prompt or max_new_tokens")
 
-    def apply(self, params: dict, tokens_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
-        """Teacher-forced forward pass: tokens_BT (left-padded, mask_BT 1 = real) -> logits_BTV (float32)."""
+    def _teacher_forced(self, params: dict, tokens_BT: jax.Array, mask_BT: jax.Array | None, features: bool):
         B, T = tokens_BT.shape
         self._check_len(T, "tokens_BT")
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         pos_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
         causal_TT = jnp.tril(jnp.ones((T, T), bool))
         mask_BTT = causal_TT[None] & mask_BT[:, None, :]
-        logits_BTV, _ = self._net.apply({"params": params}, tokens_BT.astype(jnp.int32), pos_BT, mask_BTT)
+        return self._net.apply({"params": params}, tokens_BT.astype(jnp.int32), pos_BT, mask_BTT, features=features)[0]
+
+    def apply(self, params: dict, tokens_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
+        """Teacher-forced forward pass: tokens_BT (left-padded, mask_BT 1 = real) -> logits_BTV (float32)."""
+        logits_BTV = self._teacher_forced(params, tokens_BT, mask_BT, features=False)
         return logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
+
+    def apply_features(self, params: dict, tokens_BT: jax.Array, mask_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """`apply` before its head: -> (features x_BTD, output embedding w_VD), logits_BTV = x_BTD @ w_VD.T
+        (both in the compute dtype). Scorers use it to take log-probs without holding the logits."""
+        x_BTD = self._teacher_forced(params, tokens_BT, mask_BT, features=True)
+        w_VD = params["wte"]["embedding"] if self.tie_word_embeddings else params["lm_head"]["kernel"].T
+        return x_BTD, w_VD.astype(self.dtype)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """Empty cache for `max_len` positions (prompt + new tokens): k/v [B, H, L, K] per layer."""

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 
 import jax.numpy as jnp
+import numpy as np
 
 from guard_jax.io import atomic_write_json
 from guard_jax.models import gemma, gpt2, llama
@@ -48,7 +49,13 @@ def read_config(path: str | os.PathLike) -> dict:
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {str(path)!r}: a Hugging Face model folder needs config.json "
                                 f"and model.safetensors (save_pretrained writes both)")
-    return json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({e}); fix or re-save the model folder") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_file)!r} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def module_for(config: dict):
@@ -65,7 +72,10 @@ def _weight_map(path: pathlib.Path) -> dict[str, pathlib.Path]:
     from safetensors import safe_open
 
     if (path / _INDEX).is_file():
-        index = json.loads((path / _INDEX).read_text())
+        try:
+            index = json.loads((path / _INDEX).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{str(path / _INDEX)!r} is not valid JSON ({e}); re-export the model folder") from None
         if "weight_map" not in index:
             raise ValueError(f"{path / _INDEX} has no 'weight_map'; it is not a safetensors index")
         files = {name: path / f for name, f in index["weight_map"].items()}
@@ -74,7 +84,7 @@ def _weight_map(path: pathlib.Path) -> dict[str, pathlib.Path]:
                 raise FileNotFoundError(f"shard {f.name!r} listed in {_INDEX} is missing from {str(path)!r}")
         return files
     if (path / _WEIGHTS).is_file():
-        with safe_open(path / _WEIGHTS, framework="np") as f:
+        with _open_weights(safe_open, path / _WEIGHTS) as f:
             return {name: path / _WEIGHTS for name in f.keys()}
     other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.safetensors"))
     hint = (f"found {', '.join(other)}; only safetensors weights are read (re-save with "
@@ -92,6 +102,30 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def _open_weights(safe_open, file: pathlib.Path):
+    """safe_open with an error that names the file when it is not a readable safetensors file."""
+    try:
+        return safe_open(file, framework="np")
+    except Exception as e:  # safetensors raises its own SafetensorError for a truncated or foreign file
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file ({e}); it may be truncated: "
+                         f"re-export or re-download it") from None
+
+
+def _finite_tensor(handle, name: str, file: pathlib.Path) -> np.ndarray:
+    """The tensor `name`, checked for NaN/Inf (one pass on the host while loading; the error names it)."""
+    try:
+        array = handle.get_tensor(name)
+    except Exception as e:
+        raise ValueError(f"{str(file)!r}: tensor {name!r} cannot be read ({e}); the file may be truncated: "
+                         f"re-export or re-download it") from None
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ValueError(f"{str(file)!r}: tensor {name!r} holds {bad:,} NaN/Inf values of {array.size:,}; the "
+                             f"checkpoint is broken (load an earlier checkpoint, or re-export the model)")
+    return array
+
+
 def load(path: str | os.PathLike, dtype=jnp.float32, param_dtype=None, tokenizer: bool = True):
     """Load a Hugging Face folder -> (model, params, tokenizer or None).
 
@@ -106,8 +140,8 @@ def load(path: str | os.PathLike, dtype=jnp.float32, param_dtype=None, tokenizer
     model = module.from_hf_config(config, dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype)
     files = _weight_map(path)
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in sorted(set(files.values()))}
-        params = module.params_from_hf(model, lambda name: handles[files[name]].get_tensor(name), set(files))
+        handles = {f: stack.enter_context(_open_weights(safe_open, f)) for f in sorted(set(files.values()))}
+        params = module.params_from_hf(model, lambda name: _finite_tensor(handles[files[name]], name, files[name]), set(files))
     tok = load_tokenizer(path) if tokenizer else None
     if tok is not None and len(tok) > model.vocab_size:
         raise ValueError(f"the tokenizer in {str(path)!r} has {len(tok)} tokens but the model's embedding has "

@@ -24,8 +24,8 @@ import optax
 
 from guard_jax.data.packing import batch_indices
 from guard_jax.lm import LM
-from guard_jax.sampling import log_prob
 from guard_jax.parallel import shard_params, split_batch
+from guard_jax.sampling import check_finite_logp, log_prob
 from guard_jax.train.common import adam, apply_updates, check_mesh_batch, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 
@@ -155,7 +155,8 @@ class L3M:
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c, s = self.config, int(state.step)
         idx = batch_indices(len(self.tokens), c.batch_size, c.seed, s)
-        tokens, lengths, _ = sample_many(key, self.model, state.params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens, self.mesh)
+        tokens, lengths, logp = sample_many(key, self.model, state.params, self.prompt, self.mask, 1, c.n_samples, c.max_new_tokens, self.mesh)
+        check_finite_logp(logp, f"L3M step {s}: samples of the policy")
         tokens_np, lengths_np = np.asarray(tokens), np.asarray(lengths)
         r_KN = np.stack([np.asarray(r(tokens_np, lengths_np), np.float32) for r in self.rewards])
         mu = self.mu(s)

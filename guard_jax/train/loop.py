@@ -6,7 +6,9 @@ A trainer is an object with
 
 The loop derives the key of step s as `fold_in(PRNGKey(seed), s)`, so a run resumed from its checkpoint
 at step s replays steps s, s+1, ... exactly: a run killed at any point and resumed ends bit-identical to an
-uninterrupted one. It writes each step's metrics to `metrics.jsonl` and TensorBoard, shows a progress bar,
+uninterrupted one. It writes each step's metrics to `metrics.jsonl` and TensorBoard (once per step, also
+after a kill and resume: later lines are dropped at start), removes stray temporary files of atomic writes
+killed midway (`.NAME.*.tmp` in out_dir), shows a progress bar,
 stops with `NonFiniteError` naming the step and quantity at the first NaN/Inf, and keeps Orbax checkpoints
 (the last k for resuming; optionally the best k by a metric in `best/`).
 """
@@ -26,6 +28,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from guard_jax.io import atomic_write_text, remove_stale_temporaries
+from guard_jax.sampling import NonFiniteError
+
 
 class TrainState(NamedTuple):
     """step (int32 scalar), params, optimizer state, and trainer-specific state (e.g. log Z-hat, proposal)."""
@@ -40,10 +45,6 @@ class Trainer(Protocol):
     def init_state(self, params) -> TrainState: ...
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]: ...
-
-
-class NonFiniteError(FloatingPointError):
-    """A metric became NaN or infinite; the message names the step and the quantity."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,16 +91,39 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def rewind_metrics(path: pathlib.Path, start: int) -> None:
+    """Keep only the lines of steps < `start` in a metrics JSONL file (atomically).
+
+    A run resumed from its checkpoint at `start` writes steps start, start+1, ... again; without this, the
+    steps run after the last checkpoint and before a kill would appear twice. A torn last line (a kill
+    mid-write) is dropped too.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if step < start:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 class _Logs:
-    def __init__(self, out_dir: pathlib.Path | None, tensorboard: bool):
+    def __init__(self, out_dir: pathlib.Path | None, tensorboard: bool, start: int):
         self.jsonl = self.tb = None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out_dir)
+            rewind_metrics(out_dir / "metrics.jsonl", start)
             self.jsonl = open(out_dir / "metrics.jsonl", "a")
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+                # purge_step hides the events of steps >= start written before a kill
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start if start > 0 else None)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if self.jsonl:
@@ -122,6 +146,7 @@ def _manager(path: pathlib.Path, keep: int, best_metric: str | None = None) -> o
         best_fn=(lambda m: m[best_metric]) if best_metric else None,
         best_mode="min",
         keep_checkpoints_without_metrics=False if best_metric else True,
+        cleanup_tmp_directories=True,  # a checkpoint half-written when a run was killed
     )
     return ocp.CheckpointManager(path.absolute(), options=options)
 
@@ -150,11 +175,11 @@ def run(trainer: Trainer, state: TrainState, config: LoopConfig) -> tuple[TrainS
     if out is not None:
         resumed = restore_latest(out, state)
         state = resumed if resumed is not None else state
-    logs = _Logs(out, config.tensorboard)
+    start = int(state.step)
+    logs = _Logs(out, config.tensorboard, start)
     ckpt = _manager(out / "checkpoints", config.keep_last) if out is not None else None
     best = _manager(out / "best", config.keep_best, config.best_metric) if out is not None and config.best_metric else None
     history = []
-    start = int(state.step)
     bar = tqdm(total=config.steps, initial=start, desc="training", unit="step", disable=not config.progress)
     try:
         for s in range(start, config.steps):

@@ -17,8 +17,8 @@ import numpy as np
 import optax
 
 from guard_jax.lm import LM
-from guard_jax.sampling import log_prob
 from guard_jax.parallel import shard_params, split_batch
+from guard_jax.sampling import check_finite_logp, log_prob
 from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, minibatched_log_prob, repeat_prompt, sample_many
 from guard_jax.train.loop import TrainState
 
@@ -102,6 +102,7 @@ class RL:
         mb = c.minibatch or c.n_samples
         M = c.n_samples // mb
         tokens, lengths, logp_pi = sample_many(key, self.model, state.params, self.prompt, self.mask, M, mb, c.max_new_tokens, self.mesh)
+        check_finite_logp(logp_pi, f"RL step {int(state.step)}: samples of the policy")
         r_N = jnp.asarray(np.asarray(self.reward(np.asarray(tokens), np.asarray(lengths)), np.float32))
         state, metrics = _rl_update(state, self.base_params, self.prompt, self.mask, tokens.reshape(M, mb, -1), lengths.reshape(M, mb),
                                     logp_pi.reshape(M, mb), r_N.reshape(M, mb), jnp.asarray(c.beta, jnp.float32),

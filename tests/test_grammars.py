@@ -1,0 +1,225 @@
+"""Grammars through llguidance: b(y), next-token masks and ASAp's sets, checked against oracles and exact laws.
+
+On a toy CFG over a 7-token byte-level BPE (tests/grammar_toy.py), enumerated: b and the masks match a hand-made
+oracle; GUARD's rejection sampler returns g' exactly, masked decoding returns its locally normalised law (not g),
+ASAp's exact law (from its trie) converges to g. On the embedded tokenizer: a Lark grammar, a JSON schema and a
+regex each give b, masks and ASAp, and "café" (two byte-level pieces for "é") round-trips through all of them.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from guard_jax.decoding import Asap, exact_masked_log_prob, grammar_masked_sample, regex_automaton
+from guard_jax.estimators import estimate_ar
+from guard_jax.exact import exact_constraint, exact_log_prob, exact_quantities
+from guard_jax.grammars import Grammar, token_bytes
+from guard_jax.lm import EMBEDDED, LM
+from guard_jax.rejection import guard_sample
+from guard_jax.sampling import bos_prompt, sample
+from tests.grammar_toy import CFG, MODEL, TOKENS, language, text_of, toy_grammar_problem, toy_tokenizer
+from tests.test_exact import _chi_square_ok
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_grammar_problem()
+
+
+@pytest.fixture(scope="module")
+def b_grid(toy):
+    grammar, _, space, _ = toy
+    return exact_constraint(space, grammar.constraint())
+
+
+def test_b_is_membership_of_the_decoded_text(toy, b_grid):
+    _, _, space, _ = toy
+    tokens = np.asarray(space.tokens(np.arange(space.size)))
+    valid = np.asarray(space.lengths_and_valid(tokens)[1])
+    lang = language()
+    oracle = valid & np.asarray([text_of(row) in lang for row in tokens])
+    np.testing.assert_array_equal(b_grid, oracle)
+    both = [i for i in np.flatnonzero(b_grid) if 6 in tokens[i]]  # "1+" as one token and as two both satisfy b
+    assert both and any(3 in tokens[i] and 1 in tokens[i] for i in np.flatnonzero(b_grid))
+
+
+def test_masks_are_every_token_that_keeps_the_text_a_prefix_of_the_language(toy):
+    grammar, _, space, _ = toy
+    lang = language()
+    prefixes = {s[:k] for s in lang for k in range(len(s) + 1)}
+    levels = grammar.allowed_levels(space)
+    V = space.vocab_size
+    checked = 0
+    for t, level in enumerate(levels):
+        for code in range(V**t):
+            prefix = [int(d) for d in np.base_repr(code, V).zfill(t)] if t else []
+            text = "".join(TOKENS[v] for v in prefix)
+            if 0 in prefix or text not in prefixes:
+                continue
+            want = np.asarray([text + TOKENS[v] in prefixes if v else text in lang for v in range(V)])
+            np.testing.assert_array_equal(level[code], want, err_msg=f"after {prefix} ({text!r})")
+            np.testing.assert_array_equal(grammar.allowed_ids(prefix), np.flatnonzero(want))
+            checked += 1
+    assert checked > 20
+
+
+def test_guard_returns_g_prime_exactly(toy, b_grid, x64):
+    grammar, params, space, log_a = toy
+    # a proposal a' != a: a's logits raised by 2 on the tokens the grammar allows (rows in TabularARM's prefix order)
+    params2 = {"logits_NV": params["logits_NV"] + 2.0 * np.concatenate(grammar.allowed_levels(space))}
+    log_a2 = np.asarray(exact_log_prob(MODEL, params2, MODEL.max_len), np.float64)
+    out = guard_sample(jax.random.PRNGKey(0), LM.of(MODEL, params2), grammar.constraint(), 3000, max_new_tokens=5,
+                       batch_size=1024, progress=False)
+    index = space.index(out.tokens_NT)
+    assert b_grid[index].all()
+    log_g2 = np.where(b_grid, log_a2, -np.inf)
+    _chi_square_ok(index, np.exp(log_g2 - np.logaddexp.reduce(log_g2)))
+    exact = exact_quantities(log_a, log_a2, b_grid)
+    assert exact.kl_g_g2 > 0.02  # g' is not g: GUARD returns the law of its proposal, restricted to b
+    ar = estimate_ar(out.accepted, out.draws, level=0.999)
+    assert ar.lo <= exact.ar <= ar.hi
+
+
+def test_masked_decoding_returns_the_locally_normalised_law_not_g(toy, b_grid, x64):
+    grammar, params, space, log_a = toy
+    log_q = exact_masked_log_prob(space, log_a, b_grid, allowed_levels=grammar.allowed_levels(space))
+    assert np.isclose(np.exp(log_q).sum(), 1.0)
+    prompt, pmask = bos_prompt(MODEL, 3000)
+    s = grammar_masked_sample(jax.random.PRNGKey(1), MODEL, params, prompt, pmask, grammar, 5)
+    index = space.index(s.tokens_BT)
+    np.testing.assert_allclose(s.logp_B, log_q[index], atol=1e-4)
+    np.testing.assert_allclose(s.base_logp_B, log_a[index], atol=1e-4)
+    _chi_square_ok(index, np.exp(log_q))
+    q = exact_quantities(log_a, log_q, b_grid)
+    assert q.kl_g_a2 > 0.05 and np.exp(log_q[~b_grid]).sum() > 0.01  # distorted, and cut-off strings fail b
+    np.testing.assert_array_equal(grammar.accepts(s.tokens_BT, s.lengths_B), b_grid[index])
+
+
+def test_asap_from_a_grammar_converges_to_g(toy, b_grid, x64):
+    grammar, params, space, log_a = toy
+    allowed = grammar.allowed_levels(space)
+    asap = Asap(MODEL, params, grammar, 5)
+    kls, checkpoints = [], [0, 20, 100, 400]
+    for k0, k1 in zip([0] + checkpoints, checkpoints):
+        if k1 > k0:
+            s = asap.sample(jax.random.PRNGKey(k1), k1 - k0, batch_size=4)
+            np.testing.assert_array_equal(s.accepted_N, b_grid[space.index(s.tokens_NT)])
+        log_q = exact_masked_log_prob(space, log_a, b_grid, asap.log_theta_levels(space), allowed)
+        kls.append(exact_quantities(log_a, log_q, b_grid).kl_g_a2)
+    masking = exact_masked_log_prob(space, log_a, b_grid, allowed_levels=allowed)
+    assert kls[0] == pytest.approx(exact_quantities(log_a, masking, b_grid).kl_g_a2)  # starts as masking
+    assert kls[-1] < 0.05 * kls[0] and kls[-1] <= kls[-2] <= kls[1] < kls[0]
+    hist = np.asarray(asap.history)
+    assert np.all(np.diff(hist) <= 1e-12) and hist[-1] >= exact_quantities(log_a, log_a, b_grid).log_z - 1e-5
+
+
+def test_grammar_that_allows_everything_samples_like_the_plain_sampler(toy):
+    _, params, _, _ = toy
+    anything = Grammar.regex(r"[\s\S]*", toy_tokenizer())
+    prompt, pmask = bos_prompt(MODEL, 64)
+    ours = grammar_masked_sample(jax.random.PRNGKey(4), MODEL, params, prompt, pmask, anything, 5)
+    ref = sample(jax.random.PRNGKey(4), MODEL, params, prompt, pmask, 5)
+    np.testing.assert_array_equal(ours.tokens_BT, np.asarray(ref.tokens_BT))
+    np.testing.assert_allclose(ours.logp_B, np.asarray(ref.logp_B), atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument(toy):
+    tok = toy_tokenizer()
+    with pytest.raises(ValueError, match="lark"):
+        Grammar.lark("start: (", tok)
+    with pytest.raises(ValueError, match="eos_id"):
+        grammar_masked_sample(jax.random.PRNGKey(0), MODEL, toy[1], *bos_prompt(MODEL, 2), Grammar.lark(CFG, tok, vocab_size=9), 5)
+
+
+# ---- the embedded tokenizer: byte-level BPE with 8,192 tokens ----
+
+
+@pytest.fixture(scope="module")
+def embedded_tokenizer():
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(EMBEDDED))
+
+
+def _walks(grammar, ids):
+    """Every token of `ids` is in the mask after the tokens before it."""
+    return all(ids[k] in grammar.allowed_ids(ids[:k]) for k in range(len(ids)))
+
+
+@pytest.mark.parametrize("kind", ["lark", "json_schema", "regex"])
+def test_cafe_round_trips_through_every_kind(embedded_tokenizer, kind):
+    tok = embedded_tokenizer
+    text = {"lark": "café", "json_schema": '"café"', "regex": "café"}[kind]
+    grammar = {"lark": lambda: Grammar.lark('start: "caf" ("é" | "e")', tok, vocab_size=8192),
+               "json_schema": lambda: Grammar.json_schema({"enum": ["café", "cafe"]}, tok, vocab_size=8192),
+               "regex": lambda: Grammar.regex("caf(é|e)", tok, vocab_size=8192)}[kind]()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any(len(token_bytes(tok, 8192)[i]) == 1 and token_bytes(tok, 8192)[i][0] >= 0x80 for i in ids)  # a half of "é"
+    assert grammar.accepts(np.asarray([ids + [tok.eos_token_id]]), np.asarray([len(ids) + 1]))[0]
+    assert not grammar.accepts(np.asarray([ids[:-1]]), np.asarray([len(ids) - 1]))[0]  # "caf" + half a character
+    assert _walks(grammar, ids + [tok.eos_token_id])
+
+
+def test_regex_automaton_accepts_the_tokenizers_own_cafe(embedded_tokenizer):
+    tok = embedded_tokenizer
+    mask = regex_automaton("café", token_bytes(tok, 8192), eos_id=tok.eos_token_id, vocab_size=8192)
+    ids = tok("café", add_special_tokens=False)["input_ids"]
+    other = tok("cafe", add_special_tokens=False)["input_ids"]
+    got = mask.accepts(np.asarray([ids, other + [tok.eos_token_id] * (len(ids) - len(other))]), np.asarray([len(ids), len(other)]))
+    np.testing.assert_array_equal(np.asarray(got), [True, False])
+
+
+def test_json_schema_gives_b_masks_and_asap_on_the_embedded_model(embedded_tokenizer):
+    from guard_jax.lm import LM
+
+    tok = embedded_tokenizer
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    grammar = Grammar.json_schema(schema, tok, vocab_size=8192, json_options={"whitespace_flexible": False})
+    good, bad = '{"n":42}', '{"n":"x"}'
+    for text, want in ((good, True), (bad, False), ('{"n": 42}', False)):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert grammar.accepts(np.asarray([ids]), np.asarray([len(ids)]))[0] == want
+    assert _walks(grammar, tok(good, add_special_tokens=False)["input_ids"])
+    lm = LM.load("embedded")
+    prompt, pmask = lm.prompt_arrays(8)
+    s = grammar_masked_sample(jax.random.PRNGKey(0), lm.model, lm.params, prompt, pmask, grammar, 12)
+    texts = tok.batch_decode([row[:n].tolist() for row, n in zip(s.tokens_BT, s.lengths_B)], skip_special_tokens=True)
+    assert all(t.startswith('{"n":') for t in texts)  # the schema's forced start, whatever a prefers
+    ended = s.tokens_BT[np.arange(8), s.lengths_B - 1] == tok.eos_token_id
+    assert grammar.accepts(s.tokens_BT, s.lengths_B)[ended].all()
+    out = Asap(lm.model, lm.params, grammar, 12, prompt_1P=np.asarray(lm.prompt)).sample(jax.random.PRNGKey(1), 4, batch_size=4)
+    np.testing.assert_array_equal(out.accepted_N, grammar.accepts(out.tokens_NT, out.lengths_N))
+
+
+def test_regex_automaton_reads_bytes_as_the_tokenizer_decodes_them(embedded_tokenizer):
+    """Random sequences of byte pieces, multi-byte tokens and ASCII tokens: b of the dense automaton is
+    re.fullmatch on tokenizer.decode (unfinished or invalid bytes read as U+FFFD)."""
+    import re
+
+    tok = embedded_tokenizer
+    tb = token_bytes(tok, 8192)
+    pool = np.asarray([i for i, t in tb.items() if len(t) == 1 or any(x >= 0x80 for x in t)] + list(range(60, 120)))
+    pattern = "(\ufffd|a|é)+"
+    mask = regex_automaton(pattern, tb, eos_id=tok.eos_token_id, vocab_size=8192)
+    tokens = np.random.default_rng(0).choice(pool, size=(3000, 4))
+    want = np.asarray([re.fullmatch(pattern, tok.decode(row.tolist())) is not None for row in tokens])
+    np.testing.assert_array_equal(np.asarray(mask.accepts(tokens, np.full(3000, 4))), want)
+    assert 0.01 < want.mean() < 0.99  # both outcomes occur
+
+
+def test_asap_log_prob_is_the_exact_law_of_its_trie(toy, b_grid, x64):
+    """Asap.log_prob on every grid point: masking's law with an empty trie, the trie's exact law after sampling."""
+    grammar, params, space, log_a = toy
+    allowed = grammar.allowed_levels(space)
+    tokens = np.asarray(space.tokens(np.arange(space.size)))
+    lengths, valid = (np.asarray(x) for x in space.lengths_and_valid(tokens))
+    keep = np.flatnonzero(valid)[::17]  # a spread of grid points, b = 0 and b = 1
+    asap = Asap(MODEL, params, grammar, 5)
+    masking = exact_masked_log_prob(space, log_a, b_grid, allowed_levels=allowed)
+    np.testing.assert_allclose(asap.log_prob(tokens[keep], lengths[keep]), masking[keep], atol=1e-4)
+    asap.sample(jax.random.PRNGKey(5), 60, batch_size=4)
+    exact = exact_masked_log_prob(space, log_a, b_grid, asap.log_theta_levels(space), allowed)
+    got = asap.log_prob(tokens[keep], lengths[keep])
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(exact[keep]))
+    np.testing.assert_allclose(got[np.isfinite(got)], exact[keep][np.isfinite(got)], atol=1e-4)
+    assert not np.allclose(exact, masking)
