@@ -8,12 +8,18 @@ import pytest
 import torch
 import transformers
 
+from guard_jax import constraints as C
 from guard_jax import lora
 from guard_jax.lm import LM
 from guard_jax.models import hf
 from guard_jax.models import lora as lora_lib
+from guard_jax.models.gpt2 import GPT2
 from guard_jax.precision import with_precision, with_remat
 from guard_jax.sampling import log_prob, sample
+from guard_jax.train.aux import AuxConfig, AuxTrainer
+from guard_jax.train.common import sample_many
+from guard_jax.train.dpg import DPG, DPGConfig
+from guard_jax.train.sft import SFT, SFTConfig, nll_per_token
 from tests.hf_parity import make_case, random_tokens
 
 CONFIGS = {
@@ -111,3 +117,81 @@ def test_with_lora_composes_with_precision_and_refuses_bad_input(base):
         lora.with_lora(base, rank=0, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="needs an LM with LoRA"):
         lora.merge(base)
+
+
+# ---------------------------------------------------------------------------------------------- trainers
+TINY = GPT2(vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_id=0, eos_id=0)
+HIT = C.contains_ngram([5])
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LM:
+    return LM.of(TINY, TINY.init(jax.random.PRNGKey(0)))
+
+
+def _opt_size(opt_state) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0)
+
+
+def _check_adapters_only(pi: LM, before, after, opt_state):
+    """The frozen weights are bit-identical, B moved away from 0, and Adam holds two moments per adapter."""
+    (t0, f0), (t1, f1) = lora_lib.split(before), lora_lib.split(after)
+    for x, y in zip(jax.tree.leaves(f0), jax.tree.leaves(f1), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(np.asarray(b).any() for path, b in jax.tree_util.tree_leaves_with_path(t1) if path[-1].key.endswith("_lora_b"))
+    assert _opt_size(opt_state) == 2 * lora.num_adapter_params(pi.params) < lora.num_adapter_params(pi.params) + sum(
+        int(x.size) for x in jax.tree.leaves(f0))
+
+
+def test_sft_step_lowers_the_loss_and_trains_the_adapters_only(tiny):
+    pi = lora.with_lora(tiny, rank=2, key=jax.random.PRNGKey(1))
+    tokens_NT = jnp.asarray(random_tokens(2, (8, 6), TINY.vocab_size))
+    lengths_N = jnp.full((8,), 6, jnp.int32)
+    trainer = SFT(pi, tokens_NT, lengths_N, SFTConfig(batch_size=8, learning_rate=1e-2))
+    state0 = trainer.init_state(pi.params)
+    prompt_BP, mask_BP = pi.prompt_arrays(8)
+    nll = lambda params, model=pi.model: float(nll_per_token(model, params, prompt_BP, mask_BP, tokens_NT, lengths_N))
+    assert nll(pi.params) == nll(tiny.params, TINY)  # B = 0: the base's loss
+    state1, metrics = trainer.step(state0, jax.random.PRNGKey(2))
+    assert nll(state1.params) < nll(state0.params)
+    _check_adapters_only(pi, state0.params, state1.params, state1.opt_state)
+    # bf16 compute with float32 adapters trains the same way
+    half = with_precision(pi, "bf16_compute")
+    t_half = SFT(half, tokens_NT, lengths_N, SFTConfig(batch_size=8, learning_rate=1e-2))
+    s_half, _ = t_half.step(t_half.init_state(half.params), jax.random.PRNGKey(2))
+    assert float(nll_per_token(half.model, s_half.params, prompt_BP, mask_BP, tokens_NT, lengths_N)) < nll(state0.params)
+
+
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_dpg_step_matches_full_ft_at_step_0_and_lowers_its_surrogate(tiny, on_policy):
+    pi = lora.with_lora(tiny, rank=2, alpha=4.0, key=jax.random.PRNGKey(3))
+    cfg = DPGConfig(n_samples=32, minibatch=16, max_new_tokens=6, learning_rate=1e-2, on_policy=on_policy)
+    lora_t, full_t = DPG(pi, HIT, cfg), DPG(tiny, HIT, cfg)
+    key = jax.random.PRNGKey(4)
+    s0 = lora_t.init_state(pi.params)
+    s1, m = lora_t.step(s0, key)
+    _, m_full = full_t.step(full_t.init_state(tiny.params), key)
+    for name in ("loss", "log_z", "ar", "ar_pi", "kl_g_pi", "kl_g_q"):  # B = 0: the same samples, weights and loss
+        np.testing.assert_allclose(m[name], m_full[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    _check_adapters_only(pi, s0.params, s1.params, s1.opt_state)
+    if not on_policy:  # the frozen proposal keeps only adapters, the weights are the policy's
+        assert lora_lib.has_adapters(s1.extra["proposal"]) and not lora_lib.split(s1.extra["proposal"])[1]
+    # the update lowers the surrogate it descends: -mean[(P/(Z q) - pi_0/q) log pi] on the step's own samples
+    tokens, lengths, logq = sample_many(key, pi.model, pi.params, *pi.prompt_arrays(1), 2, 16, 6)
+    b = HIT(tokens, lengths)
+    prompt_BP, mask_BP = pi.prompt_arrays(32)
+    score_of = lambda params: log_prob(pi.model, params, prompt_BP, mask_BP, tokens, lengths)[0]
+    logP, logpi0 = jnp.where(b, score_of(pi.params), -jnp.inf), score_of(pi.params)
+    w, c = jnp.exp(logP - m["log_z"] - logq), jnp.exp(logpi0 - logq)
+    surrogate = lambda params: float(-jnp.mean((w - c) * score_of(params)))
+    assert surrogate(s1.params) < surrogate(s0.params)
+
+
+def test_lora_refusals(tiny):
+    pi = lora.with_lora(tiny, rank=2, key=jax.random.PRNGKey(0))
+    other = lora.with_lora(LM.of(TINY, TINY.init(jax.random.PRNGKey(9))), rank=2, key=jax.random.PRNGKey(0))
+    cfg = DPGConfig(n_samples=32, minibatch=16, max_new_tokens=6, learning_rate=1e-2)
+    with pytest.raises(ValueError, match="frozen weights differ"):
+        DPG(pi, HIT, cfg).init_state(other.params)
+    with pytest.raises(ValueError, match="without LoRA adapters"):
+        AuxTrainer(pi, TINY, HIT, AuxConfig(n_samples=16, max_new_tokens=4)).init_state({"head": pi.params})
