@@ -14,9 +14,12 @@ Compiling full-depth programs on a small CPU host is slow, so `--layers L1,L2` c
 reduced depths and extrapolates every byte count linearly to the full depth (per-layer weights, Adam
 state and saved activations are linear in depth); the JSON says `"extrapolated_from_layers"`. CPU's buffer
 assignment and fusion differ from TPU/GPU: temporaries are an estimate. `--quick`: tiny shapes, for the
-test suite.
+test suite. `--lora-rank R`: the training cases with rank-R LoRA adapters (guard_jax.lora) on every attention
+and MLP projection: Adam state and gradients for the adapters only, a's params held once (the policy's frozen
+weights).
 
     python -m bench.bench_scale                    # every case, 8 host devices and 1, depth from 1 and 2 layers
+    python -m bench.bench_scale --lora-rank 8      # the same training cases with LoRA
     python -m bench.bench_scale --quick
 """
 
@@ -39,7 +42,8 @@ from guard_jax.parallel import batch_sharding, make_mesh, param_shardings  # noq
 from guard_jax.precision import policy_dtypes  # noqa: E402
 from guard_jax.sampling import sample_from_uniforms  # noqa: E402
 from guard_jax.train import dpg, sft  # noqa: E402
-from guard_jax.train.common import adam  # noqa: E402
+from guard_jax.models.lora import LoraSpec  # noqa: E402
+from guard_jax.train.common import adam, frozen_a_params, init_opt_state, trainable  # noqa: E402
 from guard_jax.train.loop import TrainState  # noqa: E402
 
 GiB = 2**30
@@ -73,8 +77,9 @@ def _replicated(mesh, shape, dtype):
 
 
 def _state(model, mesh, optimizer, extra):
+    """The abstract train state (LoRA: Adam over the adapters only, as `train.common.init_opt_state`) and params."""
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(optimizer.init, params), extra)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(lambda p: init_opt_state(optimizer, p), params), extra)
     return _abstract(state, param_shardings(mesh, state)), params
 
 
@@ -92,7 +97,8 @@ def compile_dpg(model, mesh, minibatch: int, n_minibatches: int, T: int):
     f32 = jnp.float32
     extra = {"log_z_sum": jax.ShapeDtypeStruct((), f32), "n_seen": jax.ShapeDtypeStruct((), f32)}
     state, params = _state(model, mesh, opt, extra)
-    base = _abstract(params, param_shardings(mesh, params))
+    kept = frozen_a_params(params)  # what DPG keeps of a (LoRA: its adapters; the weights are the policy's)
+    base = _abstract(kept, param_shardings(mesh, kept))
     M, B = n_minibatches, minibatch
     args = (state, base, _replicated(mesh, (1, PROMPT), jnp.int32), _replicated(mesh, (1, PROMPT), jnp.int32),
             _batch(mesh, (M, B, T), jnp.int32, 1), _batch(mesh, (M, B), jnp.int32, 1), _batch(mesh, (M, B), f32, 1),
@@ -159,6 +165,9 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", default="", help="comma-separated device counts (8, 1; default both)")
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--minibatches", type=int, default=20, help="minibatches per DPG update (10,000 / 500)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="train LoRA adapters of this rank (alpha = 2 rank) on every projection instead of all weights; "
+                             "the training cases only")
     args = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", 8)  # before JAX starts (it refuses after)
     if jax.device_count() < 8:
@@ -170,10 +179,13 @@ def main(argv=None) -> int:
         todo = [c for c in todo if c[1] in args.cases.split(",")]
     if args.devices:
         todo = [c for c in todo if str(c[4]) in args.devices.split(",")]
+    lora = LoraSpec(args.lora_rank, 2.0 * args.lora_rank) if args.lora_rank else None
+    if lora is not None:
+        todo = [c for c in todo if c[1] != "sampler"]
     for name, case, policy, remat, devices, batch in todo:
         compute, storage = policy_dtypes(policy)
         full = shapes[name]
-        full = dataclasses.replace(full, dtype=compute, param_dtype=storage, remat=remat)
+        full = dataclasses.replace(full, dtype=compute, param_dtype=storage, remat=remat, lora=lora)
         L = full.num_hidden_layers
         depths = [L] if args.quick or args.layers == "full" else [int(x) for x in args.layers.split(",")]
         mems = []
@@ -185,10 +197,13 @@ def main(argv=None) -> int:
             mem = {k: int(round(m1[k] + (m2[k] - m1[k]) * (L - l1) / (l2 - l1))) for k in m1}
         else:
             mem = mems[0]
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(full.init, jax.random.PRNGKey(0))))
+        all_params = jax.eval_shape(full.init, jax.random.PRNGKey(0))
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(all_params))
+        n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable(all_params)))
         emit({"bench": "scale", "model": name, "case": case, "policy": policy, "remat": remat, "devices": devices,
               "mesh": f"1x{devices}", "batch": batch, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT,
               "minibatches": args.minibatches if case == "dpg_update" else None, "params": n_params,
+              "lora_rank": args.lora_rank or None, "trained_params": n_trained,
               "layers": L, "extrapolated_from_layers": depths if len(depths) == 2 else None,
               **mem, "total_gib": round(mem["total_bytes"] / GiB, 3)})
     return 0
