@@ -42,7 +42,7 @@ from guard_jax.parallel import batch_sharding, make_mesh, param_shardings  # noq
 from guard_jax.precision import policy_dtypes  # noqa: E402
 from guard_jax.sampling import sample_from_uniforms  # noqa: E402
 from guard_jax.train import dpg, sft  # noqa: E402
-from guard_jax.models.lora import LoraSpec  # noqa: E402
+from guard_jax.models.lora import LoraSpec, float32_adapters  # noqa: E402
 from guard_jax.train.common import adam, frozen_a_params, init_opt_state, trainable  # noqa: E402
 from guard_jax.train.loop import TrainState  # noqa: E402
 
@@ -78,7 +78,7 @@ def _replicated(mesh, shape, dtype):
 
 def _state(model, mesh, optimizer, extra):
     """The abstract train state (LoRA: Adam over the adapters only, as `train.common.init_opt_state`) and params."""
-    params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    params = jax.eval_shape(lambda k: float32_adapters(model.init(k)), jax.random.PRNGKey(0))
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(lambda p: init_opt_state(optimizer, p), params), extra)
     return _abstract(state, param_shardings(mesh, state)), params
 
@@ -168,6 +168,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="train LoRA adapters of this rank (alpha = 2 rank) on every projection instead of all weights; "
                              "the training cases only")
+    parser.add_argument("--batch", type=int, default=0, help="run the training cases at this (mini)batch only")
+    parser.add_argument("--train-policy", default="bf16_compute",
+                        help="precision policy of the training cases (guard_jax.precision; with LoRA, bf16 stores the "
+                             "frozen weights in bf16 next to fp32 adapters)")
     args = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", 8)  # before JAX starts (it refuses after)
     if jax.device_count() < 8:
@@ -179,10 +183,13 @@ def main(argv=None) -> int:
         todo = [c for c in todo if c[1] in args.cases.split(",")]
     if args.devices:
         todo = [c for c in todo if str(c[4]) in args.devices.split(",")]
+    if args.batch:
+        todo = list(dict.fromkeys(c if c[1] == "sampler" else (*c[:5], args.batch) for c in todo))
     lora = LoraSpec(args.lora_rank, 2.0 * args.lora_rank) if args.lora_rank else None
     if lora is not None:
         todo = [c for c in todo if c[1] != "sampler"]
     for name, case, policy, remat, devices, batch in todo:
+        policy = args.train_policy if case != "sampler" else policy
         compute, storage = policy_dtypes(policy)
         full = shapes[name]
         full = dataclasses.replace(full, dtype=compute, param_dtype=storage, remat=remat, lora=lora)

@@ -9,11 +9,15 @@
 
 The adapters come from qwix (`qwix.LoraProvider`, see guard_jax/models/lora.py): the LM's model gets
 `lora=LoraSpec(rank, alpha, targets)`, its params get `kernel_lora_a` [in, r] (he-uniform) and `kernel_lora_b`
-[r, out] (zeros) beside each targeted kernel, so the adapted LM starts equal to the base (same log-probs, bit
-for bit). The trainers see the adapters in the params and differentiate, update and keep Adam moments for the
-adapters only (`train.common.trainable_value_and_grad`, `apply_updates`); the base weights pass through the
-steps unchanged. It composes with the rest: `with_precision` casts the adapters with the weights (bf16_compute:
-float32 adapters, bfloat16 matmuls), `with_remat` keeps the adapters, and on a mesh the adapters are sharded
+[r, out] (zeros) beside each targeted kernel, so the adapted LM starts equal to the base (a zero delta: the same
+log-probs up to float rounding, as XLA fuses the adapted program differently). The trainers see the adapters in
+the params and differentiate, update and keep Adam moments for the adapters only
+(`train.common.trainable_value_and_grad`, `init_opt_state`, `apply_updates`); the base weights pass through the
+steps unchanged (a jitted step returns them as new buffers: the trainer's state and the LM each hold a copy).
+
+The adapters are float32 whatever the policy: `with_precision(lm, "bf16")` stores the frozen weights in bfloat16
+(nothing is lost: they never change) next to float32 adapters and float32 Adam moments, the LoRA training
+policy; "bf16_compute" keeps float32 weights. `with_remat` keeps the adapters; on a mesh the adapters are sharded
 by guard_jax.parallel's rules like any parameter (their large dimension over "model").
 """
 
@@ -44,7 +48,7 @@ def with_lora(lm: LM, rank: int, alpha: float | None = None, targets=DEFAULT_TAR
     if lm.model.lora is not None:
         raise ValueError("this LM already has LoRA adapters; merge them first (guard_jax.lora.merge) to add new ones")
     model = dataclasses.replace(lm.model, lora=spec)
-    adapters = jax.jit(lambda k: lora_lib.adapters_of(model.init(k)))(key)
+    adapters = jax.jit(lambda k: lora_lib.adapters_of(lora_lib.float32_adapters(model.init(k))))(key)
     if not adapters:
         names = sorted({getattr(k, "key", "") for path, _ in jax.tree_util.tree_leaves_with_path(lm.params) for k in path[-2:-1]})
         raise ValueError(f"lora targets {spec.targets} name no projection of this {type(lm.model).__name__}; "

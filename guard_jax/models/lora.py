@@ -4,7 +4,8 @@ A model with `lora=LoraSpec(rank, alpha, targets)` (GPT2, Gemma, Llama: the fiel
 dataclass) runs its Flax network through qwix's LoRA provider: every matmul of a targeted projection
 (`nn.Dense` named in `targets`) computes `x W + (alpha / rank) (x A) B` with two new parameters beside
 the kernel, `kernel_lora_a` [in, rank] (he-uniform) and `kernel_lora_b` [rank, out] (zeros, so the adapted
-model starts equal to the base, bit for bit). The parameter tree is the base tree with those leaves added.
+model starts equal to the base: the delta is exactly 0, the log-probs equal up to float rounding), kept in float32 whatever the frozen weights' dtype; the adapted
+projection returns the compute dtype. The parameter tree is the base tree with those leaves added.
 
 Pure pytree helpers for the trainers and for export:
 - `split(params) -> (trainable, frozen)` / `join(trainable, frozen)`: the adapters and the rest (a tree
@@ -129,6 +130,17 @@ def join(trainable, frozen):
     for name, value in trainable.items():
         out[name] = join(value, out[name]) if isinstance(value, dict) and name in out else value
     return out
+
+
+ADAPTER_DTYPE = jnp.float32  # adapters are trained: float32 masters whatever the frozen weights' storage dtype
+
+
+def float32_adapters(params):
+    """`params` with its adapter leaves in float32 (qwix creates them in the kernel's dtype)."""
+    train, frozen = split(params)
+    if frozen is None:
+        return params
+    return join(jax.tree.map(lambda x: x.astype(ADAPTER_DTYPE), train), frozen)
 
 
 def adapters_of(params) -> dict:
