@@ -14,12 +14,19 @@ Compiling full-depth programs on a small CPU host is slow, so `--layers L1,L2` c
 reduced depths and extrapolates every byte count linearly to the full depth (per-layer weights, Adam
 state and saved activations are linear in depth); the JSON says `"extrapolated_from_layers"`. CPU's buffer
 assignment and fusion differ from TPU/GPU: temporaries are an estimate. `--quick`: tiny shapes, for the
-test suite. `--lora-rank R`: the training cases with rank-R LoRA adapters (guard_jax.lora) on every attention
-and MLP projection: Adam state and gradients for the adapters only, a's params held once (the policy's frozen
-weights).
+test suite.
+
+DPG cases draw the paper's 10,000 samples per update: at the paper's minibatch (500, run as 504 x 20 on 8
+devices) and at smaller minibatches that divide 10,000 and the 8 devices (80 x 125, 40 x 250: the same update,
+`DPGConfig.minibatch` accumulates the gradients). Every row says its `tuning`: "full" (full fine-tuning) or
+"lora" (rank `--lora-rank` adapters, guard_jax.lora, alpha = 2 rank, on every attention and MLP projection: Adam
+state and gradients for the adapters only, a's params held once as the policy's frozen weights, stored in
+`--lora-policy`: bf16 by default, fp32 adapters). `--tuning` picks them (default both; --quick: full). After the
+rows, one `scale_goal` line per goal of the plan says met / not met (null when this run has no row for it).
 
     python -m bench.bench_scale                    # every case, 8 host devices and 1, depth from 1 and 2 layers
-    python -m bench.bench_scale --lora-rank 8      # the same training cases with LoRA
+    python -m bench.bench_scale --only gemma-2b --devices 8 --cases dpg_update
+    python -m bench.bench_scale --tuning lora --lora-rank 8 --lora-policy bf16_compute   # LoRA, fp32 frozen weights
     python -m bench.bench_scale --quick
 """
 
@@ -77,7 +84,8 @@ def _replicated(mesh, shape, dtype):
 
 
 def _state(model, mesh, optimizer, extra):
-    """The abstract train state (LoRA: Adam over the adapters only, as `train.common.init_opt_state`) and params."""
+    """The abstract train state (LoRA: fp32 adapters and Adam over them only, as `guard_jax.lora` and
+    `train.common.init_opt_state`) and its params."""
     params = jax.eval_shape(lambda k: float32_adapters(model.init(k)), jax.random.PRNGKey(0))
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(lambda p: init_opt_state(optimizer, p), params), extra)
     return _abstract(state, param_shardings(mesh, state)), params
@@ -127,27 +135,61 @@ def compile_sampler(model, mesh, batch: int, T: int):
     return fn.lower(*args).compile()
 
 
-def cases(quick: bool):
-    """(name, model, case, policy, remat, devices, batch): the plan's cases."""
+N_SAMPLES = 10_000  # DPG samples per update (the paper)
+# (goal, model, case, tuning, devices, batch or None for the best row, limit GiB): the plan's goals
+GOALS = (
+    ("gemma-2b DPG, full fine-tuning, <= 16 GiB/device on 8 devices", "gemma-2b", "dpg_update", "full", 8, None, 16.0),
+    ("gemma-2b DPG, LoRA, <= 8 GiB/device on 8 devices", "gemma-2b", "dpg_update", "lora", 8, None, 8.0),
+    ("gemma-2b sampling at batch 500 on one 16 GiB device", "gemma-2b", "sampler", "full", 1, 500, 16.0),
+)
+
+
+def dpg_minibatches(devices: int) -> tuple[int, ...]:
+    """The DPG minibatches of the plan: the paper's 500 (504 on 8 devices: divisible by them) and two that divide
+    both N_SAMPLES and the device count (the same update by gradient accumulation)."""
+    return (504 if devices == 8 else 500, 80, 40)
+
+
+def cases(quick: bool, lora_policy: str = "bf16"):
+    """(name, case, tuning, policy, remat, devices, batch): the plan's cases."""
     if quick:  # one of each program, each on the device count of its goal
         name, mb = "tiny-gemma", 8
-        return QUICK, [(name, "dpg_update", "bf16_compute", True, 8, mb), (name, "sft_step", "bf16_compute", True, 8, mb),
-                       (name, "sampler", "bf16", False, 1, mb)]
-    shapes = SHAPES
+        return QUICK, [(name, "dpg_update", "full", "bf16_compute", True, 8, mb), (name, "sft_step", "full", "bf16_compute", True, 8, mb),
+                       (name, "sampler", "full", "bf16", False, 1, mb)]
     out = []
-    for name in shapes:
+    for name in SHAPES:
         for devices in (8, 1):
-            mb, small = (504 if devices == 8 else 500), 64
-            for batch in (mb, small):
-                out.append((name, "dpg_update", "bf16_compute", True, devices, batch))
-            out.append((name, "sft_step", "bf16_compute", True, devices, small))
+            for batch in dpg_minibatches(devices):
+                out.append((name, "dpg_update", "full", "bf16_compute", True, devices, batch))
             if name == "gemma-2b":
-                out.append((name, "dpg_update", "bf16_compute", False, devices, mb))
-            out.append((name, "sampler", "bf16", False, devices, 500))
-    return shapes, out
+                out.append((name, "dpg_update", "full", "bf16_compute", False, devices, dpg_minibatches(devices)[0]))
+            out.append((name, "sft_step", "full", "bf16_compute", True, devices, 64))
+            out.append((name, "sampler", "full", "bf16", False, devices, 500))
+            for batch in dpg_minibatches(devices):
+                out.append((name, "dpg_update", "lora", lora_policy, True, devices, batch))
+            out.append((name, "sft_step", "lora", lora_policy, True, devices, 64))
+    return SHAPES, out
 
 
-def run_case(model, case: str, devices: int, batch: int, T: int, n_minibatches: int):
+def goal_lines(rows: list[dict]) -> list[dict]:
+    """One record per goal: the smallest total of the rows that match it (any minibatch unless the goal fixes
+    the batch), met or not (None when no row matches)."""
+    out = []
+    for goal, model, case, tuning, devices, batch, limit in GOALS:
+        match = [r for r in rows if (r["model"], r["case"], r["tuning"], r["devices"]) == (model, case, tuning, devices)
+                 and (batch is None or r["batch"] == batch)]
+        best = min(match, key=lambda r: r["total_bytes"], default=None)
+        out.append({"bench": "scale_goal", "goal": goal, "limit_gib": limit,
+                    "met": None if best is None else bool(best["total_bytes"] <= limit * GiB),
+                    "best_gib": None if best is None else best["total_gib"], "best_batch": None if best is None else best["batch"],
+                    "best_remat": None if best is None else best["remat"],
+                    "rows": [(r["batch"], r["remat"], r["total_gib"]) for r in match]})
+    return out
+
+
+def run_case(model, case: str, tuning: str, devices: int, batch: int, T: int, n_minibatches: int):
+    if tuning not in ("full", "lora"):
+        raise ValueError(f"tuning {tuning!r} is not built into this plan; it knows 'full' and 'lora'")
     mesh = make_mesh(1, devices)
     if case == "dpg_update":
         return _memory(compile_dpg(model, mesh, batch, n_minibatches, T))
@@ -164,41 +206,38 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="", help="comma-separated cases (dpg_update, sft_step, sampler; default all)")
     parser.add_argument("--devices", default="", help="comma-separated device counts (8, 1; default both)")
     parser.add_argument("--new-tokens", type=int, default=30)
-    parser.add_argument("--minibatches", type=int, default=20, help="minibatches per DPG update (10,000 / 500)")
-    parser.add_argument("--lora-rank", type=int, default=0,
-                        help="train LoRA adapters of this rank (alpha = 2 rank) on every projection instead of all weights; "
-                             "the training cases only")
-    parser.add_argument("--batch", type=int, default=0, help="run the training cases at this (mini)batch only")
-    parser.add_argument("--train-policy", default="bf16_compute",
-                        help="precision policy of the training cases (guard_jax.precision; with LoRA, bf16 stores the "
-                             "frozen weights in bf16 next to fp32 adapters)")
+    parser.add_argument("--minibatches", type=int, default=0,
+                        help="minibatches per DPG update (default: N_SAMPLES / minibatch, rounded up)")
+    parser.add_argument("--tuning", default="", help="comma-separated tunings (full, lora; default both, --quick: full)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA rows' adapters")
+    parser.add_argument("--lora-policy", default="bf16", help="precision policy of the LoRA rows (bf16: frozen weights in bf16)")
     args = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", 8)  # before JAX starts (it refuses after)
     if jax.device_count() < 8:
         parser.error(f"bench_scale needs 8 host devices, JAX sees {jax.device_count()} (run it before JAX starts)")
-    shapes, todo = cases(args.quick)
+    shapes, todo = cases(args.quick, args.lora_policy)
+    todo = [c for c in todo if c[2] in (args.tuning or ("full" if args.quick else "full,lora")).split(",")]
+    if args.quick and "lora" in args.tuning.split(","):  # the quick training cases again, with adapters
+        todo += [(c[0], c[1], "lora", args.lora_policy, *c[4:]) for c in cases(True)[1] if c[1] != "sampler"]
     if args.only:
         todo = [c for c in todo if c[0] in args.only.split(",")]
     if args.cases:
         todo = [c for c in todo if c[1] in args.cases.split(",")]
     if args.devices:
-        todo = [c for c in todo if str(c[4]) in args.devices.split(",")]
-    if args.batch:
-        todo = list(dict.fromkeys(c if c[1] == "sampler" else (*c[:5], args.batch) for c in todo))
-    lora = LoraSpec(args.lora_rank, 2.0 * args.lora_rank) if args.lora_rank else None
-    if lora is not None:
-        todo = [c for c in todo if c[1] != "sampler"]
-    for name, case, policy, remat, devices, batch in todo:
-        policy = args.train_policy if case != "sampler" else policy
+        todo = [c for c in todo if str(c[5]) in args.devices.split(",")]
+    rows = []
+    for name, case, tuning, policy, remat, devices, batch in todo:
         compute, storage = policy_dtypes(policy)
         full = shapes[name]
+        lora = LoraSpec(args.lora_rank, 2.0 * args.lora_rank) if tuning == "lora" else None
         full = dataclasses.replace(full, dtype=compute, param_dtype=storage, remat=remat, lora=lora)
         L = full.num_hidden_layers
         depths = [L] if args.quick or args.layers == "full" else [int(x) for x in args.layers.split(",")]
+        M = args.minibatches or -(-N_SAMPLES // batch)
         mems = []
         for depth in depths:
             model = dataclasses.replace(full, num_hidden_layers=depth, layer_types=None)
-            mems.append(run_case(model, case, devices, batch, args.new_tokens, args.minibatches))
+            mems.append(run_case(model, case, tuning, devices, batch, args.new_tokens, M))
         if len(depths) == 2:
             (l1, m1), (l2, m2) = zip(depths, mems)
             mem = {k: int(round(m1[k] + (m2[k] - m1[k]) * (L - l1) / (l2 - l1))) for k in m1}
@@ -207,12 +246,17 @@ def main(argv=None) -> int:
         all_params = jax.eval_shape(full.init, jax.random.PRNGKey(0))
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(all_params))
         n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable(all_params)))
-        emit({"bench": "scale", "model": name, "case": case, "policy": policy, "remat": remat, "devices": devices,
-              "mesh": f"1x{devices}", "batch": batch, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT,
-              "minibatches": args.minibatches if case == "dpg_update" else None, "params": n_params,
-              "lora_rank": args.lora_rank or None, "trained_params": n_trained,
-              "layers": L, "extrapolated_from_layers": depths if len(depths) == 2 else None,
-              **mem, "total_gib": round(mem["total_bytes"] / GiB, 3)})
+        row = {"bench": "scale", "model": name, "case": case, "tuning": tuning, "policy": policy, "remat": remat,
+               "devices": devices, "mesh": f"1x{devices}", "batch": batch, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT,
+               "minibatches": M if case == "dpg_update" else None, "params": n_params, "trained_params": n_trained,
+               "lora_rank": args.lora_rank if tuning == "lora" else None,
+               "layers": L, "extrapolated_from_layers": depths if len(depths) == 2 else None,
+               **mem, "total_gib": round(mem["total_bytes"] / GiB, 3)}
+        emit(row)
+        rows.append(row)
+    if not args.quick:
+        for line in goal_lines(rows):
+            emit(line)
     return 0
 
 

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -45,6 +46,21 @@ def make_case(name, config, path, std=0.3) -> Case:
     ref.save_pretrained(path)
     model, params, _ = hf.load(path, tokenizer=False)
     return Case(name, path, ref, model, params)
+
+
+def case_fixture(configs: dict, model_class):
+    """A module-scoped pytest fixture `case` over `configs` (name -> (transformers config class, kwargs)): each
+    a random checkpoint built by `make_case` in a temporary folder, loaded as a `model_class` of the config's
+    model_type."""
+
+    @pytest.fixture(scope="module", params=sorted(configs))
+    def case(request, tmp_path_factory):
+        cls, kwargs = configs[request.param]
+        built = make_case(request.param, cls(**kwargs), tmp_path_factory.mktemp(request.param))
+        assert isinstance(built.model, model_class) and built.model.model_type == cls.model_type, (built.model, cls.model_type)
+        return built
+
+    return case
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -10,6 +10,7 @@ from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exa
 from guard_jax.lm import LM
 from guard_jax.models.toy import TinyTransformerARM
 from guard_jax.sampling import bos_prompt, log_prob, sample
+from guard_jax.train import dpg
 from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
 from guard_jax.train.loop import LoopConfig, run
 from guard_jax.train.sft import SFT, SFTConfig
@@ -153,3 +154,32 @@ def test_bad_configs_are_refused(toy):
     trainer = DPG(LM.of(MODEL, a_params), never, DPGConfig(n_samples=64, minibatch=32, max_new_tokens=4, learning_rate=1e-3))
     with pytest.raises(ValueError, match="no sample of the proposal satisfied the constraint"):
         run(trainer, trainer.init_state(a_params), LoopConfig(steps=1, progress=False))
+
+
+def test_minibatch_is_gradient_accumulation(toy):
+    """`DPGConfig.minibatch` is the memory knob of an update: the same samples in M = 4 minibatches of 16
+    give the gradient and the metrics of one minibatch of 64 (gradients averaged over minibatches, one
+    optimizer step), up to float rounding; only the per-minibatch activations shrink."""
+    a_params, _, _ = toy
+    pi_params = MODEL.init(jax.random.PRNGKey(1))
+    prompt, mask = bos_prompt(MODEL, 64)
+    s = sample(jax.random.PRNGKey(3), MODEL, pi_params, prompt, mask, 4)
+    b = jnp.asarray(B(s.tokens_BT, s.lengths_B))
+    assert 0 < int(b.sum()) < 64
+    log_a = log_prob(MODEL, a_params, prompt, mask, s.tokens_BT, s.lengths_B)[0]
+    logP = jnp.where(b, log_a, -jnp.inf)
+    log_z = jax.scipy.special.logsumexp(logP - s.logp_B) - jnp.log(64.0)
+    out = {}
+    for M in (1, 4):
+        trainer = DPG(LM.of(MODEL, a_params), B, DPGConfig(n_samples=64, minibatch=64 // M, max_new_tokens=4, learning_rate=1e-2))
+        split = lambda x: x.reshape(M, 64 // M, *x.shape[1:])
+        grads, _, _ = dpg.dpg_gradient(pi_params, MODEL, trainer.prompt, trainer.mask, split(s.tokens_BT), split(s.lengths_B),
+                                       split(s.logp_B), split(logP), jnp.full((M,), log_z))
+        _, metrics = dpg._update(trainer.init_state(pi_params), a_params, trainer.prompt, trainer.mask, split(s.tokens_BT),
+                                 split(s.lengths_B), split(s.logp_B), split(b), model=MODEL, optimizer=trainer.optimizer)
+        out[M] = (_flat(grads), metrics)
+    (g1, m1), (g4, m4) = out[1], out[4]
+    assert np.abs(g1).max() > 1e-2  # a real gradient
+    np.testing.assert_allclose(g4, g1, atol=1e-6 * np.abs(g1).max())
+    for key in ("loss", "log_z", "grad_norm", "kl_g_pi"):
+        np.testing.assert_allclose(float(m4[key]), float(m1[key]), rtol=1e-5, err_msg=key)

@@ -24,7 +24,7 @@ from guard_jax.models import gemma, hf  # noqa: E402
 from guard_jax.rejection import guard_sample  # noqa: E402
 from guard_jax.sampling import bos_prompt, log_prob  # noqa: E402
 from tests.hf_parity import (  # noqa: E402
-    apply, check_sampler_matches_log_prob, decode, left_pad_mask, make_case, prefill, random_tokens,
+    apply, case_fixture, check_sampler_matches_log_prob, decode, left_pad_mask, make_case, prefill, random_tokens,
 )
 
 V = 128
@@ -57,12 +57,7 @@ def load_local(path, dtype=jnp.float32):
     return model, params
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def case(request, tmp_path_factory):
-    cls, kwargs = CONFIGS[request.param]
-    case = make_case(request.param, cls(**kwargs), tmp_path_factory.mktemp(request.param))
-    assert isinstance(case.model, gemma.Gemma)
-    return case
+case = case_fixture(CONFIGS, gemma.Gemma)
 
 
 def test_logits_match_transformers(case):

@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from guard_jax.models import hf, llama  # noqa: E402
 from guard_jax.models.decoder import RoPE  # noqa: E402
 from tests.hf_parity import (  # noqa: E402
-    apply, check_sampler_matches_log_prob, decode, left_pad_mask, make_case, prefill, random_tokens,
+    apply, case_fixture, check_sampler_matches_log_prob, decode, left_pad_mask, prefill, random_tokens,
 )
 
 V = 128
@@ -47,12 +47,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def case(request, tmp_path_factory):
-    cls, kwargs = CONFIGS[request.param]
-    case = make_case(request.param, cls(**kwargs), tmp_path_factory.mktemp(request.param))
-    assert isinstance(case.model, llama.Llama) and case.model.family == cls.model_type
-    return case
+case = case_fixture(CONFIGS, llama.Llama)
 
 
 def test_architecture_read_from_config(case):

@@ -19,11 +19,13 @@ def _check(*meshes: str) -> None:
 
 
 def test_eight_devices_agree_with_one():
-    """The 1-D data mesh (sampler, pmap, driver, DPG) and every trainer on the 2x4 data x model mesh."""
+    """On the 2x4 data x model mesh, a tiny GPT-2: draw / score / guard_sample and one step of every trainer
+    (SFT, DPG on- and off-policy, L3M, aux, RL) equal one device, params and Adam moments sharded by the rules."""
     _check("2x4")
 
 
 @pytest.mark.slow
 def test_every_mesh_agrees_with_one():
-    """Every trainer, the driver and the GUARD sampler on 8x1, 4x2 and 2x4."""
-    _check("8x1,4x2,2x4")
+    """The same on 8x1, 4x2 and 2x4, plus sample_sharded / sample_pmap / log_prob_sharded on the 1-D data mesh
+    and two DPG steps of two minibatches."""
+    _check("8x1,4x2,2x4", "--full")

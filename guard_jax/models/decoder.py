@@ -137,6 +137,32 @@ class RoPE:
         return out
 
 
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps")
+
+
+def shape_from_hf(config: dict) -> dict:
+    """The fields every decoder family reads alike from config.json (`SHAPE_FIELDS`): sizes, heads (key/value
+    heads default to the attention heads, head_dim to hidden_size / heads) and rms_norm_eps (default 1e-6)."""
+    heads = config["num_attention_heads"]
+    return dict(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+    )
+
+
+def shape_to_hf(model) -> dict:
+    """The config.json entries of `SHAPE_FIELDS`, the token ids and the storage dtype of a decoder model."""
+    return {**{name: getattr(model, name) for name in SHAPE_FIELDS}, "bos_token_id": model.bos_id, "eos_token_id": model.eos_id,
+            "pad_token_id": model.pad_id, "attention_dropout": 0.0, "dtype": dtype_name(model.param_dtype, "param_dtype")}
+
+
 def rope_from_hf(config: dict, default_theta: float = 10000.0, layer_type: str | None = None) -> RoPE:
     """The RoPE of config.json: `rope_parameters` (transformers 5; per layer type when `layer_type` is given and
     the dict is keyed by layer types) or the older `rope_theta` + `rope_scaling`."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from guard_jax.models import decoder
 from guard_jax.models.lora import LoraSpec
-from guard_jax.models.decoder import Arch, RoPE, dtype_name, params_to_hf  # noqa: F401 (the hf.py interface)
+from guard_jax.models.decoder import Arch, RoPE, params_to_hf  # noqa: F401 (the hf.py interface)
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _TEXT_TYPES = ("gemma", "gemma2", "gemma3_text")  # by version; "gemma3" is Gemma 3's multimodal wrapper
@@ -170,17 +170,9 @@ def from_hf_config(config: dict, dtype=jnp.float32, param_dtype=jnp.float32) -> 
         raise ValueError("config attention_bias=True is not supported by this Gemma")
     if config.get("use_bidirectional_attention"):
         raise ValueError("config use_bidirectional_attention=True is not a causal LM")
-    heads = config["num_attention_heads"]
     fields = dict(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        **decoder.shape_from_hf(config),
         version=version,
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
         max_position_embeddings=config.get("max_position_embeddings", 8192),
         approximate_gelu=_gelu_is_approximate(config, version),
         bos_id=config.get("bos_token_id", 2),
@@ -219,22 +211,10 @@ def to_hf_config(model: Gemma) -> dict:
     config = {
         "architectures": [_ARCHITECTURES[model.version - 1]],
         "model_type": model.model_type,
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.hidden_size,
-        "intermediate_size": model.intermediate_size,
-        "num_hidden_layers": model.num_hidden_layers,
-        "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.num_key_value_heads,
-        "head_dim": model.head_dim,
-        "rms_norm_eps": model.rms_norm_eps,
+        **decoder.shape_to_hf(model),
         "max_position_embeddings": model.max_position_embeddings,
-        "bos_token_id": model.bos_id,
-        "eos_token_id": model.eos_id,
-        "pad_token_id": model.pad_id,
         "tie_word_embeddings": True,
         "attention_bias": False,
-        "attention_dropout": 0.0,
-        "dtype": dtype_name(model.param_dtype, "param_dtype"),
     }
     if model.version == 3:
         factor = model.rope_linear_factor

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from guard_jax.models import decoder
 from guard_jax.models.lora import LoraSpec
-from guard_jax.models.decoder import ACTIVATIONS, Arch, RoPE, dtype_name, params_from_hf, params_to_hf  # noqa: F401 (the hf.py interface)
+from guard_jax.models.decoder import ACTIVATIONS, Arch, RoPE, params_from_hf, params_to_hf  # noqa: F401 (the hf.py interface)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -151,20 +151,12 @@ def from_hf_config(config: dict, dtype=jnp.float32, param_dtype=jnp.float32) -> 
     config = {**_DEFAULTS[model_type], **config}
     if (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("config partial_rotary_factor != 1 is not supported: RoPE rotates the whole head here")
-    heads = config["num_attention_heads"]
     n = config["num_hidden_layers"]
     eos = decoder.single_eos(config, None)
     pad = config.get("pad_token_id")
     fields = dict(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=n,
-        num_attention_heads=heads,
-        num_key_value_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        **decoder.shape_from_hf(config),
         family=model_type,
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_parameters=decoder.rope_from_hf(config),
         max_position_embeddings=config["max_position_embeddings"],
         tie_word_embeddings=bool(config["tie_word_embeddings"]),
@@ -200,23 +192,11 @@ def to_hf_config(model: Llama) -> dict:
     config = {
         "architectures": [_FAMILIES[model.family][0]],
         "model_type": model.family,
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.hidden_size,
-        "intermediate_size": model.intermediate_size,
-        "num_hidden_layers": model.num_hidden_layers,
-        "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.num_key_value_heads,
-        "head_dim": model.head_dim,
+        **decoder.shape_to_hf(model),
         "hidden_act": model.hidden_act,
-        "rms_norm_eps": model.rms_norm_eps,
         "rope_parameters": model.rope_parameters.to_hf(),
         "max_position_embeddings": model.max_position_embeddings,
-        "bos_token_id": model.bos_id,
-        "eos_token_id": model.eos_id,
-        "pad_token_id": model.pad_id,
         "tie_word_embeddings": model.tie_word_embeddings,
-        "attention_dropout": 0.0,
-        "dtype": dtype_name(model.param_dtype, "param_dtype"),
     }
     if model.family == "llama":
         config.update(attention_bias=model.qkv_bias, mlp_bias=model.mlp_bias)
