@@ -86,7 +86,9 @@ class DPG:
     default: pi's initial params on base's prompt). The mesh is `base.mesh` (`guard_jax.parallel.make_mesh`
     or `data_mesh`): the state and a's params are sharded by the rules of guard_jax.parallel (replicated on a
     1-D data mesh) and each minibatch is split over the devices for sampling, scoring and the gradient (XLA
-    sums the gradients across them)."""
+    sums the gradients across them). A LoRA `base` (guard_jax.lora.with_lora) trains the adapters only; a is the
+    base with its initial (zero-delta) adapters on the policy's own frozen weights, and an off-policy q keeps only
+    its adapters."""
 
     def __init__(self, base: LM, constraint, config: DPGConfig, *, proposal: LM | None = None):
         if proposal is not None:

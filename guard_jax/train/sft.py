@@ -43,7 +43,8 @@ class SFT:
     `optimizer` (default Adam at `config.learning_rate` with `config.warmup_steps`): pass one shared
     instance to several SFT trainers over same-shaped batches and they share one compiled step.
     On `lm.mesh`, the state is sharded by guard_jax.parallel's rules and each minibatch split over the
-    devices (config.batch_size divisible by the mesh size)."""
+    devices (config.batch_size divisible by the mesh size). With a LoRA `lm` (guard_jax.lora.with_lora) only the
+    adapters are trained (and have Adam moments)."""
 
     def __init__(self, lm: LM, tokens_NT, lengths_N, config: SFTConfig = SFTConfig(), *,
                  optimizer: optax.GradientTransformation | None = None):
