@@ -221,3 +221,20 @@ def test_lora_training_on_a_2x4_mesh_matches_one_device():
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["dpg", "ok", "sft", "ok"]
+
+
+@pytest.mark.slow
+def test_bench_scale_lora_rows_hold_less_state_than_full_fine_tuning():
+    """`bench_scale --quick --tuning full,lora`: the compiled LoRA steps train a fraction of the parameters and take
+    smaller arguments (no weight-sized Adam moments, a's weights not held twice) than the same steps in full."""
+    out = subprocess.run([sys.executable, "-m", "bench.bench_scale", "--quick", "--tuning", "full,lora", "--cases", "dpg_update,sft_step"],
+                         capture_output=True, text=True, timeout=1800, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent.parent)))
+    import json
+
+    rows = {(r["case"], r["tuning"]): r for r in map(json.loads, out.stdout.splitlines())}
+    assert sorted(rows) == [("dpg_update", "full"), ("dpg_update", "lora"), ("sft_step", "full"), ("sft_step", "lora")]
+    for case in ("dpg_update", "sft_step"):
+        full, lo = rows[case, "full"], rows[case, "lora"]
+        assert 0 < lo["trained_params"] < full["params"] / 5 and lo["policy"] == "bf16"
+        assert lo["argument_bytes"] < full["argument_bytes"] and lo["alias_bytes"] > 0
