@@ -18,12 +18,15 @@ test suite.
 
 DPG cases draw the paper's 10,000 samples per update: at the paper's minibatch (500, run as 504 x 20 on 8
 devices) and at smaller minibatches that divide 10,000 and the 8 devices (80 x 125, 40 x 250: the same update,
-`DPGConfig.minibatch` accumulates the gradients). Every row says its `tuning` ("full": full fine-tuning; a
-parameter-efficient variant adds its own value and its own state in `_state`). After the rows, one
-`scale_goal` line per goal of the plan says met / not met (null when this run has no row for it).
+`DPGConfig.minibatch` accumulates the gradients). Every row says its `tuning`: "full" (full fine-tuning) or
+"lora" (rank `--lora-rank` adapters, guard_jax.lora, alpha = 2 rank, on every attention and MLP projection: Adam
+state and gradients for the adapters only, a's params held once as the policy's frozen weights, stored in
+`--lora-policy`: bf16 by default, fp32 adapters). `--tuning` picks them (default both; --quick: full). After the
+rows, one `scale_goal` line per goal of the plan says met / not met (null when this run has no row for it).
 
     python -m bench.bench_scale                    # every case, 8 host devices and 1, depth from 1 and 2 layers
     python -m bench.bench_scale --only gemma-2b --devices 8 --cases dpg_update
+    python -m bench.bench_scale --tuning lora --lora-rank 8 --lora-policy bf16_compute   # LoRA, fp32 frozen weights
     python -m bench.bench_scale --quick
 """
 
@@ -46,7 +49,8 @@ from guard_jax.parallel import batch_sharding, make_mesh, param_shardings  # noq
 from guard_jax.precision import policy_dtypes  # noqa: E402
 from guard_jax.sampling import sample_from_uniforms  # noqa: E402
 from guard_jax.train import dpg, sft  # noqa: E402
-from guard_jax.train.common import adam  # noqa: E402
+from guard_jax.models.lora import LoraSpec, float32_adapters  # noqa: E402
+from guard_jax.train.common import adam, init_opt_state, trainable  # noqa: E402
 from guard_jax.train.loop import TrainState  # noqa: E402
 
 GiB = 2**30
@@ -80,8 +84,10 @@ def _replicated(mesh, shape, dtype):
 
 
 def _state(model, mesh, optimizer, extra):
-    params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(optimizer.init, params), extra)
+    """The abstract train state (LoRA: fp32 adapters and Adam over them only, as `guard_jax.lora` and
+    `train.common.init_opt_state`) and its params."""
+    params = jax.eval_shape(lambda k: float32_adapters(model.init(k)), jax.random.PRNGKey(0))
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(lambda p: init_opt_state(optimizer, p), params), extra)
     return _abstract(state, param_shardings(mesh, state)), params
 
 
@@ -94,16 +100,16 @@ def _memory(compiled) -> dict:
 
 
 def compile_dpg(model, mesh, minibatch: int, n_minibatches: int, T: int):
-    """The DPG update (`dpg._update`) on M minibatches of B samples of T tokens, state donated."""
+    """The DPG update (`dpg._update`: the policy's gradient pass over M minibatches of B samples of T tokens, given
+    log q and log P = log a + log b; a is scored before it, on the accepted rows only), state donated."""
     opt = adam(1.41e-5)
     f32 = jnp.float32
     extra = {"log_z_sum": jax.ShapeDtypeStruct((), f32), "n_seen": jax.ShapeDtypeStruct((), f32)}
-    state, params = _state(model, mesh, opt, extra)
-    base = _abstract(params, param_shardings(mesh, params))
+    state, _ = _state(model, mesh, opt, extra)
     M, B = n_minibatches, minibatch
-    args = (state, base, _replicated(mesh, (1, PROMPT), jnp.int32), _replicated(mesh, (1, PROMPT), jnp.int32),
+    args = (state, _replicated(mesh, (1, PROMPT), jnp.int32), _replicated(mesh, (1, PROMPT), jnp.int32),
             _batch(mesh, (M, B, T), jnp.int32, 1), _batch(mesh, (M, B), jnp.int32, 1), _batch(mesh, (M, B), f32, 1),
-            _batch(mesh, (M, B), jnp.bool_, 1))
+            _batch(mesh, (M, B), f32, 1), _batch(mesh, (M, B), jnp.bool_, 1))
     fn = jax.jit(dpg._update.__wrapped__, static_argnames=("model", "optimizer", "mesh"), donate_argnums=0)
     return fn.lower(*args, model=model, optimizer=opt, mesh=mesh).compile()
 
@@ -143,7 +149,7 @@ def dpg_minibatches(devices: int) -> tuple[int, ...]:
     return (504 if devices == 8 else 500, 80, 40)
 
 
-def cases(quick: bool):
+def cases(quick: bool, lora_policy: str = "bf16"):
     """(name, case, tuning, policy, remat, devices, batch): the plan's cases."""
     if quick:  # one of each program, each on the device count of its goal
         name, mb = "tiny-gemma", 8
@@ -158,6 +164,9 @@ def cases(quick: bool):
                 out.append((name, "dpg_update", "full", "bf16_compute", False, devices, dpg_minibatches(devices)[0]))
             out.append((name, "sft_step", "full", "bf16_compute", True, devices, 64))
             out.append((name, "sampler", "full", "bf16", False, devices, 500))
+            for batch in dpg_minibatches(devices):
+                out.append((name, "dpg_update", "lora", lora_policy, True, devices, batch))
+            out.append((name, "sft_step", "lora", lora_policy, True, devices, 64))
     return SHAPES, out
 
 
@@ -178,8 +187,8 @@ def goal_lines(rows: list[dict]) -> list[dict]:
 
 
 def run_case(model, case: str, tuning: str, devices: int, batch: int, T: int, n_minibatches: int):
-    if tuning != "full":
-        raise ValueError(f"tuning {tuning!r} is not built into this plan; it knows 'full'")
+    if tuning not in ("full", "lora"):
+        raise ValueError(f"tuning {tuning!r} is not built into this plan; it knows 'full' and 'lora'")
     mesh = make_mesh(1, devices)
     if case == "dpg_update":
         return _memory(compile_dpg(model, mesh, batch, n_minibatches, T))
@@ -198,11 +207,17 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--minibatches", type=int, default=0,
                         help="minibatches per DPG update (default: N_SAMPLES / minibatch, rounded up)")
+    parser.add_argument("--tuning", default="", help="comma-separated tunings (full, lora; default both, --quick: full)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA rows' adapters")
+    parser.add_argument("--lora-policy", default="bf16", help="precision policy of the LoRA rows (bf16: frozen weights in bf16)")
     args = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", 8)  # before JAX starts (it refuses after)
     if jax.device_count() < 8:
         parser.error(f"bench_scale needs 8 host devices, JAX sees {jax.device_count()} (run it before JAX starts)")
-    shapes, todo = cases(args.quick)
+    shapes, todo = cases(args.quick, args.lora_policy)
+    todo = [c for c in todo if c[2] in (args.tuning or ("full" if args.quick else "full,lora")).split(",")]
+    if args.quick and "lora" in args.tuning.split(","):  # the quick training cases again, with adapters
+        todo += [(c[0], c[1], "lora", args.lora_policy, *c[4:]) for c in cases(True)[1] if c[1] != "sampler"]
     if args.only:
         todo = [c for c in todo if c[0] in args.only.split(",")]
     if args.cases:
@@ -213,7 +228,8 @@ def main(argv=None) -> int:
     for name, case, tuning, policy, remat, devices, batch in todo:
         compute, storage = policy_dtypes(policy)
         full = shapes[name]
-        full = dataclasses.replace(full, dtype=compute, param_dtype=storage, remat=remat)
+        lora = LoraSpec(args.lora_rank, 2.0 * args.lora_rank) if tuning == "lora" else None
+        full = dataclasses.replace(full, dtype=compute, param_dtype=storage, remat=remat, lora=lora)
         L = full.num_hidden_layers
         depths = [L] if args.quick or args.layers == "full" else [int(x) for x in args.layers.split(",")]
         M = args.minibatches or -(-N_SAMPLES // batch)
@@ -226,10 +242,13 @@ def main(argv=None) -> int:
             mem = {k: int(round(m1[k] + (m2[k] - m1[k]) * (L - l1) / (l2 - l1))) for k in m1}
         else:
             mem = mems[0]
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(full.init, jax.random.PRNGKey(0))))
+        all_params = jax.eval_shape(full.init, jax.random.PRNGKey(0))
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(all_params))
+        n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable(all_params)))
         row = {"bench": "scale", "model": name, "case": case, "tuning": tuning, "policy": policy, "remat": remat,
                "devices": devices, "mesh": f"1x{devices}", "batch": batch, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT,
-               "minibatches": M if case == "dpg_update" else None, "params": n_params,
+               "minibatches": M if case == "dpg_update" else None, "params": n_params, "trained_params": n_trained,
+               "lora_rank": args.lora_rank if tuning == "lora" else None,
                "layers": L, "extrapolated_from_layers": depths if len(depths) == 2 else None,
                **mem, "total_gib": round(mem["total_bytes"] / GiB, 3)}
         emit(row)

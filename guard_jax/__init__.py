@@ -30,7 +30,7 @@ _NAMES = {
     "position_report": "guard_jax.metrics.position", "first_positions": "guard_jax.metrics.position",
 }
 _MODULES = ("config", "constraints", "estimators", "evaluate", "exact", "proposals", "rejection", "sampling", "metrics", "train",
-            "decoding", "models", "parallel", "grammars", "samplers")
+            "decoding", "models", "parallel", "grammars", "samplers", "lora", "precision")
 
 __all__ = sorted(_NAMES) + list(_MODULES)
 

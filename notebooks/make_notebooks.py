@@ -274,7 +274,101 @@ props["sft_a"] = gj.proposals.sft(a, b, gold, SFTRecipeConfig(draws=N_A, batch_s
 "np.minimum(last_sentence_start(t), np.nextafter(1.0, 0.0))"),
 ]
 
-NOTEBOOKS = {"theorem2_toy.ipynb": THEOREM2, "theorem1.ipynb": THEOREM1, "quickstart.ipynb": QUICKSTART, "lexical.ipynb": LEXICAL, "sentiment.ipynb": SENTIMENT}
+GEMMA_TPU = [
+    new_markdown_cell("""# The lexical experiment at the paper's scale: your Gemma or Llama, on whatever mesh the runtime has
+
+GUARD §5.1 with a real model: unconditional 30-token continuations of a local Gemma (the paper: gemma-2b) or Llama
+folder must contain a keyword. We estimate $Z = \\mathrm{AR}_a$ from gold samples, train a DPG proposal and a
+warm-start DPG proposal (from a constraint-aware prompt, CAP) with **LoRA adapters or full fine-tuning**, evaluate
+each ($\\mathrm{AR}_{a'}$, $\\mathrm{KL}(g\\|a')$, $\\mathrm{KL}(g\\|g')$ with 95% CIs) and export the trained proposal as
+a Hugging Face folder.
+
+The mesh is built from `jax.devices()`: a TPU slice, one or more GPUs, or CPU host devices. Parameters and Adam
+state are sharded over all of them (FSDP, `guard_jax.parallel`), each batch is split over them, and on an
+accelerator the model computes in bfloat16 with float32 master weights (`bf16_compute`). The settings below are
+the paper's budgets scaled to an hour on a TPU v3-8 or one GPU; `GUARD_JAX_SETTINGS` (JSON) overrides any of them."""),
+    new_code_cell(INSTALL),
+    new_code_cell("""import json, os, pathlib, tempfile
+MODEL_PATH = os.environ.get("GUARD_JAX_MODEL", "/content/gemma-2b")  # a local Hugging Face folder (config.json, safetensors, tokenizer)
+SETTINGS = dict(
+    word="amazing",          # the keyword (whole word), as in the paper
+    lora_rank=8,             # LoRA adapters of this rank on every attention and MLP projection; 0 = full fine-tuning
+    new_tokens=30,           # tokens per sample
+    n_gold=10_000,           # draws of a for the gold samples (Z and KL(g||a'))
+    n_eval=2_000,            # draws of each a' for AR_a' and KL(g||g')
+    batch=500,               # sampling batch
+    dpg_steps=20, dpg_samples=2_000, minibatch=500, learning_rate=1e-4,  # the paper: 400 x 10,000 in 500s, lr 1.41e-5 (full FT)
+    cap_prompt='Write a sentence with the word "amazing".\\n',
+    seed=0,
+)
+SETTINGS |= json.loads(os.environ.get("GUARD_JAX_SETTINGS", "{}"))
+OUT = pathlib.Path(os.environ.get("GUARD_JAX_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="guard_jax_gemma_"))
+print(SETTINGS)"""),
+    new_code_cell("""import jax
+import guard_jax as gj
+from guard_jax.parallel import make_mesh
+
+devices = jax.devices()
+on_accelerator = jax.default_backend() != "cpu"
+mesh = make_mesh(1, len(devices))  # data x model = 1 x all: FSDP over every device, batches split over all of them
+n = mesh.size
+round_up = lambda x: -(-int(x) // n) * n  # batch sizes the devices split evenly
+S = dict(SETTINGS, batch=round_up(SETTINGS["batch"]), minibatch=round_up(SETTINGS["minibatch"]))
+S["dpg_samples"] = -(-S["dpg_samples"] // S["minibatch"]) * S["minibatch"]
+print(f"{jax.default_backend()}: {n} device(s) {devices[0].device_kind}; mesh {dict(mesh.shape)}")"""),
+    new_code_cell("""from guard_jax.parallel import shard_params
+from guard_jax.precision import with_precision
+
+a = gj.LM.load(MODEL_PATH, mesh=mesh)                 # weights read tensor by tensor from safetensors
+a = a.with_params(shard_params(mesh, a.params))       # placed on the mesh once, sharded by the rules
+if on_accelerator:
+    a = with_precision(a, "bf16_compute")             # bf16 matmuls and KV cache, fp32 master weights and Adam
+print(a)"""),
+    new_code_cell("""b = gj.constraints.keyword(a.tokenizer, S["word"])
+gold = gj.draw_gold(jax.random.key(S["seed"]), a, b, S["n_gold"], max_new_tokens=S["new_tokens"], batch_size=S["batch"])
+print(f"{gold.accepted} gold samples of {gold.draws} draws: Z = AR_a = {gold.z}; KL(g||a) = -log Z = {gold.kl_g_a}")"""),
+    new_markdown_cell("""The policy: with `lora_rank > 0`, `gj.lora.with_lora` adds rank-r adapters (qwix) to every projection, B = 0 so the
+policy starts exactly at $a$; DPG then trains (and keeps Adam moments for) the adapters only. With `lora_rank = 0`
+every weight is trained. DPG samples its own policy (on-policy); warm-start DPG starts from the CAP proposal
+(off-policy: CAP's samples until the policy is closer to $g$)."""),
+    new_code_cell("""from guard_jax.proposals import CAPConfig, DPGRecipeConfig
+
+policy = gj.lora.with_lora(a, S["lora_rank"], key=jax.random.key(S["seed"] + 1)) if S["lora_rank"] else a
+print("trained parameters:", f"{gj.lora.num_adapter_params(policy.params):,} adapters" if S["lora_rank"] else "all")
+dpg_cfg = DPGRecipeConfig(steps=S["dpg_steps"], n_samples=S["dpg_samples"], minibatch=S["minibatch"], learning_rate=S["learning_rate"],
+                          eval_points=1)
+props = {"cap": gj.proposals.cap(policy, b, gold, CAPConfig(prompt=S["cap_prompt"]))}
+props["dpg"] = gj.proposals.dpg(policy, b, gold, dpg_cfg, key=jax.random.key(S["seed"] + 2), run_dir=OUT / "dpg")
+props["cap_dpg"] = gj.proposals.warm_start_dpg(policy, b, gold, dpg_cfg, key=jax.random.key(S["seed"] + 3), start=props["cap"],
+                                               run_dir=OUT / "cap_dpg")"""),
+    new_code_cell("""from IPython.display import Markdown, display
+
+lms = {"a": a} | {name: p.lm for name, p in props.items()}
+evals = {name: gj.evaluate_proposal(jax.random.fold_in(jax.random.key(S["seed"] + 4), i), gold, a, lm, b, S["n_eval"],
+                                    batch_size=S["batch"], progress=False) for i, (name, lm) in enumerate(lms.items())}
+rows = ["| proposal | train samples | AR_a' | AR gain | KL(g‖a') | KL(g‖g') |", "|---|---|---|---|---|---|"]
+rows += [f"| {name} | {(props[name].train_samples if name in props else 0):,} | {e.ar} | {e.ar_gain or 'n/a'} | {e.kl_g_a2} | "
+         f"{e.kl_g_g2 or 'n/a'} |" for name, e in evals.items()]
+display(Markdown(f"Z = AR_a = {gold.z}, KL(g‖a) = {gold.kl_g_a}\\n\\n" + "\\n".join(rows)))
+for t in a.decode(evals["cap_dpg"].tokens_NT[:3], evals["cap_dpg"].lengths_N[:3]):
+    print("-", t)"""),
+    new_markdown_cell("""Export the warm-start DPG proposal: LoRA adapters are merged ($W + \\frac{\\alpha}{r} A B$) into a plain Hugging Face
+folder that `transformers` and `gj.LM.load` read; its log-probs are the trained proposal's."""),
+    new_code_cell("""import numpy as np
+from guard_jax.models import hf
+
+best = props["cap_dpg"].lm
+folder = gj.lora.export(OUT / "cap_dpg_hf", best) if S["lora_rank"] else hf.export(OUT / "cap_dpg_hf", best.model, best.params, best.tokenizer)
+reloaded = gj.LM.load(folder, mesh=mesh)
+if on_accelerator:
+    reloaded = with_precision(reloaded, "bf16_compute")
+same = np.abs(gj.score(reloaded, gold.tokens_NT, gold.lengths_N) - gj.score(best, gold.tokens_NT, gold.lengths_N)).max()
+print(f"exported to {folder}; max |log-prob difference| on the {gold.accepted} gold samples: {same:.2e}")
+assert same < (5e-2 if on_accelerator else 1e-3)"""),
+]
+
+NOTEBOOKS = {"theorem2_toy.ipynb": THEOREM2, "theorem1.ipynb": THEOREM1, "quickstart.ipynb": QUICKSTART, "lexical.ipynb": LEXICAL, "sentiment.ipynb": SENTIMENT,
+             "gemma_tpu.ipynb": GEMMA_TPU}
 
 
 def write_all() -> None:

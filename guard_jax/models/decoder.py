@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guard_jax.models import lora as lora_lib
 from guard_jax.models.base import pad_to
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -338,7 +339,7 @@ class DecoderLM:
 
     Mixed into a frozen dataclass that has the fields vocab_size, hidden_size, intermediate_size,
     num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps, sliding_window,
-    layer_types, attn_logit_softcapping, final_logit_softcapping, dtype, param_dtype, remat, bos_id, eos_id, pad_id,
+    layer_types, attn_logit_softcapping, final_logit_softcapping, dtype, param_dtype, remat, lora, bos_id, eos_id, pad_id,
     and provides `arch`, `rope(layer)`, `window(layer)`, `scale` and `model_type` (the Hugging Face family
     it exports as)."""
 
@@ -365,8 +366,8 @@ class DecoderLM:
                 raise ValueError("sliding_attention layers need a positive sliding_window")
 
     @property
-    def _module(self) -> _Decoder:
-        return _Decoder(self)
+    def _module(self) -> nn.Module:
+        return lora_lib.adapt(_Decoder(self), self.lora)
 
     def init(self, key: jax.Array) -> dict:
         """Random parameters (normal(0.02) matrices, zero biases, norm weights at identity) in `param_dtype`."""

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from guard_jax.models import decoder
+from guard_jax.models.lora import LoraSpec
 from guard_jax.models.decoder import Arch, RoPE, params_to_hf  # noqa: F401 (the hf.py interface)
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
@@ -76,6 +77,7 @@ class Gemma(decoder.DecoderLM):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False  # jax.checkpoint each layer of a teacher-forced forward (same values, less memory)
+    lora: LoraSpec | None = None  # LoRA adapters on the targeted projections (guard_jax.lora.with_lora)
 
     def __post_init__(self):
         if self.version not in (1, 2, 3):

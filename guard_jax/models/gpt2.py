@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guard_jax.models import lora as lora_lib
 from guard_jax.models.base import pad_to
 
 MODEL_TYPES = ("gpt2",)
@@ -124,6 +125,7 @@ class GPT2:
     `bos_id` starts an unconditional sequence (GPT-2: <|endoftext|>), `eos_id` (or None) ends one.
     `remat`: recompute each block's activations in the backward pass of a teacher-forced forward
     (`jax.checkpoint`, the same values and gradients; memory ~ one block's activations instead of all).
+    `lora`: a `models.lora.LoraSpec` (adapters beside the targeted kernels, see guard_jax/lora.py) or None.
     """
 
     vocab_size: int = 50257
@@ -143,6 +145,7 @@ class GPT2:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    lora: lora_lib.LoraSpec | None = None  # LoRA adapters on the targeted projections (guard_jax.lora.with_lora)
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -170,8 +173,8 @@ class GPT2:
         return 0
 
     @property
-    def _net(self) -> _GPT2Net:
-        return _GPT2Net(self)
+    def _net(self) -> nn.Module:
+        return lora_lib.adapt(_GPT2Net(self), self.lora)
 
     def init(self, key: jax.Array) -> dict:
         """Random parameters (normal(0.02) weights, zero biases, unit LayerNorm scales, as Hugging Face)."""

@@ -162,6 +162,9 @@ def export(path: str | os.PathLike, model, params, tokenizer=None, max_shard_byt
     module = next((m for m in _MODULES if type(model).__module__ == m.__name__), None)
     if module is None:
         raise TypeError(f"cannot export a {type(model).__name__}; supported model types: {', '.join(supported_model_types())}")
+    if getattr(model, "lora", None) is not None:
+        raise ValueError("export got a model with LoRA adapters: merge them first (guard_jax.lora.merge(lm), "
+                         "or guard_jax.lora.export(path, lm) which merges and exports)")
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
     path = pathlib.Path(path)

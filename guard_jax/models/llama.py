@@ -25,6 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from guard_jax.models import decoder
+from guard_jax.models.lora import LoraSpec
 from guard_jax.models.decoder import ACTIVATIONS, Arch, RoPE, params_from_hf, params_to_hf  # noqa: F401 (the hf.py interface)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -84,6 +85,7 @@ class Llama(decoder.DecoderLM):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False  # jax.checkpoint each layer of a teacher-forced forward (same values, less memory)
+    lora: LoraSpec | None = None  # LoRA adapters on the targeted projections (guard_jax.lora.with_lora)
 
     attn_logit_softcapping = None  # no soft-caps in this family (the shared decoder reads both)
     final_logit_softcapping = None

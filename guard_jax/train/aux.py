@@ -33,6 +33,7 @@ import optax
 
 from guard_jax.data.packing import batch_indices
 from guard_jax.lm import LM
+from guard_jax.models import lora
 from guard_jax.models.base import ARM
 from guard_jax.parallel import shard_params, split_batch
 from guard_jax.sampling import check_finite_logp
@@ -223,6 +224,9 @@ class AuxTrainer:
         return self.corpus is not None or self.config.kl_weight > 0
 
     def init_state(self, params) -> TrainState:
+        if lora.has_adapters(params):
+            raise ValueError("AuxTrainer trains the head (and policy) in full: pass params without LoRA adapters "
+                             "(guard_jax.lora.merge the LM first)")
         if "head" not in params or self.trains_policy != ("policy" in params):
             need = '{"head": ..., "policy": ...}' if self.trains_policy else '{"head": ...}'
             raise ValueError(f"params must be {need} (kl_weight={self.config.kl_weight}, "

@@ -5,6 +5,8 @@ Prompts come from `guard_jax.lm.LM.prompt_arrays` (one row, left-padded to a com
 LM's `mesh`), every trainer places its state with `guard_jax.parallel.shard_params` (params, Adam moments and
 frozen params sharded by the rules), splits each batch over the devices inside its jitted update
 (`split_batch`) and constrains the updated params and optimizer state to the same shardings (`apply_updates`).
+With LoRA adapters in the params (guard_jax.lora), gradients, updates and optimizer state cover the adapters only
+(`trainable_value_and_grad`, `init_opt_state`, `apply_updates`); the base weights pass through unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from guard_jax.models import lora
 from guard_jax.models.base import ARM
 from guard_jax.parallel import check_divisible, constrain_params, split_batch
 from guard_jax.sampling import log_prob, sample
@@ -47,10 +50,52 @@ def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, b
     return tok.reshape(-1, max_new_tokens), length.reshape(-1), logp.reshape(-1)
 
 
+def trainable(params):
+    """The part of `params` a trainer updates: the LoRA adapters when it holds some (guard_jax.lora), else all."""
+    return lora.split(params)[0]
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params):
+    """The optimizer state of the trainable part of `params` (LoRA: Adam moments of the adapters only)."""
+    return optimizer.init(trainable(params))
+
+
+def trainable_value_and_grad(fn, params, *args, has_aux: bool = False):
+    """`jax.value_and_grad(fn)(params, *args)` with respect to the trainable part of `params` only (the frozen base
+    of a LoRA model gets no gradient, so none is computed or stored) -> (value, grads shaped like `trainable`)."""
+    train, frozen = lora.split(params)
+    return jax.value_and_grad(lambda t, *a: fn(lora.join(t, frozen), *a), has_aux=has_aux)(train, *args)
+
+
+def frozen_a_params(base_params):
+    """What a trainer keeps of the frozen base a's params: its trainable part (all of them; for a LoRA LM the
+    initial adapters only, the frozen weights being the policy's own, see `a_params`)."""
+    return trainable(base_params)
+
+
+def a_params(kept, params):
+    """The base a's full params from `frozen_a_params`' output and the policy's params (LoRA: a's adapters
+    joined with the policy's frozen weights, so the weights are held once)."""
+    return lora.join(kept, lora.split(params)[1])
+
+
+def check_frozen_base(base_params, params, what: str = "params") -> None:
+    """Refuse LoRA `params` whose frozen weights are not the base's (they would stand in for a's)."""
+    if not lora.has_adapters(params):
+        return
+    mine, theirs = jax.tree.leaves(lora.split(params)[1]), jax.tree.leaves(lora.split(base_params)[1])
+    same = len(mine) == len(theirs) and all(x is y or (x.shape == y.shape and bool(jnp.array_equal(x, y))) for x, y in zip(mine, theirs))
+    if not same:
+        raise ValueError(f"{what} are LoRA params whose frozen weights differ from the base LM's; train adapters "
+                         f"of the base itself (guard_jax.lora.with_lora(base, ...)) or merge them first")
+
+
 def apply_updates(optimizer: optax.GradientTransformation, params, opt_state, grads, mesh=None):
-    """One optimizer update -> (params, opt_state); on a mesh, both constrained to the rules' shardings."""
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    """One optimizer update of the trainable part of `params` (grads shaped like it) -> (params, opt_state); the
+    frozen part passes through; on a mesh, both constrained to the rules' shardings."""
+    train, frozen = lora.split(params)
+    updates, opt_state = optimizer.update(grads, opt_state, train)
+    params = lora.join(optax.apply_updates(train, updates), frozen)
     return constrain_params(mesh, params), constrain_params(mesh, opt_state)
 
 

@@ -42,7 +42,8 @@ from guard_jax.lm import LM, common_prompt_length
 from guard_jax.models.base import ARM
 from guard_jax.parallel import check_divisible, shard_params, split_batch
 from guard_jax.sampling import check_finite_logp, log_prob, score
-from guard_jax.train.common import adam, apply_updates, check_split, host_constraint, repeat_prompt, sample_many
+from guard_jax.train.common import (a_params, adam, apply_updates, check_frozen_base, check_split, host_constraint, init_opt_state,
+                                    repeat_prompt, sample_many, trainable, trainable_value_and_grad)
 from guard_jax.train.loop import TrainState
 
 
@@ -88,7 +89,9 @@ class DPG:
     default: pi's initial params on base's prompt). The mesh is `base.mesh` (`guard_jax.parallel.make_mesh`
     or `data_mesh`): the state and a's params are sharded by the rules of guard_jax.parallel (replicated on a
     1-D data mesh) and each minibatch is split over the devices for sampling, scoring and the gradient (XLA
-    sums the gradients across them)."""
+    sums the gradients across them). A LoRA `base` (guard_jax.lora.with_lora) trains the adapters only; a is the
+    base with its initial (zero-delta) adapters on the policy's own frozen weights, and an off-policy q keeps only
+    its adapters."""
 
     def __init__(self, base: LM, constraint, config: DPGConfig, *, proposal: LM | None = None):
         if proposal is not None:
@@ -98,6 +101,8 @@ class DPG:
                 raise ValueError(f"proposal must have the model of base ({base.model}), got {proposal.model}: "
                                  "the policy, a and q share one architecture")
         mesh = base.mesh
+        if proposal is not None:
+            check_frozen_base(base.params, proposal.params, "proposal.params")
         if mesh is not None:
             check_divisible(config.minibatch, mesh.size, "minibatch")
             base = base.with_params(shard_params(mesh, base.params))
@@ -106,16 +111,17 @@ class DPG:
         q = base if proposal is None else proposal
         length = common_prompt_length(base, q)
         (self.prompt, self.mask), (self.q_prompt, self.q_mask) = base.prompt_arrays(1, length), q.prompt_arrays(1, length)
-        self.proposal_params = None if proposal is None else proposal.params
+        self.proposal_params = None if proposal is None else trainable(proposal.params)
         self.optimizer = adam(config.learning_rate, config.warmup_steps)
 
     def init_state(self, params) -> TrainState:
+        check_frozen_base(self.base.params, params)
         extra = {"log_z_sum": jnp.asarray(-jnp.inf, jnp.float32), "n_seen": jnp.asarray(0.0, jnp.float32),
                  "steps_without_b": jnp.asarray(0, jnp.int32)}
         if not self.config.on_policy:
-            proposal = params if self.proposal_params is None else self.proposal_params
+            proposal = trainable(params) if self.proposal_params is None else self.proposal_params
             extra |= {"proposal": proposal, "q_prompt": self.q_prompt, "q_mask": self.q_mask}
-        state = TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), extra)
+        state = TrainState(jnp.asarray(0, jnp.int32), params, init_opt_state(self.optimizer, params), extra)
         return shard_params(self.mesh, state)
 
     def log_P(self, tokens_NT: np.ndarray, lengths_N: np.ndarray, b_N: np.ndarray) -> np.ndarray:
@@ -140,7 +146,7 @@ class DPG:
         if c.on_policy:
             q_params, q_prompt, q_mask = state.params, self.prompt, self.mask
         else:
-            q_params, q_prompt, q_mask = state.extra["proposal"], state.extra["q_prompt"], state.extra["q_mask"]
+            q_params, q_prompt, q_mask = a_params(state.extra["proposal"], state.params), state.extra["q_prompt"], state.extra["q_mask"]
         tokens, lengths, logq = sample_many(key, self.model, q_params, q_prompt, q_mask, M, c.minibatch, c.max_new_tokens, self.mesh)
         check_finite_logp(logq, f"DPG step {int(state.step)}: samples of the {'policy' if c.on_policy else 'proposal q'}")
         tokens_NT, lengths_N = np.asarray(tokens), np.asarray(lengths)
@@ -166,7 +172,7 @@ class DPG:
         if not c.on_policy:
             swap = int(state.step) % c.swap_every == 0 and float(metrics["kl_g_pi"]) < float(metrics["kl_g_q"])
             if swap:
-                state = state._replace(extra=state.extra | {"proposal": state.params, "q_prompt": self.prompt, "q_mask": self.mask})
+                state = state._replace(extra=state.extra | {"proposal": trainable(state.params), "q_prompt": self.prompt, "q_mask": self.mask})
             metrics["swapped"] = float(swap)
         return state, metrics
 
@@ -211,10 +217,10 @@ def dpg_gradient(params, model: ARM, prompt, mask, tokens_MBT, lengths_MB, logq_
     def minibatch(grad_sum, xs):
         *batch, log_z = xs
         batch = tuple(split_batch(x, mesh) for x in batch)
-        (loss, logpi), g = jax.value_and_grad(dpg_loss, has_aux=True)(params, model, prompt_B, mask_B, *batch, log_z)
+        (loss, logpi), g = trainable_value_and_grad(dpg_loss, params, model, prompt_B, mask_B, *batch, log_z, has_aux=True)
         return jax.tree.map(jnp.add, grad_sum, g), (loss, logpi)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, trainable(params))
     grad_sum, (loss_M, logpi_MB) = jax.lax.scan(minibatch, zeros, (tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M))
     return jax.tree.map(lambda g: g / tokens_MBT.shape[0], grad_sum), loss_M, logpi_MB
 

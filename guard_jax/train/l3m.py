@@ -26,7 +26,7 @@ from guard_jax.data.packing import batch_indices
 from guard_jax.lm import LM
 from guard_jax.parallel import shard_params, split_batch
 from guard_jax.sampling import check_finite_logp, log_prob
-from guard_jax.train.common import adam, apply_updates, check_mesh_batch, repeat_prompt, sample_many
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, init_opt_state, repeat_prompt, sample_many, trainable_value_and_grad
 from guard_jax.train.loop import TrainState
 
 
@@ -146,7 +146,7 @@ class L3M:
         self.optimizer = adam(config.learning_rate)
 
     def init_state(self, params) -> TrainState:
-        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {}))
+        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, init_opt_state(self.optimizer, params), {}))
 
     def mu(self, step: int) -> float:
         c = self.config
@@ -181,6 +181,6 @@ def _l3m_update(state, prompt_1P, mask_1P, sft_tokens_BT, sft_lengths_B, tokens_
         logp_pi_N = log_prob(model, params, *repeat_prompt(prompt_1P, mask_1P, N, mesh), tokens_NT, lengths_N)[0]
         return sampled_loss(logp_sft_B, logp_pi_N, r_KN, thresholds_K, mu)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, aux), grads = trainable_value_and_grad(loss_fn, state.params, has_aux=True)
     params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     return TrainState(state.step + 1, params, opt_state, state.extra), aux | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

@@ -19,7 +19,8 @@ import optax
 from guard_jax.lm import LM
 from guard_jax.parallel import shard_params, split_batch
 from guard_jax.sampling import check_finite_logp, log_prob
-from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, minibatched_log_prob, repeat_prompt, sample_many
+from guard_jax.train.common import (a_params, adam, apply_updates, check_frozen_base, check_mesh_batch, check_split, frozen_a_params,
+                                    init_opt_state, minibatched_log_prob, repeat_prompt, sample_many, trainable, trainable_value_and_grad)
 from guard_jax.train.loop import TrainState
 
 
@@ -90,12 +91,14 @@ class RL:
             raise TypeError(f"reward must be callable (tokens_NT, lengths_N) -> values_N, got {type(reward).__name__}")
         check_mesh_batch(base.mesh, **{"config.minibatch": config.minibatch or config.n_samples})
         self.mesh = base.mesh
-        self.base, self.model, self.base_params, self.reward, self.config = base, base.model, shard_params(base.mesh, base.params), reward, config
+        self.base, self.model, self.reward, self.config = base, base.model, reward, config
+        self.base_params = shard_params(base.mesh, frozen_a_params(base.params))  # LoRA: a's adapters (weights: the policy's)
         self.prompt, self.mask = base.prompt_arrays(1)
         self.optimizer = adam(config.learning_rate)
 
     def init_state(self, params) -> TrainState:
-        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {}))
+        check_frozen_base(self.base.params, params)
+        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, init_opt_state(self.optimizer, params), {}))
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c = self.config
@@ -118,16 +121,17 @@ def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, l
     M, B = lengths_MB.shape
     tokens_MBT, lengths_MB, logp_pi_MB, r_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logp_pi_MB, r_MB))
     prompt_B, mask_B = repeat_prompt(prompt_1P, mask_1P, B, mesh)
-    logp_a_MB = minibatched_log_prob(model, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, mesh)
+    logp_a_MB = minibatched_log_prob(model, a_params(base_params, state.params), prompt_1P, mask_1P, tokens_MBT, lengths_MB, mesh)
     advantage_N, aux = advantages(logp_pi_MB.reshape(-1), logp_a_MB.reshape(-1), r_MB.reshape(-1), beta)
     advantage_MB = advantage_N.reshape(M, B)
 
     def minibatch(grad_sum, xs):
         tokens_BT, lengths_B, advantage_B = (split_batch(x, mesh) for x in xs)
-        g = jax.grad(lambda p: -jnp.sum(advantage_B * log_prob(model, p, prompt_B, mask_B, tokens_BT, lengths_B)[0]) / (M * B))(state.params)
+        _, g = trainable_value_and_grad(
+            lambda p: -jnp.sum(advantage_B * log_prob(model, p, prompt_B, mask_B, tokens_BT, lengths_B)[0]) / (M * B), state.params)
         return jax.tree.map(jnp.add, grad_sum, g), None
 
-    grads, _ = jax.lax.scan(minibatch, jax.tree.map(jnp.zeros_like, state.params), (tokens_MBT, lengths_MB, advantage_MB))
+    grads, _ = jax.lax.scan(minibatch, jax.tree.map(jnp.zeros_like, trainable(state.params)), (tokens_MBT, lengths_MB, advantage_MB))
     loss = -jnp.mean(advantage_MB * logp_pi_MB)
     params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     return TrainState(state.step + 1, params, opt_state, state.extra), aux | {"loss": loss, "grad_norm": optax.tree.norm(grads)}

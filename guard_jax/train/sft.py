@@ -16,7 +16,7 @@ from guard_jax.lm import LM
 from guard_jax.models.base import ARM
 from guard_jax.sampling import log_prob
 from guard_jax.parallel import shard_params, split_batch
-from guard_jax.train.common import adam, apply_updates, check_mesh_batch
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, init_opt_state, trainable_value_and_grad
 from guard_jax.train.loop import TrainState
 
 
@@ -43,7 +43,8 @@ class SFT:
     `optimizer` (default Adam at `config.learning_rate` with `config.warmup_steps`): pass one shared
     instance to several SFT trainers over same-shaped batches and they share one compiled step.
     On `lm.mesh`, the state is sharded by guard_jax.parallel's rules and each minibatch split over the
-    devices (config.batch_size divisible by the mesh size)."""
+    devices (config.batch_size divisible by the mesh size). With a LoRA `lm` (guard_jax.lora.with_lora) only the
+    adapters are trained (and have Adam moments)."""
 
     def __init__(self, lm: LM, tokens_NT, lengths_N, config: SFTConfig = SFTConfig(), *,
                  optimizer: optax.GradientTransformation | None = None):
@@ -64,7 +65,7 @@ class SFT:
         return len(self.tokens) // self.batch_size
 
     def init_state(self, params) -> TrainState:
-        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, self.optimizer.init(params), {}))
+        return shard_params(self.mesh, TrainState(jnp.asarray(0, jnp.int32), params, init_opt_state(self.optimizer, params), {}))
 
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         del key  # the minibatch is a function of (seed, step)
@@ -83,6 +84,6 @@ def nll_per_token(model: ARM, params, prompt_BP, mask_BP, tokens_BT, lengths_B):
 @functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh"))
 def _update(state, prompt_B, mask_B, tokens, lengths, *, model, optimizer, mesh=None):
     prompt_B, mask_B, tokens, lengths = (split_batch(x, mesh) for x in (prompt_B, mask_B, tokens, lengths))
-    loss, grads = jax.value_and_grad(lambda p: nll_per_token(model, p, prompt_B, mask_B, tokens, lengths))(state.params)
+    loss, grads = trainable_value_and_grad(lambda p: nll_per_token(model, p, prompt_B, mask_B, tokens, lengths), state.params)
     params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     return TrainState(state.step + 1, params, opt_state, state.extra), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
