@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import timed
+
 # peak HBM bandwidth (bytes/s) and dense bf16 FLOP/s per chip, by jax device_kind substring (vendor datasheets)
 PEAKS = {
     "H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "A100": (2.0e12, 312e12), "L4": (3.0e11, 121e12),
@@ -48,13 +50,9 @@ def _model(shape: str):
 
 
 def _timed(fn, repeats=2):
-    fn()  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    """Median wall time of `fn()` after one call that compiles it."""
+    fn()
+    return timed(fn, repeats)
 
 
 def sampling_report(model, new_tokens: int, batches, bw):

@@ -36,14 +36,9 @@ def mask_logits(logits_BV, allowed_BV):
     return jnp.where(jnp.any(allowed_BV, axis=-1, keepdims=True), jax.nn.log_softmax(masked), log_a)
 
 
-@dataclasses.dataclass(frozen=True)
-class MaskedARM:
-    """a masked by a token automaton. `prompt_len`: the width P of the (left-padded) prompt every call uses;
-    `max_new_tokens`: T, the length the masks are exact for (as in `masked_sample`)."""
-
-    base: ARM
-    prompt_len: int
-    max_new_tokens: int
+class _WrappedARM:
+    """What the wrappers of a base ARM share: the base's token ids, and prompt_len, max_new_tokens >= 1
+    (checked when a dataclass subclass is built)."""
 
     def __post_init__(self):
         if self.prompt_len < 1 or self.max_new_tokens < 1:
@@ -53,6 +48,16 @@ class MaskedARM:
     bos_id = property(lambda self: self.base.bos_id)
     eos_id = property(lambda self: self.base.eos_id)
     pad_id = property(lambda self: self.base.pad_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedARM(_WrappedARM):
+    """a masked by a token automaton. `prompt_len`: the width P of the (left-padded) prompt every call uses;
+    `max_new_tokens`: T, the length the masks are exact for (as in `masked_sample`)."""
+
+    base: ARM
+    prompt_len: int
+    max_new_tokens: int
 
     @staticmethod
     def params_of(base_params, mask: TokenAutomaton) -> dict:
@@ -123,7 +128,7 @@ def bias_logits(logits_BV, bias_BV):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class HostMaskedARM:
+class HostMaskedARM(_WrappedARM):
     """a reweighted by a host-side `PrefixBias` of the generated prefix: the law
 
         q(y_t | y_<t) = a(y_t | y_<t) exp(bias(y_<t)[y_t]) / sum_v a(v | y_<t) exp(bias(y_<t)[v]),
@@ -139,15 +144,6 @@ class HostMaskedARM:
     bias: PrefixBias
     prompt_len: int
     max_new_tokens: int
-
-    def __post_init__(self):
-        if self.prompt_len < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"prompt_len and max_new_tokens must be >= 1, got {self.prompt_len}, {self.max_new_tokens}")
-
-    vocab_size = property(lambda self: self.base.vocab_size)
-    bos_id = property(lambda self: self.base.bos_id)
-    eos_id = property(lambda self: self.base.eos_id)
-    pad_id = property(lambda self: self.base.pad_id)
 
     def _host_bias(self, prefixes_fn, shape: tuple[int, ...], *args):
         """The bias of the prefixes `prefixes_fn(*numpy args)` lists, fetched from the host -> float32 [*shape, V].
