@@ -67,15 +67,10 @@ def trainable_value_and_grad(fn, params, *args, has_aux: bool = False):
     return jax.value_and_grad(lambda t, *a: fn(lora.join(t, frozen), *a), has_aux=has_aux)(train, *args)
 
 
-def frozen_a_params(base_params):
-    """What a trainer keeps of the frozen base a's params: its trainable part (all of them; for a LoRA LM the
-    initial adapters only, the frozen weights being the policy's own, see `a_params`)."""
-    return trainable(base_params)
-
-
 def a_params(kept, params):
-    """The base a's full params from `frozen_a_params`' output and the policy's params (LoRA: a's adapters
-    joined with the policy's frozen weights, so the weights are held once)."""
+    """The base a's full params from what a trainer keeps of them (`trainable(base.params)`: all of them; for a LoRA
+    LM its initial adapters only) and the policy's params (LoRA: a's adapters joined with the policy's frozen
+    weights, so the weights are held once)."""
     return lora.join(kept, lora.split(params)[1])
 
 

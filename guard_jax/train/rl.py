@@ -19,7 +19,7 @@ import optax
 from guard_jax.lm import LM
 from guard_jax.parallel import shard_params, split_batch
 from guard_jax.sampling import check_finite_logp, log_prob
-from guard_jax.train.common import (a_params, adam, apply_updates, check_frozen_base, check_mesh_batch, check_split, frozen_a_params,
+from guard_jax.train.common import (a_params, adam, apply_updates, check_frozen_base, check_mesh_batch, check_split,
                                     init_opt_state, minibatched_log_prob, repeat_prompt, sample_many, trainable, trainable_value_and_grad)
 from guard_jax.train.loop import TrainState
 
@@ -92,7 +92,7 @@ class RL:
         check_mesh_batch(base.mesh, **{"config.minibatch": config.minibatch or config.n_samples})
         self.mesh = base.mesh
         self.base, self.model, self.reward, self.config = base, base.model, reward, config
-        self.base_params = shard_params(base.mesh, frozen_a_params(base.params))  # LoRA: a's adapters (weights: the policy's)
+        self.base_params = shard_params(base.mesh, trainable(base.params))  # LoRA: a's adapters (weights: the policy's)
         self.prompt, self.mask = base.prompt_arrays(1)
         self.optimizer = adam(config.learning_rate)
 
