@@ -251,7 +251,7 @@ def bench_embedded(B: int, repeats: int, threads: int) -> dict:
         "mfu": parts["step"]["jax_mfu"], "goal_mfu": 0.25, "samples_per_s": round(B / med["jax_step"], 1),
         "torch_samples_per_s": round(B / med["torch_step"], 1), "peak_gflops": round(peak / 1e9, 1),
         "jax_compile_plus_first_step_s": round(r["first"]["jax_step"], 2), "repeats": repeats, "threads": threads,
-        "load_average_1min": [load_before, load_average()], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "load_average_1min": [load_before, load_average()], "cpu_cores_used": r["cores"], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
 
 

@@ -184,7 +184,7 @@ def _bench_batch(name, torch_model, model, params, B: int, T: int, repeats: int,
         "ratio": round(torch_s / jax_s, 2), "jax_compile_s": round(max(r["first"]["jax"] - jax_s, 0.0), 3),
         "goal_ratio": 5.0 if name == "embedded" else 3.0,
         "jax_fraction_of_matmul_peak": round(B * T * decode_flops(model, T) / jax_s / peak, 3),
-        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "matmul_peak_gflops": round(peak / 1e9, 1), "cpu_cores_used": r["cores"],
     }]
     if mesh is not None:
         one_s = r["median"]["jax_one_device"]

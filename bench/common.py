@@ -46,19 +46,24 @@ def peak_matmul(n: int = 2048):
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds of each no-argument function, run in turns (A, B, A, B, ...) so that all see the same
     machine load; each is called once first (compilation, warm-up), which is timed separately.
-    -> {"median": {name: s}, "first": {name: s}}."""
+    -> {"median": {name: s}, "first": {name: s}, "cores": CPU seconds of this process per wall second over the
+    timed turns}. "cores" says how quiet the run was: near the core count when the machine was this process's,
+    lower when other processes took cores (the load average does not show it: it counts waiting processes, and
+    under Linux's autogroup scheduling a niced process of another session still takes an equal share)."""
     first = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
         first[name] = time.perf_counter() - t0
     times = {name: [] for name in fns}
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {"median": {name: float(np.median(t)) for name, t in times.items()}, "first": first}
+    cores = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+    return {"median": {name: float(np.median(t)) for name, t in times.items()}, "first": first, "cores": round(cores, 2)}
 
 
 def embedded_models():

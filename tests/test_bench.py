@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,10 +19,25 @@ def test_bench_sampling_quick_on_two_host_devices():
     sampling = records[0]
     for key in ("jax_tokens_per_s", "torch_tokens_per_s", "jax_one_device_tokens_per_s"):
         assert sampling[key] > 0
+    assert 0 < sampling["cpu_cores_used"] <= os.cpu_count() + 0.1  # CPU seconds per wall second of the timed turns
     speedup = sampling["jax_tokens_per_s"] / sampling["jax_one_device_tokens_per_s"]
     assert abs(sampling["host_devices_speedup"] - speedup) < 0.02  # both sides timed in the same turns
     assert [r["new_tokens"] for r in records[1:3]] == [32, 128]
     assert records[3]["max_abs_logp_diff_vs_torch"] < 1e-3  # the sharded scorer agrees with transformers
+
+
+def test_interleaved_reports_the_cores_it_got():
+    from bench.common import interleaved
+
+    def busy():  # one thread busy for 50 ms: about one core
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.05:
+            pass
+
+    r = interleaved({"busy": busy, "idle": lambda: time.sleep(0.05)}, 2)
+    assert set(r["median"]) == set(r["first"]) == {"busy", "idle"}
+    assert r["median"]["idle"] >= 0.05
+    assert 0 < r["cores"] <= 1.05  # one busy thread for half the turns; the process's other threads are idle
 
 
 def test_bench_sampling_refuses_bad_host_devices():
@@ -43,6 +59,7 @@ def test_bench_dpg_embedded_times_each_part_beside_torch():
     assert record["speedup_vs_torch"] == record["parts"]["step"]["speedup_vs_torch"]
     assert 0 < record["mfu"] == record["parts"]["step"]["jax_mfu"] and record["peak_gflops"] > 0
     assert len(record["load_average_1min"]) == 2
+    assert 0 < record["cpu_cores_used"] <= os.cpu_count() + 0.1
 
 
 @pytest.mark.slow
