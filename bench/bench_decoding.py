@@ -19,7 +19,9 @@ Grammars through llguidance (`guard_jax.grammars`):
 - `grammar_masked_vs_plain`: per-token time of `grammar_masked_sample` (host masks overlapped with the
   jitted decode) / `sample` on the embedded model (B = 128, 30 tokens; goal <= 1.3x), the dense table's
   `masked_sample` for the regex, and the CFG's masked LM (`proposals.masked_lm`: the masks come back from the
-  host inside the jitted scan, what the experiments sample and score).
+  host inside the jitted scan, what the experiments sample and score). `ratio`: the median over interleaved
+  (plain, masked) pairs of wall time, with its range; `cpu_ratio`: the same with this process's CPU time (all
+  threads), steadier than wall time on a shared machine; `load_average`: the 1-minute load at the end.
 - the bind rows: the first binding of a tokenizer and the cached one (`llg_tokenizer` keeps one binding per
   tokenizer object), with llguidance's general slices and without; `mask_ms`: one more mask after the first.
 """
@@ -221,11 +223,22 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     for kind, run in runs.items():
         # the host loop stops when every row has ended: time per step it ran (the dense scan always runs T)
         steps = int(np.max(run().lengths_B)) if kind in ("regex", "json_schema", "cfg") else T
-        pairs = [(timed(plain, 1), timed(lambda: jax.block_until_ready(run()), 1)) for _ in range(repeats)]  # interleaved
-        t_plain, t_masked = (float(np.median(x)) for x in zip(*pairs))
+        masked = lambda: jax.block_until_ready(run())
+        pairs = [(_wall_and_cpu(plain), _wall_and_cpu(masked)) for _ in range(repeats)]  # interleaved: the machine drifts
+        wall = [(m[0] / steps) / (p[0] / T) for p, m in pairs]
+        cpu = [(m[1] / steps) / (p[1] / T) for p, m in pairs]
         emit({"bench": "grammar_masked_vs_plain", "config": f"embedded GPT-2 V={model.vocab_size}", "mask": kind, "B": B, "T": T,
-              "steps": steps, "plain_ms_per_token": round(1e3 * t_plain / T, 3), "masked_ms_per_token": round(1e3 * t_masked / steps, 3),
-              "ratio": round((t_masked / steps) / (t_plain / T), 3), "goal_ratio": 1.3})
+              "steps": steps, "plain_ms_per_token": round(1e3 * float(np.median([p[0] for p, _ in pairs])) / T, 3),
+              "masked_ms_per_token": round(1e3 * float(np.median([m[0] for _, m in pairs])) / steps, 3),
+              "ratio": round(float(np.median(wall)), 3), "ratio_range": [round(min(wall), 3), round(max(wall), 3)],
+              "cpu_ratio": round(float(np.median(cpu)), 3), "goal_ratio": 1.3, "load_average": round(os.getloadavg()[0], 1)})
+
+
+def _wall_and_cpu(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all its threads) of one call of `fn`."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def main(argv=None):
