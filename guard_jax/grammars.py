@@ -107,15 +107,17 @@ def _hf_token_list(tokenizer) -> tuple[list[bytes], list[int]] | None:
     backend = tokenizer.backend_tokenizer
     if backend.decoder is None or json.loads(backend.decoder.__getstate__()).get("type") != "ByteLevel":
         return None
-    chars = _byte_level_chars()
+    # each alphabet character -> the character of its byte (latin-1), every other character below 256 -> one that
+    # latin-1 cannot encode, so a token with a character outside the alphabet fails to encode
+    table = {i: 0xFFFF for i in range(256)} | {ord(c): b for c, b in _byte_level_chars().items()}
     vocab = backend.get_vocab(with_added_tokens=True)
     added = backend.get_added_tokens_decoder()
     tokens = [b""] * max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
     for text, i in vocab.items():
         if i not in added:
             try:
-                tokens[i] = bytes(chars[c] for c in text)
-            except KeyError:  # a character outside the byte-level alphabet: llguidance leaves the token out too
+                tokens[i] = text.translate(table).encode("latin-1")
+            except UnicodeEncodeError:  # a character outside the byte-level alphabet: llguidance leaves the token out too
                 continue
     special = []
     for i, info in added.items():

@@ -151,6 +151,13 @@ class PrefixBias(Protocol):
         `bitmasks(prefixes)`: int32 [len(prefixes), ceil(V/32)] (an empty row: a's conditionals)."""
 
 
+def _written(cache) -> jax.Array:
+    """One element of every leaf of a cache the forward pass has written: a value that exists only after the
+    pass's cache updates (waiting on it, rather than on the logits, leaves XLA's fusion of the logits, and so
+    the samples, bit for bit as without the host bias)."""
+    return jnp.stack([jnp.ravel(x)[:1].astype(jnp.float32) for x in jax.tree.leaves(cache)])
+
+
 def bias_logits(logits_BV, bias_BV):
     """log a(v|u) + bias, renormalised; rows where nothing has positive weight keep log a (float32+)."""
     log_a = jax.nn.log_softmax(logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32)))
@@ -262,7 +269,7 @@ class HostMaskedARM(_WrappedARM):
         t = jnp.zeros((), jnp.int32)
         job, tokens_BP = self._start_bias(params, self._prefixes_after, (B,), tokens_BP, cache["gen"], t)
         logits_BV, base_cache = self.base.prefill(params["base"], tokens_BP, mask_BP, cache["base"])
-        bias_BV = self._finish_bias(params, job, (B,), logits_BV[:1, :1])
+        bias_BV = self._finish_bias(params, job, (B,), _written(base_cache))
         return bias_logits(logits_BV, bias_BV), {"base": base_cache, "gen": cache["gen"], "t": t}
 
     def decode(self, params, token_B, cache):
@@ -272,5 +279,5 @@ class HostMaskedARM(_WrappedARM):
         t = t + 1
         job, token_B = self._start_bias(params, self._prefixes_after, (token_B.shape[0],), token_B, gen_BT, t)
         logits_BV, base_cache = self.base.decode(params["base"], token_B, cache["base"])  # while the host computes the masks
-        bias_BV = self._finish_bias(params, job, (token_B.shape[0],), logits_BV[:1, :1])
+        bias_BV = self._finish_bias(params, job, (token_B.shape[0],), _written(base_cache))
         return bias_logits(logits_BV, bias_BV), {"base": base_cache, "gen": gen_BT, "t": t}
