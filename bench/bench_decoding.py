@@ -19,9 +19,14 @@ Grammars through llguidance (`guard_jax.grammars`):
 - `grammar_masked_vs_plain`: per-token time of `grammar_masked_sample` (host masks overlapped with the
   jitted decode) / `sample` on the embedded model (B = 128, 30 tokens; goal <= 1.3x), the dense table's
   `masked_sample` for the regex, and the CFG's masked LM (`proposals.masked_lm`: the masks come back from the
-  host inside the jitted scan, what the experiments sample and score).
+  host inside the jitted scan, what the experiments sample and score). `ratio`: the median over interleaved
+  (plain, masked) pairs of wall time, with its range; `cpu_ratio`: the same with this process's CPU time (all
+  threads), steadier than wall time on a shared machine; `load_average`: the 1-minute load at the end.
 - the bind rows: the first binding of a tokenizer and the cached one (`llg_tokenizer` keeps one binding per
-  tokenizer object), with llguidance's general slices and without; `mask_ms`: one more mask after the first.
+  tokenizer object), with llguidance's general slices and without; `mask_ms`: one more mask after the first;
+- `grammar_bind`: a byte-level Hugging Face tokenizer of the synthetic vocabulary (50,257 and 256,000 tokens)
+  bound by llguidance's own reading (`llguidance.hf.from_tokenizer`) and from the byte list `llg_tokenizer`
+  builds (the same bytes), interleaved.
 """
 
 from __future__ import annotations
@@ -205,6 +210,45 @@ def bench_grammar_build(name, make_tokenizer, dense: bool):
               "table_mb": round(mask.next_state_SV.nbytes / 2**20, 1)})
 
 
+def byte_level_hf_tokenizer(vocab_size: int):
+    """The synthetic vocabulary as a Hugging Face byte-level BPE fast tokenizer (GPT-2's byte alphabet, no
+    merges, EOS "<eos>" = id 0): what `llg_tokenizer` binds from its byte list or llguidance reads itself."""
+    import tokenizers
+
+    from guard_jax.grammars import _byte_level_chars
+
+    char_of = {b: c for c, b in _byte_level_chars().items()}
+    syn = SyntheticTokenizer(vocab_size)
+    vocab = {"".join(char_of[b] for b in t): i for i, t in enumerate(syn.tokens) if i > 0}
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"<eos>": 0, **vocab}, merges=[]))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.add_special_tokens(["<eos>"])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+def bench_bind_paths(vocab_size: int, repeats: int):
+    """Binding one byte-level HF tokenizer: llguidance's own reading (`llguidance.hf.from_tokenizer`) against the
+    byte list `llg_tokenizer` builds (same bytes), with general slices and none, interleaved; median seconds."""
+    import llguidance.hf
+
+    from guard_jax.grammars import _bind
+
+    tok = byte_level_hf_tokenizer(vocab_size)
+    for slices, label in ((None, "general slices"), ([], "no slices")):
+        pairs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            llguidance.hf.from_tokenizer(tok, slices=slices)
+            t1 = time.perf_counter()
+            _bind(tok, None, None, slices)
+            pairs.append((t1 - t0, time.perf_counter() - t1))
+        hf_s, ours_s = (float(np.median(x)) for x in zip(*pairs))
+        emit({"bench": "grammar_bind", "config": f"byte-level HF BPE V={vocab_size}", "slices": label, "repeats": repeats,
+              "llguidance_hf_seconds": round(hf_s, 3), "byte_list_seconds": round(ours_s, 3), "speedup": round(hf_s / ours_s, 2),
+              "load_average": round(os.getloadavg()[0], 1)})
+
+
 def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     lm = LM.load("embedded")
     model, params = lm.model, lm.params
@@ -221,11 +265,22 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     for kind, run in runs.items():
         # the host loop stops when every row has ended: time per step it ran (the dense scan always runs T)
         steps = int(np.max(run().lengths_B)) if kind in ("regex", "json_schema", "cfg") else T
-        pairs = [(timed(plain, 1), timed(lambda: jax.block_until_ready(run()), 1)) for _ in range(repeats)]  # interleaved
-        t_plain, t_masked = (float(np.median(x)) for x in zip(*pairs))
+        masked = lambda: jax.block_until_ready(run())
+        pairs = [(_wall_and_cpu(plain), _wall_and_cpu(masked)) for _ in range(repeats)]  # interleaved: the machine drifts
+        wall = [(m[0] / steps) / (p[0] / T) for p, m in pairs]
+        cpu = [(m[1] / steps) / (p[1] / T) for p, m in pairs]
         emit({"bench": "grammar_masked_vs_plain", "config": f"embedded GPT-2 V={model.vocab_size}", "mask": kind, "B": B, "T": T,
-              "steps": steps, "plain_ms_per_token": round(1e3 * t_plain / T, 3), "masked_ms_per_token": round(1e3 * t_masked / steps, 3),
-              "ratio": round((t_masked / steps) / (t_plain / T), 3), "goal_ratio": 1.3})
+              "steps": steps, "plain_ms_per_token": round(1e3 * float(np.median([p[0] for p, _ in pairs])) / T, 3),
+              "masked_ms_per_token": round(1e3 * float(np.median([m[0] for _, m in pairs])) / steps, 3),
+              "ratio": round(float(np.median(wall)), 3), "ratio_range": [round(min(wall), 3), round(max(wall), 3)],
+              "cpu_ratio": round(float(np.median(cpu)), 3), "goal_ratio": 1.3, "load_average": round(os.getloadavg()[0], 1)})
+
+
+def _wall_and_cpu(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all its threads) of one call of `fn`."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def main(argv=None):
@@ -241,6 +296,8 @@ def main(argv=None):
         vocabs.append(("synthetic V=256000", lambda: SyntheticTokenizer(256000), args.dense_large))
     for name, make, dense in vocabs:
         bench_grammar_build(name, make, dense)
+    for V in (50257,) + (() if args.quick else (256000,)):
+        bench_bind_paths(V, 3)
     bench_grammar_masked(args.repeats)
     if args.grammars_only:
         return

@@ -65,6 +65,15 @@ def _bind(tokenizer, vocab_size, eos_id, slices):
 
     try:
         if hasattr(tokenizer, "backend_tokenizer"):
+            listed = _hf_token_list(tokenizer)
+            if listed is not None:  # the same bytes as llguidance's own reading of the tokenizer, faster to bind
+                tokens, special = listed
+                if vocab_size is not None and vocab_size < len(tokens):
+                    raise ValueError(f"vocab size too small; {vocab_size} vs {len(tokens)}")
+                for i in range(len(tokens), vocab_size or 0):  # ids past the tokenizer's: special, as llguidance names them
+                    tokens.append(f"<[{i}]>".encode())
+                    special.append(i)
+                return llguidance.LLTokenizer(_ByteList(tokenizer, tokens, special, eos_id), slices=slices)
             return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_id, slices=slices)
         if hasattr(tokenizer, "to_str"):
             if eos_id is None:
@@ -74,6 +83,63 @@ def _bind(tokenizer, vocab_size, eos_id, slices):
         raise ValueError(f"tokenizer {type(tokenizer).__name__} cannot be bound at the byte level by llguidance: {e}; "
                          "use a byte-level BPE or SentencePiece fast tokenizer") from e
     raise TypeError(f"tokenizer must be a Hugging Face fast tokenizer or a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte -> the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def _hf_token_list(tokenizer) -> tuple[list[bytes], list[int]] | None:
+    """(the bytes of every token id, the special ids) of a byte-level fast tokenizer (GPT-2's ByteLevel decoder),
+    read as llguidance reads it (its `toktrie_hf`): each character of a token maps back to its byte; an added
+    token is its text, special when marked so or written <...>. None for another decoder (e.g. SentencePiece's
+    byte fallback, whose tokenizer adds a prefix space that llguidance's tokenization must not see): then
+    llguidance reads the tokenizer itself."""
+    backend = tokenizer.backend_tokenizer
+    if backend.decoder is None or json.loads(backend.decoder.__getstate__()).get("type") != "ByteLevel":
+        return None
+    # each alphabet character -> the character of its byte (latin-1), every other character below 256 -> one that
+    # latin-1 cannot encode, so a token with a character outside the alphabet fails to encode
+    table = {i: 0xFFFF for i in range(256)} | {ord(c): b for c, b in _byte_level_chars().items()}
+    vocab = backend.get_vocab(with_added_tokens=True)
+    added = backend.get_added_tokens_decoder()
+    tokens = [b""] * max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
+    for text, i in vocab.items():
+        if i not in added:
+            try:
+                tokens[i] = text.translate(table).encode("latin-1")
+            except UnicodeEncodeError:  # a character outside the byte-level alphabet: llguidance leaves the token out too
+                continue
+    special = []
+    for i, info in added.items():
+        tokens[i] = info.content.encode("utf-8")
+        if info.special or (info.content.startswith("<") and info.content.endswith(">")):  # llguidance's rule
+            special.append(int(i))
+    return tokens, special
+
+
+class _ByteList:
+    """A tokenizer as llguidance's `TokenizerWrapper` protocol wants it: the bytes of every token, the special
+    ids, EOS, and text -> ids through the Hugging Face tokenizer."""
+
+    def __init__(self, tokenizer, tokens: list[bytes], special: list[int], eos_id: int | None):
+        self.tokens, self.special_token_ids = tokens, special
+        self.eos_token_id = tokenizer.eos_token_id if eos_id is None else int(eos_id)
+        self.bos_token_id = tokenizer.bos_token_id
+        self.is_tokenizer_wrapper = True
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
 
 
 def token_bytes(tokenizer, vocab_size: int | None = None) -> dict[int, bytes]:

@@ -91,4 +91,7 @@ def test_bench_decoding_grammar_lines():
                                            "cfg, masked LM (host bias in the jitted scan)"]
     for r in masked:
         assert r["goal_ratio"] == 1.3 and 0 < r["steps"] <= r["T"] == 30
-        assert abs(r["ratio"] - r["masked_ms_per_token"] / r["plain_ms_per_token"]) < 0.01 * r["ratio"] + 0.002
+        assert r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1] and r["cpu_ratio"] > 0  # medians of (plain, masked) pairs
+    for slices in ("general slices", "no slices"):
+        (row,) = [r for r in records if r["bench"] == "grammar_bind" and r["slices"] == slices]
+        assert row["config"] == "byte-level HF BPE V=50257" and row["llguidance_hf_seconds"] > 0 and row["byte_list_seconds"] > 0

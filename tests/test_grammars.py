@@ -299,3 +299,64 @@ def test_tokenizer_binding_is_made_once_per_tokenizer(embedded_tokenizer):
     assert llg_tokenizer(tok, 8192, slices=[]) is not first and llg_tokenizer(tok, 8192, slices=[]) is llg_tokenizer(tok, 8192, slices=())
     other = transformers.AutoTokenizer.from_pretrained(str(EMBEDDED))
     assert llg_tokenizer(other, 8192) is not first
+
+
+def _sentencepiece_tokenizer():
+    """A small SentencePiece-style fast tokenizer: "▁" for spaces, <0xNN> byte-fallback tokens, added tokens."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, normalizers
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", "<b>", "a", "b", "é", "▁ca", "fé", "▁na", "ïve"]
+    tk = tokenizers.Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens(["<s>", "</s>", "[SPEC]"])
+    tk.add_tokens(["<extra>", "zzq", "x<y>"])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+
+
+def test_byte_list_binding_reads_every_token_as_llguidance_does(embedded_tokenizer):
+    """The binding from a byte-level tokenizer's byte list (the fast path) gives every id the bytes and special
+    flag, and every text the tokens, that llguidance's own reading of the tokenizer gives, and "café" is
+    accepted through it; a SentencePiece tokenizer (byte fallback) is left to llguidance and reads the same."""
+    import llguidance.hf
+
+    from guard_jax.grammars import _bind, _hf_token_list
+
+    import transformers
+
+    spm = _sentencepiece_tokenizer()
+    grown = transformers.AutoTokenizer.from_pretrained(str(EMBEDDED))
+    grown.add_tokens(["<extra>", "zzq", "x<y>"])  # added tokens: llguidance counts the <...> one as special
+    assert _hf_token_list(grown) is not None and _hf_token_list(spm) is None
+    for tok, n_vocab in ((embedded_tokenizer, None), (embedded_tokenizer, 8200), (grown, None), (spm, None)):
+        ours, ref = _bind(tok, n_vocab, None, None), llguidance.hf.from_tokenizer(tok, n_vocab=n_vocab)
+        assert (ours.vocab_size, ours.eos_token) == (ref.vocab_size, ref.eos_token)
+        for i in range(ref.vocab_size):
+            assert (ours.decode_bytes([i]), ours.is_special_token(i)) == (ref.decode_bytes([i]), ref.is_special_token(i)), i
+        for text in ("café naïve", " hello, world!", "<|endoftext|>x"):
+            assert ours.tokenize_str(text) == ref.tokenize_str(text), text
+    ids = embedded_tokenizer("café", add_special_tokens=False)["input_ids"]
+    assert Grammar.regex("café", _bind(embedded_tokenizer, None, None, None)).accepts([ids], [len(ids)])[0]
+
+
+def test_host_masked_lms_of_one_model_share_compiled_programs(toy):
+    """Masking by a grammar and ASAp's law are HostMaskedARMs that compare equal (their bias is found by the id in
+    their params), so the sampler is compiled once for both, and each still samples its own law."""
+    from guard_jax import sampling
+    from guard_jax.proposals import masked_lm
+
+    grammar, params, _, _ = toy
+    a = LM.of(MODEL, params)
+    asap = Asap(MODEL, params, grammar, 5)
+    asap.sample(jax.random.PRNGKey(1), 20, batch_size=4)
+    masked, learned = masked_lm(a, grammar, 5), asap.as_lm(a)
+    assert masked.model == learned.model and hash(masked.model) == hash(learned.model)
+    prompt, pmask = masked.prompt_arrays(256)
+    key = jax.random.PRNGKey(2)
+    before = sampling.sample._cache_size()
+    got = [np.asarray(sample(key, q.model, q.params, prompt, pmask, 5).logp_B) for q in (masked, learned, masked)]
+    assert sampling.sample._cache_size() - before <= 1
+    np.testing.assert_array_equal(got[0], got[2])
+    assert not np.allclose(got[0], got[1])  # the same program, each LM's own bias

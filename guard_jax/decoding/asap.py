@@ -336,7 +336,7 @@ class Asap:
 
     def as_lm(self, a):
         """The law of the next sample given the current trie (a snapshot: later samples do not change it) as an
-        `LM` (`masked_arm.HostMaskedARM` over a's model, params and prompt), so the samplers, scorers and
+        `LM` (`masked_arm.HostMaskedARM` over a's model, params and prompt; its params carry the snapshot's host id), so the samplers, scorers and
         estimators take it as a proposal a'. With an empty trie it is masked decoding by the same mask."""
         from guard_jax.decoding.masked_arm import HostMaskedARM
 
@@ -344,7 +344,8 @@ class Asap:
             raise ValueError(f"as_lm needs the LM this sampler was built for (its model and prompt {self.prompt_P.tolist()}), "
                              f"got prompt {list(a.prompt)}")
         bias = TrieBias(self._sets, self.nodes, self.model.vocab_size, self.max_new_tokens, self.model.eos_id)
-        return dataclasses.replace(a, model=HostMaskedARM(a.model, bias, len(a.prompt), self.max_new_tokens))
+        return dataclasses.replace(a, model=HostMaskedARM(a.model, bias, len(a.prompt), self.max_new_tokens),
+                                   params=HostMaskedARM.params_of(a.params, bias))
 
     def log_prob(self, tokens_NT, lengths_N, batch_size: int = 32) -> np.ndarray:
         """log q(y) of the law the next sample is drawn from (the current trie), for any sequences -> float64 [N].

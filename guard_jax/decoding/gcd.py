@@ -505,10 +505,11 @@ def _decode(model: ARM, params: Params, token_B, cache):
     return model.decode(params, token_B, cache)
 
 
-def unpack_bitmask(bitmask_BW: jax.Array, vocab_size: int) -> jax.Array:
-    """int32 bitmask [B, ceil(V/32)] -> bool allowed_BV (jit-able): bit v % 32 of word v // 32."""
-    v_V = jnp.arange(vocab_size)
-    return ((bitmask_BW[:, v_V // 32] >> (v_V % 32)) & 1).astype(bool)
+def unpack_bitmask(bitmask_W: jax.Array, vocab_size: int) -> jax.Array:
+    """int32 bitmask [..., ceil(V/32)] -> bool allowed [..., V] (jit-able): bit v % 32 of word v // 32. Shifts
+    and a reshape, no gather (XLA's CPU gather over V cost more)."""
+    bits_W32 = (bitmask_W[..., None] >> jnp.arange(32, dtype=bitmask_W.dtype)) & 1
+    return bits_W32.reshape(*bitmask_W.shape[:-1], -1)[..., :vocab_size].astype(bool)
 
 
 @functools.partial(jax.jit, static_argnames=("pad_id", "eos_id"))
@@ -544,16 +545,20 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
     matchers = grammar.batch(B)
     bitmask_BW = np.empty((B, grammar.mask_words), np.int32)
     done_B = jnp.zeros((B,), bool)
-    tokens, logq, loga, alive = (np.zeros((T, B), d) for d in (np.int32, np.float32, np.float32, bool))
-    tokens[:] = model.pad_id
+    tokens = np.full((T, B), model.pad_id, np.int32)
+    steps = []  # (logq_B, loga_B, alive_B) per step, left on the device until the end: one fetch per step (the tokens)
     for t in range(T):
         matchers.fill(bitmask_BW)
         token_B, logq_B, loga_B, alive_B, done_B = _masked_pick(logits_BV, jnp.asarray(bitmask_BW), u_TB[t], done_B,
                                                                model.pad_id, model.eos_id)
         if t + 1 < T:
             logits_BV, cache = _decode(model, params, token_B, cache)  # runs while the host computes masks
-        tokens[t], logq[t], loga[t], alive[t] = (np.asarray(x) for x in (token_B, logq_B, loga_B, alive_B))
+        steps.append((logq_B, loga_B, alive_B))
+        tokens[t] = np.asarray(token_B)
         matchers.consume(tokens[t])
         if not matchers.running_B.any():
             break
+    logq, loga, alive = (np.zeros((T, B), d) for d in (np.float32, np.float32, bool))
+    n = len(steps)
+    logq[:n], loga[:n], alive[:n] = (np.asarray(jnp.stack(x)) for x in zip(*steps))
     return MaskedSamples(tokens.T, alive.sum(0).astype(np.int32), logq.T, logq.sum(0), loga.T, loga.sum(0))

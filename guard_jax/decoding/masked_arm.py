@@ -18,14 +18,18 @@ prefixes, fetched by `jax.pure_callback` inside the jitted sampler and scorer. `
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import itertools
+import threading
+import weakref
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guard_jax.decoding.gcd import TokenAutomaton
+from guard_jax.decoding.gcd import TokenAutomaton, unpack_bitmask
 from guard_jax.models.base import ARM
 
 
@@ -110,6 +114,33 @@ class MaskedARM(_WrappedARM):
         return mask_logits(logits_BV, allowed_BV), {"base": base_cache, "state": state_B, "t": t}
 
 
+class _HostJobs:
+    """Host work started by one callback of a jitted program and collected by a later one, so the device runs what
+    lies between them (the model's forward pass) while one host thread computes."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._jobs: dict[int, concurrent.futures.Future] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, fn, *args) -> int:
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="host-bias")
+            job = next(self._ids) % 2**31
+            self._jobs[job] = self._pool.submit(fn, *args)
+        return job
+
+    def result(self, job: int) -> np.ndarray:
+        with self._lock:
+            future = self._jobs.pop(job)
+        return future.result()
+
+
+_JOBS = _HostJobs()
+
+
 class PrefixBias(Protocol):
     """Host-side next-token weights after a generated prefix (see `HostMaskedARM`)."""
 
@@ -120,6 +151,13 @@ class PrefixBias(Protocol):
         `bitmasks(prefixes)`: int32 [len(prefixes), ceil(V/32)] (an empty row: a's conditionals)."""
 
 
+def _written(cache) -> jax.Array:
+    """One element of every leaf of a cache the forward pass has written: a value that exists only after the
+    pass's cache updates (waiting on it, rather than on the logits, leaves XLA's fusion of the logits, and so
+    the samples, bit for bit as without the host bias)."""
+    return jnp.stack([jnp.ravel(x)[:1].astype(jnp.float32) for x in jax.tree.leaves(cache)])
+
+
 def bias_logits(logits_BV, bias_BV):
     """log a(v|u) + bias, renormalised; rows where nothing has positive weight keep log a (float32+)."""
     log_a = jax.nn.log_softmax(logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32)))
@@ -127,7 +165,20 @@ def bias_logits(logits_BV, bias_BV):
     return jnp.where(jnp.any(jnp.isfinite(w), axis=-1, keepdims=True), jax.nn.log_softmax(w), log_a)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+_BIASES: "weakref.WeakValueDictionary[int, PrefixBias]" = weakref.WeakValueDictionary()  # id -> bias, alive while a model holds it
+_BIAS_IDS = itertools.count(1)
+
+
+def _bias_work(bias_id: int, prefixes: list[tuple[int, ...]], shape: tuple[int, ...]) -> np.ndarray:
+    """The host side of a `HostMaskedARM` step: the bias of `prefixes` as int32 bitmasks [*shape, W] (a
+    `bitmask_only` bias) or float32 [*shape, V]."""
+    bias = _BIASES[bias_id]
+    if getattr(bias, "bitmask_only", False):
+        return np.asarray(bias.bitmasks(prefixes), np.int32).reshape(*shape, -1)
+    return np.asarray(bias.log_bias(prefixes), np.float32).reshape(*shape, -1)
+
+
+@dataclasses.dataclass(frozen=True)
 class HostMaskedARM(_WrappedARM):
     """a reweighted by a host-side `PrefixBias` of the generated prefix: the law
 
@@ -135,39 +186,60 @@ class HostMaskedARM(_WrappedARM):
 
     with the model contract (sample AND score), so masking by a `Grammar` and ASAp's law after N samples
     are LMs every sampler, scorer and estimator takes. The model's work stays jitted; the bias comes back
-    from the host through `jax.pure_callback` (one call per decode step for the batch, one per teacher-forced
-    pass for all positions). `prompt_len`: the width P of the (left-padded) prompt every call uses;
-    `max_new_tokens`: T. Static and hashed by identity (a `jax.jit` static argument); params are a's.
+    from the host through `jax.pure_callback`: one callback starts the host work for the batch (a decode
+    step's prefixes, or every position of a teacher-forced pass) on a host thread before the model's forward
+    pass, a second one collects it after, so the two overlap. `prompt_len`: the width P of the (left-padded)
+    prompt every call uses; `max_new_tokens`: T.
+
+    Params are `params_of(a's params, bias)`: the bias is found on the host by the id its params carry, so the
+    wrapper is static and compares by (base, prompt_len, max_new_tokens) alone, and every HostMaskedARM of
+    one base and shape shares one compiled sampler and scorer (masking by a grammar, ASAp's laws after any
+    number of samples). `bias` is kept here only so the bias lives as long as the model.
     """
 
     base: ARM
-    bias: PrefixBias
+    bias: PrefixBias = dataclasses.field(compare=False, repr=False)
     prompt_len: int
     max_new_tokens: int
 
-    def _host_bias(self, prefixes_fn, shape: tuple[int, ...], *args):
-        """The bias of the prefixes `prefixes_fn(*numpy args)` lists, fetched from the host -> float32 [*shape, V].
-        A bias with `bitmask_only` (0 / -inf: a mask) comes back as int32 bitmasks, 32 times fewer bytes."""
+    @staticmethod
+    def params_of(base_params, bias: PrefixBias) -> dict:
+        """{"base": a's params, "bias": int32 [2] = (the bias's host id, 1 for a `bitmask_only` bias)}."""
+        bias_id = next(_BIAS_IDS) % 2**31
+        _BIASES[bias_id] = bias
+        return {"base": base_params, "bias": jnp.asarray([bias_id, int(bool(getattr(bias, "bitmask_only", False)))], jnp.int32)}
+
+    def _start_bias(self, params, prefixes_fn, shape: tuple[int, ...], passed, *args):
+        """Start computing the bias of the prefixes `prefixes_fn(*numpy args)` lists on a host thread -> (job, passed).
+
+        `passed` comes back unchanged: what consumes it (the model's forward pass) cannot start before the host
+        work has, so the two run at the same time; `_finish_bias` waits for the result."""
+
+        def start(bias_2, passed, *xs):
+            xs = [np.array(x) for x in xs]  # copies: the callback's buffers are not ours after it returns
+            return np.int32(_JOBS.submit(lambda: _bias_work(int(bias_2[0]), prefixes_fn(*xs), shape))), passed
+
+        out = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct(passed.shape, passed.dtype))
+        return jax.pure_callback(start, out, params["bias"], passed, *args, vmap_method="sequential")
+
+    def _finish_bias(self, params, job, shape: tuple[int, ...], after):
+        """The bias of `job` -> float32 [*shape, V], fetched once `after` (an output of the forward pass) exists. A
+        `bitmask_only` bias (0 / -inf: a mask) comes back as int32 bitmasks, 32 times fewer bytes."""
         V = self.vocab_size
-        if getattr(self.bias, "bitmask_only", False):
-            W = -(-V // 32)
+        wait = lambda job, after: _JOBS.result(int(job))
 
-            def host(*xs):
-                return np.asarray(self.bias.bitmasks(prefixes_fn(*xs)), np.int32).reshape(*shape, W)
+        def bits(job):
+            bits_W = jax.pure_callback(wait, jax.ShapeDtypeStruct((*shape, -(-V // 32)), jnp.int32), job, after, vmap_method="sequential")
+            return jnp.where(unpack_bitmask(bits_W, V), 0.0, -jnp.inf).astype(jnp.float32)
 
-            bits = jax.pure_callback(host, jax.ShapeDtypeStruct((*shape, W), jnp.int32), *args, vmap_method="sequential")
-            v_V = jnp.arange(V)
-            allowed = ((bits[..., v_V // 32] >> (v_V % 32)) & 1).astype(bool)
-            return jnp.where(allowed, 0.0, -jnp.inf).astype(jnp.float32)
+        def floats(job):
+            return jax.pure_callback(wait, jax.ShapeDtypeStruct((*shape, V), jnp.float32), job, after, vmap_method="sequential")
 
-        def host(*xs):
-            return np.asarray(self.bias.log_bias(prefixes_fn(*xs)), np.float32).reshape(*shape, V)
+        return jax.lax.cond(params["bias"][1] == 1, bits, floats, job)
 
-        return jax.pure_callback(host, jax.ShapeDtypeStruct((*shape, V), jnp.float32), *args, vmap_method="sequential")
-
-    def _bias_after(self, gen_BT, t):
-        """bias after the first t generated tokens of each row -> float32 [B, V] (host callback)."""
-        return self._host_bias(lambda gen_BT, t: [tuple(row[: int(t)].tolist()) for row in np.asarray(gen_BT)], (gen_BT.shape[0],), gen_BT, t)
+    @staticmethod
+    def _prefixes_after(gen_BT, t):
+        return [tuple(row[: int(t)].tolist()) for row in gen_BT]
 
     def apply(self, params, tokens_BS, mask_BS=None):
         """Teacher-forced: positions >= P - 1 (those that predict generated tokens) are reweighted -> logprobs_BSV."""
@@ -175,10 +247,11 @@ class HostMaskedARM(_WrappedARM):
         B, S = tokens_BS.shape
         if S < P:
             raise ValueError(f"HostMaskedARM.apply got {S} positions, fewer than prompt_len={P}")
-        logits_BSV = self.base.apply(params, tokens_BS, mask_BS)
         G = S - P
-        bias_BG1V = self._host_bias(lambda gen_BG: [tuple(r[:t]) for r in np.asarray(gen_BG).tolist() for t in range(G + 1)], (B, G + 1),
-                                    tokens_BS[:, P:].astype(jnp.int32))
+        job, tokens_BS = self._start_bias(params, lambda gen_BG: [tuple(r[:t]) for r in gen_BG.tolist() for t in range(G + 1)],
+                                          (B, G + 1), tokens_BS, tokens_BS[:, P:].astype(jnp.int32))
+        logits_BSV = self.base.apply(params["base"], tokens_BS, mask_BS)  # while the host computes the bias
+        bias_BG1V = self._finish_bias(params, job, (B, G + 1), logits_BSV[:1, -1, :1])
         head = jax.nn.log_softmax(logits_BSV[:, : P - 1].astype(jnp.promote_types(logits_BSV.dtype, jnp.float32)))
         return jnp.concatenate([head, bias_logits(logits_BSV[:, P - 1 :], bias_BG1V)], axis=1)
 
@@ -192,14 +265,19 @@ class HostMaskedARM(_WrappedARM):
     def prefill(self, params, tokens_BP, mask_BP, cache):
         if tokens_BP.shape[1] != self.prompt_len:
             raise ValueError(f"HostMaskedARM was built for prompts of width {self.prompt_len}, got {tokens_BP.shape[1]}")
-        logits_BV, base_cache = self.base.prefill(params, tokens_BP, mask_BP, cache["base"])
-        cache = {"base": base_cache, "gen": cache["gen"], "t": jnp.zeros((), jnp.int32)}
-        return bias_logits(logits_BV, self._bias_after(cache["gen"], cache["t"])), cache
+        B = tokens_BP.shape[0]
+        t = jnp.zeros((), jnp.int32)
+        job, tokens_BP = self._start_bias(params, self._prefixes_after, (B,), tokens_BP, cache["gen"], t)
+        logits_BV, base_cache = self.base.prefill(params["base"], tokens_BP, mask_BP, cache["base"])
+        bias_BV = self._finish_bias(params, job, (B,), _written(base_cache))
+        return bias_logits(logits_BV, bias_BV), {"base": base_cache, "gen": cache["gen"], "t": t}
 
     def decode(self, params, token_B, cache):
         """token_B is generated token number t (cache["t"]); -> log q after the t + 1 generated tokens."""
-        logits_BV, base_cache = self.base.decode(params, token_B, cache["base"])
         t = cache["t"]
         gen_BT = jax.lax.dynamic_update_slice(cache["gen"], token_B.astype(jnp.int32)[:, None], (jnp.zeros((), jnp.int32), jnp.minimum(t, self.max_new_tokens - 1).astype(jnp.int32)))
         t = t + 1
-        return bias_logits(logits_BV, self._bias_after(gen_BT, t)), {"base": base_cache, "gen": gen_BT, "t": t}
+        job, token_B = self._start_bias(params, self._prefixes_after, (token_B.shape[0],), token_B, gen_BT, t)
+        logits_BV, base_cache = self.base.decode(params["base"], token_B, cache["base"])  # while the host computes the masks
+        bias_BV = self._finish_bias(params, job, (token_B.shape[0],), _written(base_cache))
+        return bias_logits(logits_BV, bias_BV), {"base": base_cache, "gen": gen_BT, "t": t}
