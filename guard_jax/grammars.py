@@ -85,31 +85,20 @@ def _bind(tokenizer, vocab_size, eos_id, slices):
     raise TypeError(f"tokenizer must be a Hugging Face fast tokenizer or a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
 
 
-def _byte_level_chars() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the printable character that stands for each byte -> the byte."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
-    chars, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + n)] = b
-            n += 1
-    return chars
-
-
 def _hf_token_list(tokenizer) -> tuple[list[bytes], list[int]] | None:
     """(the bytes of every token id, the special ids) of a byte-level fast tokenizer (GPT-2's ByteLevel decoder),
     read as llguidance reads it (its `toktrie_hf`): each character of a token maps back to its byte; an added
     token is its text, special when marked so or written <...>. None for another decoder (e.g. SentencePiece's
     byte fallback, whose tokenizer adds a prefix space that llguidance's tokenization must not see): then
     llguidance reads the tokenizer itself."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte -> printable character
+
     backend = tokenizer.backend_tokenizer
     if backend.decoder is None or json.loads(backend.decoder.__getstate__()).get("type") != "ByteLevel":
         return None
     # each alphabet character -> the character of its byte (latin-1), every other character below 256 -> one that
     # latin-1 cannot encode, so a token with a character outside the alphabet fails to encode
-    table = {i: 0xFFFF for i in range(256)} | {ord(c): b for c, b in _byte_level_chars().items()}
+    table = {i: 0xFFFF for i in range(256)} | {ord(c): b for b, c in bytes_to_unicode().items()}
     vocab = backend.get_vocab(with_added_tokens=True)
     added = backend.get_added_tokens_decoder()
     tokens = [b""] * max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
