@@ -84,7 +84,9 @@ def enumerate_sequences(vocab_size: int, max_len: int, eos_id: int | None = None
 
 
 def _chunk_size(space: SequenceSpace, prompt_len: int, budget_bytes: int) -> int:
-    per_stem = 4 * (prompt_len + space.max_len) * space.vocab_size * 3
+    """Stems per chunk: a stem's V sequences hold about three [P + T, V] float32 arrays (logits, their
+    log-softmax, its repeat's gather) and three [V, T] ones (the tokens, their log-probs, the masked ones)."""
+    per_stem = 4 * space.vocab_size * (3 * (prompt_len + space.max_len) + 3 * space.max_len)
     return int(max(1, min(budget_bytes // per_stem, space.size // space.vocab_size)))
 
 
