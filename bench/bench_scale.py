@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import jax
 
@@ -69,6 +70,11 @@ SHAPES = {
 QUICK = {"tiny-gemma": Gemma(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, version=1)}
 PROMPT = 8  # prompt tokens (BOS + a short context)
+# XLA:CPU's default scheduler favours concurrency: it starts independent work early (every layer's weight all-gather
+# and bf16 cast at the top of the step, the blocks' recomputations before the backward pass reaches them), which
+# holds every layer's buffers at once. The plan compiles with its memory-minimising scheduler, as a TPU/GPU
+# compiler schedules under a memory limit (set through XLA_FLAGS before JAX starts: a compile option is ignored).
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def _abstract(tree, shardings):
@@ -211,6 +217,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA rows' adapters")
     parser.add_argument("--lora-policy", default="bf16", help="precision policy of the LoRA rows (bf16: frozen weights in bf16)")
     args = parser.parse_args(argv)
+    if CPU_SCHEDULER_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_SCHEDULER_FLAG}".strip()
     jax.config.update("jax_num_cpu_devices", 8)  # before JAX starts (it refuses after)
     if jax.device_count() < 8:
         parser.error(f"bench_scale needs 8 host devices, JAX sees {jax.device_count()} (run it before JAX starts)")
