@@ -168,14 +168,6 @@ def split_batch(x: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim, axis))
 
 
-def per_iteration(params, xs):
-    """Inside a loop body: (params, xs) through an optimization barrier (an identity) -> (params, xs), so the
-    params' uses depend on the iteration's inputs xs. Without it XLA hoists what depends on the params alone out of
-    the loop (the all-gathers of sharded weights, their casts to the compute dtype), and the gathered weights of
-    every layer stay alive for the whole loop instead of one layer's while it is used."""
-    return jax.lax.optimization_barrier((params, xs))
-
-
 def replicate(mesh: Mesh, tree):
     """Place a pytree whole on every device of the mesh."""
     return jax.device_put(tree, NamedSharding(mesh, P()))

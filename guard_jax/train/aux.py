@@ -34,8 +34,8 @@ from guard_jax.data.packing import batch_indices
 from guard_jax.lm import LM
 from guard_jax.models import lora
 from guard_jax.models.base import ARM
-from guard_jax.parallel import per_iteration, shard_params, split_batch
-from guard_jax.sampling import check_finite_logp
+from guard_jax.parallel import shard_params, split_batch
+from guard_jax.sampling import check_finite_logp, per_iteration
 from guard_jax.train.common import (adam, apply_updates, check_mesh_batch, check_split, host_constraint, jit_step, repeat_prompt,
                                     sample_many)
 from guard_jax.train.loop import TrainState

@@ -6,7 +6,9 @@ LM's `mesh`), every trainer places its state with `guard_jax.parallel.shard_para
 frozen params sharded by the rules), splits each batch over the devices inside its jitted update
 (`split_batch`) and constrains the updated params and optimizer state to the same shardings (`apply_updates`).
 With LoRA adapters in the params (guard_jax.lora), gradients, updates and optimizer state cover the adapters only
-(`trainable_value_and_grad`, `init_opt_state`, `apply_updates`); the base weights pass through unchanged.
+(`trainable_value_and_grad`, `init_opt_state`, `apply_updates`); the base weights pass through unchanged, as the
+very same buffers (`jit_step`). Loops over minibatches or batches tie the params to each iteration
+(`sampling.per_iteration`), so a sharded model's gathered weights are not hoisted out of the loop and held whole.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import optax
 
 from guard_jax.models import lora
 from guard_jax.models.base import ARM
-from guard_jax.parallel import check_divisible, constrain_params, per_iteration, split_batch
-from guard_jax.sampling import log_prob, sample
+from guard_jax.parallel import check_divisible, constrain_params, split_batch
+from guard_jax.sampling import log_prob, per_iteration, sample
 
 
 def adam(learning_rate: float, warmup_steps: int = 0, clip_norm: float | None = None) -> optax.GradientTransformation:

@@ -39,8 +39,8 @@ import optax
 
 from guard_jax.lm import LM, common_prompt_length
 from guard_jax.models.base import ARM
-from guard_jax.parallel import check_divisible, per_iteration, shard_params, split_batch
-from guard_jax.sampling import check_finite_logp, log_prob, score
+from guard_jax.parallel import check_divisible, shard_params, split_batch
+from guard_jax.sampling import check_finite_logp, log_prob, per_iteration, score
 from guard_jax.train.common import (a_params, adam, apply_updates, check_frozen_base, check_split, host_constraint, init_opt_state, jit_step,
                                     repeat_prompt, sample_many, trainable, trainable_value_and_grad)
 from guard_jax.train.loop import TrainState

@@ -16,8 +16,8 @@ import numpy as np
 import optax
 
 from guard_jax.lm import LM
-from guard_jax.parallel import per_iteration, shard_params, split_batch
-from guard_jax.sampling import check_finite_logp, log_prob
+from guard_jax.parallel import shard_params, split_batch
+from guard_jax.sampling import check_finite_logp, log_prob, per_iteration
 from guard_jax.train.common import (a_params, adam, apply_updates, check_frozen_base, check_mesh_batch, check_split, frozen_a_params,
                                     init_opt_state, jit_step, minibatched_log_prob, repeat_prompt, sample_many, trainable, trainable_value_and_grad)
 from guard_jax.train.loop import TrainState
