@@ -169,7 +169,7 @@ def cases(quick: bool, lora_policy: str = "bf16"):
             if name == "gemma-2b":
                 out.append((name, "dpg_update", "full", "bf16_compute", False, devices, dpg_minibatches(devices)[0]))
             out.append((name, "sft_step", "full", "bf16_compute", True, devices, 64))
-            out.append((name, "sampler", "full", "bf16", False, devices, 500))
+            out.append((name, "sampler", "full", "bf16", False, devices, dpg_minibatches(devices)[0]))  # 504 on 8
             for batch in dpg_minibatches(devices):
                 out.append((name, "dpg_update", "lora", lora_policy, True, devices, batch))
             out.append((name, "sft_step", "lora", lora_policy, True, devices, 64))
