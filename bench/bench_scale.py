@@ -12,8 +12,10 @@ device. The paper's DPG minibatch 500 x 30 tokens is not divisible by 8 devices:
 
 Compiling full-depth programs on a small CPU host is slow, so `--layers L1,L2` compiles each case at two
 reduced depths and extrapolates every byte count linearly to the full depth (per-layer weights, Adam
-state and saved activations are linear in depth); the JSON says `"extrapolated_from_layers"`. CPU's buffer
-assignment and fusion differ from TPU/GPU: temporaries are an estimate. `--quick`: tiny shapes, for the
+state and saved activations are linear in depth); the JSON says `"extrapolated_from_layers"`. It compiles with
+XLA:CPU's memory-minimising scheduler (`CPU_SCHEDULER_FLAG`; the default one starts independent work early and
+holds every layer's buffers at once). CPU's buffer assignment and fusion differ from TPU/GPU (f32 copies of bf16
+matmul operands, all-reduced gradients): temporaries are an estimate. `--quick`: tiny shapes, for the
 test suite.
 
 DPG cases draw the paper's 10,000 samples per update: at the paper's minibatch (500, run as 504 x 20 on 8
