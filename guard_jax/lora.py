@@ -12,8 +12,9 @@ The adapters come from qwix (`qwix.LoraProvider`, see guard_jax/models/lora.py):
 [r, out] (zeros) beside each targeted kernel, so the adapted LM starts equal to the base (a zero delta: the same
 log-probs up to float rounding, as XLA fuses the adapted program differently). The trainers see the adapters in
 the params and differentiate, update and keep Adam moments for the adapters only
-(`train.common.trainable_value_and_grad`, `init_opt_state`, `apply_updates`); the base weights pass through the
-steps unchanged (a jitted step returns them as new buffers: the trainer's state and the LM each hold a copy).
+(`train.common.trainable_value_and_grad`, `init_opt_state`, `apply_updates`); the base weights are an argument of
+each compiled step, never one of its outputs (`train.common.jit_step`), so the trainer's state holds the LM's own
+frozen buffers, not a second copy.
 
 The adapters are float32 whatever the policy: `with_precision(lm, "bf16")` stores the frozen weights in bfloat16
 (nothing is lost: they never change) next to float32 adapters and float32 Adam moments, the LoRA training

@@ -2,7 +2,9 @@
 (draw, score, the GUARD sampler) and one training step of every trainer (SFT, DPG on- and off-policy, L3M,
 aux, RL) equal one device, and the params and Adam moments are sharded by the rules on 2-D meshes.
 
-    python tests/multidevice_check.py 2x4            # the default test: one 2-D mesh, a tiny GPT-2
+    python tests/multidevice_check.py 2x4            # one 2-D mesh, a tiny GPT-2: the driver and every trainer
+    python tests/multidevice_check.py 2x4 --only driver,sft
+                                                     # a part of it (the default tests run it in three parts)
     python tests/multidevice_check.py 8x1,4x2,2x4 --full
                                                      # the slow test: every mesh, plus sample_sharded /
                                                      # sample_pmap on the 1-D data mesh and two DPG steps
@@ -82,24 +84,29 @@ def driver_agrees(model, params, mesh) -> None:
     _refused(lambda: draw(key, split, 12, max_new_tokens=T, batch_size=12, progress=False), "batch_size=12 must be divisible")
 
 
-def trainers(model, params, mesh):
-    """(name, trainer, initial params) for every trainer, on an LM with `mesh` (None: one device)."""
+PARTS = ("driver", "sft", "dpg", "dpg_off", "l3m", "aux", "rl")  # what --only selects: the driver and each trainer
+
+
+def trainers(model, params, mesh, names=PARTS):
+    """(name, trainer, initial params) for every trainer in `names`, on an LM with `mesh` (None: one device)."""
     a = LM.of(model, params).with_mesh(mesh)
     rows = sample(jax.random.PRNGKey(11), model, params, *bos_prompt(model, N), T)
     tokens, lengths = np.asarray(rows.tokens_BT), np.asarray(rows.lengths_B)
     head = GPT2(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_id=31, eos_id=31)
     q_params = jax.tree.map(lambda x: 0.8 * x, params)  # the off-policy proposal: a flatter GPT-2 on the same prompt
     dpg = DPGConfig(n_samples=N, minibatch=N, max_new_tokens=T, learning_rate=LR)
-    return [
-        ("sft", SFT(a, tokens, lengths, SFTConfig(batch_size=N, learning_rate=LR)), params),
-        ("dpg", DPG(a, B_CONSTRAINT, dpg), params),
-        ("dpg_off", DPG(a, B_CONSTRAINT, DPGConfig(**{**dpg.__dict__, "on_policy": False}), proposal=a.with_params(q_params)), params),
-        ("l3m", L3M(a, tokens, lengths, [B_CONSTRAINT], L3MConfig(thresholds=[0.9], total_steps=2, n_samples=N, batch_size=N,
-                                                                  max_new_tokens=T, learning_rate=LR)), params),
-        ("aux", AuxTrainer(a, head, B_CONSTRAINT, AuxConfig(n_samples=N, max_new_tokens=T, learning_rate=LR)),
-         {"head": head.init(jax.random.PRNGKey(5)), "policy": params}),
-        ("rl", RL(a, B_CONSTRAINT, RLConfig(beta=0.5, n_samples=N, max_new_tokens=T, learning_rate=LR)), params),
-    ]
+    make = {
+        "sft": lambda: (SFT(a, tokens, lengths, SFTConfig(batch_size=N, learning_rate=LR)), params),
+        "dpg": lambda: (DPG(a, B_CONSTRAINT, dpg), params),
+        "dpg_off": lambda: (DPG(a, B_CONSTRAINT, DPGConfig(**{**dpg.__dict__, "on_policy": False}), proposal=a.with_params(q_params)),
+                            params),
+        "l3m": lambda: (L3M(a, tokens, lengths, [B_CONSTRAINT], L3MConfig(thresholds=[0.9], total_steps=2, n_samples=N, batch_size=N,
+                                                                         max_new_tokens=T, learning_rate=LR)), params),
+        "aux": lambda: (AuxTrainer(a, head, B_CONSTRAINT, AuxConfig(n_samples=N, max_new_tokens=T, learning_rate=LR)),
+                        {"head": head.init(jax.random.PRNGKey(5)), "policy": params}),
+        "rl": lambda: (RL(a, B_CONSTRAINT, RLConfig(beta=0.5, n_samples=N, max_new_tokens=T, learning_rate=LR)), params),
+    }
+    return [(name, *make[name]()) for name in make if name in names]
 
 
 def _policy_logp(model, params, ys):
@@ -118,13 +125,13 @@ def _check_sharded(name, state, mesh) -> None:
     assert mu_specs == [x.sharding.spec for x in jax.tree.leaves(state.params)], f"{name}: Adam's mu is not sharded like the params"
 
 
-def meshes_agree(model, params, meshes) -> None:
-    """On each (data, model) of `meshes`: the driver and one step of every trainer (loss, policy log-probs)
-    equal one device; on 2-D meshes the params and Adam moments are sharded over the model axis."""
+def meshes_agree(model, params, meshes, names=PARTS) -> None:
+    """On each (data, model) of `meshes`: the driver and one step of every trainer in `names` (loss, policy
+    log-probs) equal one device; on 2-D meshes the params and Adam moments are sharded over the model axis."""
     ys = sample(jax.random.PRNGKey(7), model, params, *bos_prompt(model, N), T)
     lp0 = _policy_logp(model, params, ys)
     ref = {}
-    for name, trainer, p0 in trainers(model, params, None):
+    for name, trainer, p0 in trainers(model, params, None, names):
         state, metrics = trainer.step(trainer.init_state(p0), step_key(0, 0))
         lp = _policy_logp(model, state.params["policy"] if name == "aux" else state.params, ys)
         moved = float(np.abs(lp - lp0).max())
@@ -132,8 +139,9 @@ def meshes_agree(model, params, meshes) -> None:
         ref[name] = (float(metrics["loss"]), lp)
     for data, model_axis in meshes:
         mesh = make_mesh(data, model_axis)
-        driver_agrees(model, params, mesh)
-        for name, trainer, p0 in trainers(model, params, mesh):
+        if "driver" in names:
+            driver_agrees(model, params, mesh)
+        for name, trainer, p0 in trainers(model, params, mesh, names):
             state, metrics = trainer.step(trainer.init_state(p0), step_key(0, 0))
             loss, lp = float(metrics["loss"]), _policy_logp(model, state.params["policy"] if name == "aux" else state.params, ys)
             print(f"{data}x{model_axis} {name}: loss rel diff {abs(loss - ref[name][0]) / max(abs(ref[name][0]), 1e-30):.1e}, "
@@ -142,8 +150,9 @@ def meshes_agree(model, params, meshes) -> None:
             np.testing.assert_allclose(lp, ref[name][1], atol=LOGP_ATOL, err_msg=f"{name} {data}x{model_axis} policy log-probs")
             if model_axis > 1:
                 _check_sharded(name, state, mesh)
-        _refused(lambda: DPG(LM.of(model, params).with_mesh(mesh), B_CONSTRAINT, DPGConfig(n_samples=12, minibatch=12)),
-                 "minibatch=12 must be divisible")
+        if "dpg" in names:
+            _refused(lambda: DPG(LM.of(model, params).with_mesh(mesh), B_CONSTRAINT, DPGConfig(n_samples=12, minibatch=12)),
+                     "minibatch=12 must be divisible")
         print(f"mesh {data}x{model_axis} ok", flush=True)
 
 
@@ -189,15 +198,22 @@ def dpg_two_steps_agree(model, params, mesh) -> None:
 
 
 def main(argv) -> int:
-    """argv: comma-separated meshes DATAxMODEL (default 2x4), and --full for the 1-D data-mesh checks."""
+    """argv: comma-separated meshes DATAxMODEL (default 2x4), --full for the 1-D data-mesh checks, --only NAMES
+    (comma-separated PARTS; default all)."""
     start = time.perf_counter()
     full = "--full" in argv
+    names = PARTS
+    if "--only" in argv:
+        i = argv.index("--only")
+        names = tuple(argv[i + 1].split(","))
+        assert names and set(names) <= set(PARTS), f"--only takes some of {PARTS}, got {names}"
+        argv = argv[:i] + argv[i + 2:]
     args = [a for a in argv if a != "--full"]
     meshes = [tuple(int(n) for n in m.split("x")) for m in (args[0] if args else "2x4").split(",")]
     assert jax.device_count() == 8, jax.devices()
     model, params = tiny_gpt2()
     _refused(lambda: shard_batch(data_mesh(), np.zeros((3, 2))), "divisible")
-    meshes_agree(model, params, meshes)
+    meshes_agree(model, params, meshes, names)
     if full:
         mesh = data_mesh()
         toy = TinyTransformerARM(6, 5, eos_id=0)

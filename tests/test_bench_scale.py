@@ -1,12 +1,20 @@
 """The memory plan and the accelerator report run as a user runs them (no numbers asserted beyond their sense)."""
 
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+
 from bench import bench_scale
+from guard_jax.models.gemma import Gemma
+from guard_jax.parallel import make_mesh
+from guard_jax.sampling import sample_from_uniforms
+from guard_jax.train import dpg
 
 
 def test_bench_scale_quick_reports_per_device_bytes():
@@ -47,3 +55,30 @@ def test_goals_are_judged_on_the_best_matching_row():
     assert (full["met"], full["best_batch"], full["best_gib"]) == (True, 80, 15.7)
     assert lora["met"] is None and lora["rows"] == []
     assert (sampler["met"], sampler["best_batch"]) == (False, 500)  # the goal fixes batch 500
+
+
+def _big_head_gemma():
+    """One layer, a head much larger than everything else (V 32,000 x D 128): the weights dominate any copy of them."""
+    return Gemma(vocab_size=32000, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=64, version=1)
+
+
+def test_loops_hold_no_copy_of_the_weights(monkeypatch):
+    """The sampler's decode loop and DPG's minibatch loop tie the params to each iteration (`per_iteration`), so XLA
+    does not hoist the weights' casts out of the loop and hold them through it: the compiled sampler's temporaries
+    stay under half the size of the bf16 weights' float32 copy (which XLA:CPU, with no bfloat16 matmul, would keep),
+    and DPG's update (bf16 compute, fp32 weights) needs at least a bf16 copy of the weights less than with the tie
+    removed."""
+    bf16 = dataclasses.replace(_big_head_gemma(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    params = jax.eval_shape(bf16.init, jax.random.PRNGKey(0))
+    f32_copy = sum(4 * x.size for x in jax.tree.leaves(params))
+    B, P, T = 2, 4, 6
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    sampler = jax.jit(lambda u, p, t, m: sample_from_uniforms(u, bf16, p, t, m)).lower(
+        jax.ShapeDtypeStruct((T, B), jnp.float32), params, i32(B, P), i32(B, P)).compile()
+    assert sampler.memory_analysis().temp_size_in_bytes < f32_copy / 2
+    mixed = dataclasses.replace(_big_head_gemma(), dtype=jnp.bfloat16)  # fp32 weights cast to bf16 in each minibatch
+    temps = lambda: bench_scale.compile_dpg(mixed, make_mesh(1, 1), 2, 4, T).memory_analysis().temp_size_in_bytes
+    tied = temps()
+    monkeypatch.setattr(dpg, "per_iteration", lambda params, xs: (params, xs))
+    assert tied + f32_copy / 2 < temps()

@@ -24,7 +24,6 @@ policy p_theta can then be fine-tuned toward q with the per-token closed-form KL
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,9 @@ from guard_jax.lm import LM
 from guard_jax.models import lora
 from guard_jax.models.base import ARM
 from guard_jax.parallel import shard_params, split_batch
-from guard_jax.sampling import check_finite_logp
-from guard_jax.train.common import adam, apply_updates, check_mesh_batch, check_split, host_constraint, repeat_prompt, sample_many
+from guard_jax.sampling import check_finite_logp, per_iteration
+from guard_jax.train.common import (adam, apply_updates, check_mesh_batch, check_split, host_constraint, jit_step, repeat_prompt,
+                                    sample_many)
 from guard_jax.train.loop import TrainState
 from guard_jax.train.sft import nll_per_token
 
@@ -262,7 +262,7 @@ class AuxTrainer:
         return state, metrics | {"ar": jnp.mean(labels.astype(jnp.float32)), "samples": c.n_samples}
 
 
-@functools.partial(jax.jit, static_argnames=("aux", "policy", "optimizer", "mesh"))
+@jit_step(("aux", "policy", "optimizer", "mesh"))
 def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, labels_MB, kl_weight, corpus=None, *, aux, policy,
                 optimizer, mesh=None):
     """One update on M minibatches of B base samples: each minibatch's losses are its share of the whole
@@ -285,8 +285,9 @@ def _aux_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, 
         return bce + kl_weight * kl, {"bce": bce, "token_kl": kl}
 
     def minibatch(grad_sum, xs):
+        params, xs = per_iteration(state.params, xs)
         xs = tuple(split_batch(x, mesh) for x in xs)
-        (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *xs)
+        (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(params, *xs)
         return jax.tree.map(jnp.add, grad_sum, g), parts | {"loss": loss}
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)

@@ -6,7 +6,9 @@ LM's `mesh`), every trainer places its state with `guard_jax.parallel.shard_para
 frozen params sharded by the rules), splits each batch over the devices inside its jitted update
 (`split_batch`) and constrains the updated params and optimizer state to the same shardings (`apply_updates`).
 With LoRA adapters in the params (guard_jax.lora), gradients, updates and optimizer state cover the adapters only
-(`trainable_value_and_grad`, `init_opt_state`, `apply_updates`); the base weights pass through unchanged.
+(`trainable_value_and_grad`, `init_opt_state`, `apply_updates`); the base weights pass through unchanged, as the
+very same buffers (`jit_step`). Loops over minibatches or batches tie the params to each iteration
+(`sampling.per_iteration`), so a sharded model's gathered weights are not hoisted out of the loop and held whole.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import optax
 from guard_jax.models import lora
 from guard_jax.models.base import ARM
 from guard_jax.parallel import check_divisible, constrain_params, split_batch
-from guard_jax.sampling import log_prob, sample
+from guard_jax.sampling import log_prob, per_iteration, sample
 
 
 def adam(learning_rate: float, warmup_steps: int = 0, clip_norm: float | None = None) -> optax.GradientTransformation:
@@ -43,7 +45,8 @@ def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, b
     prompt_BP, mask_BP = repeat_prompt(prompt_1P, mask_1P, batch_size, mesh)
 
     def one(_, k):
-        s = sample(k, model, params, prompt_BP, mask_BP, max_new_tokens)
+        p, k = per_iteration(params, k)
+        s = sample(k, model, p, prompt_BP, mask_BP, max_new_tokens)
         return None, (s.tokens_BT, s.lengths_B, s.logp_B)
 
     _, (tok, length, logp) = jax.lax.scan(one, None, jax.random.split(key, num_batches))
@@ -94,6 +97,34 @@ def apply_updates(optimizer: optax.GradientTransformation, params, opt_state, gr
     return constrain_params(mesh, params), constrain_params(mesh, opt_state)
 
 
+def jit_step(static_argnames: tuple[str, ...]):
+    """Decorator: `jax.jit` (with `static_argnames`) of a trainer's update fn(state, *args, **kwargs) -> (state,
+    metrics) that keeps the frozen weights of a LoRA state out of the compiled program's outputs.
+
+    The frozen part of `state.params` (guard_jax.lora; None without adapters) goes in as an argument of its own and
+    only the trainable part comes back; the returned state joins it with the very same frozen arrays, so training
+    never holds a second copy of the base weights next to the LM's (a jitted function returns new buffers for
+    whatever it outputs, even an unchanged input). `fn.__wrapped__` is the plain function (to jit it otherwise,
+    e.g. with the state donated)."""
+
+    def decorate(fn):
+        def inner(state, frozen, *args, **kwargs):
+            state, metrics = fn(state._replace(params=lora.join(state.params, frozen)), *args, **kwargs)
+            return state._replace(params=lora.split(state.params)[0]), metrics
+
+        jitted = jax.jit(inner, static_argnames=static_argnames)
+
+        @functools.wraps(fn)
+        def call(state, *args, **kwargs):
+            train, frozen = lora.split(state.params)
+            new, metrics = jitted(state._replace(params=train), frozen, *args, **kwargs)
+            return new._replace(params=lora.join(new.params, frozen)), metrics
+
+        return call
+
+    return decorate
+
+
 def check_mesh_batch(mesh, **batch_sizes) -> None:
     """Refuse batch sizes (named in the error) that the mesh's devices do not split evenly (mesh None: any)."""
     if mesh is not None:
@@ -113,8 +144,9 @@ def minibatched_log_prob(model: ARM, params, prompt_1P, mask_1P, tokens_MBT, len
     prompt_BP, mask_BP = repeat_prompt(prompt_1P, mask_1P, B, mesh)
 
     def one(_, xs):
+        p, xs = per_iteration(params, xs)
         xs = tuple(split_batch(x, mesh) for x in xs)
-        return None, log_prob(model, params, prompt_BP, mask_BP, *xs)[0]
+        return None, log_prob(model, p, prompt_BP, mask_BP, *xs)[0]
 
     return jax.lax.scan(one, None, (tokens_MBT, lengths_MB))[1]
 

@@ -30,7 +30,6 @@ acceptance rates GUARD is for (a few percent) that skips most of a teacher-force
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 
 import jax
@@ -41,8 +40,8 @@ import optax
 from guard_jax.lm import LM, common_prompt_length
 from guard_jax.models.base import ARM
 from guard_jax.parallel import check_divisible, shard_params, split_batch
-from guard_jax.sampling import check_finite_logp, log_prob, score
-from guard_jax.train.common import (a_params, adam, apply_updates, check_frozen_base, check_split, host_constraint, init_opt_state,
+from guard_jax.sampling import check_finite_logp, log_prob, per_iteration, score
+from guard_jax.train.common import (a_params, adam, apply_updates, check_frozen_base, check_split, host_constraint, init_opt_state, jit_step,
                                     repeat_prompt, sample_many, trainable, trainable_value_and_grad)
 from guard_jax.train.loop import TrainState
 
@@ -215,9 +214,9 @@ def dpg_gradient(params, model: ARM, prompt, mask, tokens_MBT, lengths_MB, logq_
     prompt_B, mask_B = repeat_prompt(prompt, mask, B, mesh)
 
     def minibatch(grad_sum, xs):
-        *batch, log_z = xs
+        p, (*batch, log_z) = per_iteration(params, xs)
         batch = tuple(split_batch(x, mesh) for x in batch)
-        (loss, logpi), g = trainable_value_and_grad(dpg_loss, params, model, prompt_B, mask_B, *batch, log_z, has_aux=True)
+        (loss, logpi), g = trainable_value_and_grad(dpg_loss, p, model, prompt_B, mask_B, *batch, log_z, has_aux=True)
         return jax.tree.map(jnp.add, grad_sum, g), (loss, logpi)
 
     zeros = jax.tree.map(jnp.zeros_like, trainable(params))
@@ -225,7 +224,7 @@ def dpg_gradient(params, model: ARM, prompt, mask, tokens_MBT, lengths_MB, logq_
     return jax.tree.map(lambda g: g / tokens_MBT.shape[0], grad_sum), loss_M, logpi_MB
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh", "leave_one_out"))
+@jit_step(("model", "optimizer", "mesh", "leave_one_out"))
 def _update(state, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB, *, model, optimizer, mesh=None, leave_one_out=False):
     tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB))
     log_z_M, log_z_sum, n_seen = minibatch_log_z(state.extra["log_z_sum"], state.extra["n_seen"], logP_MB - logq_MB, leave_one_out)

@@ -14,7 +14,6 @@ with a mean baseline), or exactly on toy ARMs. `L3M` is the trainer for the shar
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -26,7 +25,7 @@ from guard_jax.data.packing import batch_indices
 from guard_jax.lm import LM
 from guard_jax.parallel import shard_params, split_batch
 from guard_jax.sampling import check_finite_logp, log_prob
-from guard_jax.train.common import adam, apply_updates, check_mesh_batch, init_opt_state, repeat_prompt, sample_many, trainable_value_and_grad
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, init_opt_state, jit_step, repeat_prompt, sample_many, trainable_value_and_grad
 from guard_jax.train.loop import TrainState
 
 
@@ -169,7 +168,7 @@ class L3M:
         return state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh"))
+@jit_step(("model", "optimizer", "mesh"))
 def _l3m_update(state, prompt_1P, mask_1P, sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N, r_KN, thresholds_K, mu,
                 *, model, optimizer, mesh=None):
     sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N = (split_batch(x, mesh) for x in (sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N))

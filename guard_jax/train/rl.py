@@ -9,7 +9,6 @@ trainer for the shared loop.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +17,9 @@ import optax
 
 from guard_jax.lm import LM
 from guard_jax.parallel import shard_params, split_batch
-from guard_jax.sampling import check_finite_logp, log_prob
+from guard_jax.sampling import check_finite_logp, log_prob, per_iteration
 from guard_jax.train.common import (a_params, adam, apply_updates, check_frozen_base, check_mesh_batch, check_split,
-                                    init_opt_state, minibatched_log_prob, repeat_prompt, sample_many, trainable, trainable_value_and_grad)
+                                    init_opt_state, jit_step, minibatched_log_prob, repeat_prompt, sample_many, trainable, trainable_value_and_grad)
 from guard_jax.train.loop import TrainState
 
 
@@ -113,7 +112,7 @@ class RL:
         return state, metrics | {"samples": c.n_samples}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh"))
+@jit_step(("model", "optimizer", "mesh"))
 def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, logp_pi_MB, r_MB, beta, *, model, optimizer, mesh=None):
     """One update on M minibatches of B samples of pi (logp_pi_MB: their log-probs from the sampler): the
     `advantages` over all M B samples first, then each minibatch's share of `sampled_loss` (summed gradients =
@@ -126,9 +125,10 @@ def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, l
     advantage_MB = advantage_N.reshape(M, B)
 
     def minibatch(grad_sum, xs):
+        params, xs = per_iteration(state.params, xs)
         tokens_BT, lengths_B, advantage_B = (split_batch(x, mesh) for x in xs)
         _, g = trainable_value_and_grad(
-            lambda p: -jnp.sum(advantage_B * log_prob(model, p, prompt_B, mask_B, tokens_BT, lengths_B)[0]) / (M * B), state.params)
+            lambda p: -jnp.sum(advantage_B * log_prob(model, p, prompt_B, mask_B, tokens_BT, lengths_B)[0]) / (M * B), params)
         return jax.tree.map(jnp.add, grad_sum, g), None
 
     grads, _ = jax.lax.scan(minibatch, jax.tree.map(jnp.zeros_like, trainable(state.params)), (tokens_MBT, lengths_MB, advantage_MB))

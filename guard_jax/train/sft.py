@@ -4,7 +4,6 @@ continuation only (never on the prompt or the padding), minibatches drawn by (se
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from guard_jax.lm import LM
 from guard_jax.models.base import ARM
 from guard_jax.sampling import log_prob
 from guard_jax.parallel import shard_params, split_batch
-from guard_jax.train.common import adam, apply_updates, check_mesh_batch, init_opt_state, trainable_value_and_grad
+from guard_jax.train.common import adam, apply_updates, check_mesh_batch, init_opt_state, jit_step, trainable_value_and_grad
 from guard_jax.train.loop import TrainState
 
 
@@ -81,7 +80,7 @@ def nll_per_token(model: ARM, params, prompt_BP, mask_BP, tokens_BT, lengths_B):
     return -jnp.sum(logp_BT) / jnp.maximum(jnp.sum(lengths_B), 1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer", "mesh"))
+@jit_step(("model", "optimizer", "mesh"))
 def _update(state, prompt_B, mask_B, tokens, lengths, *, model, optimizer, mesh=None):
     prompt_B, mask_B, tokens, lengths = (split_batch(x, mesh) for x in (prompt_B, mask_B, tokens, lengths))
     loss, grads = trainable_value_and_grad(lambda p: nll_per_token(model, p, prompt_B, mask_B, tokens, lengths), state.params)
