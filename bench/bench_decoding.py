@@ -215,9 +215,9 @@ def byte_level_hf_tokenizer(vocab_size: int):
     merges, EOS "<eos>" = id 0): what `llg_tokenizer` binds from its byte list or llguidance reads itself."""
     import tokenizers
 
-    from guard_jax.grammars import _byte_level_chars
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    char_of = {b: c for c, b in _byte_level_chars().items()}
+    char_of = bytes_to_unicode()
     syn = SyntheticTokenizer(vocab_size)
     vocab = {"".join(char_of[b] for b in t): i for i, t in enumerate(syn.tokens) if i > 0}
     tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"<eos>": 0, **vocab}, merges=[]))
