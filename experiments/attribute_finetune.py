@@ -199,8 +199,7 @@ def tables(results: dict) -> dict:
 def markdown(results: dict, command: str) -> str:
     cfg, t = results["config"], results["tables"]
     return "\n".join([
-        "# Attribute-controlled fine-tuning on the embedded model (VADER-negative sentences as \"toxicity\")", "",
-        f"Command: `{command}` ({results['seconds']:.0f} s on a shared, loaded 2-core CPU).", "",
+        *report.header("Attribute-controlled fine-tuning on the embedded model (VADER-negative sentences as \"toxicity\")", command, results),
         f"Attribute: some sentence of the continuation has VADER compound <= {cfg['negative_threshold']:g}; "
         f"max_new_tokens = {cfg['max_new_tokens']}; {cfg['steps']} steps per fine-tune, corpus batch {cfg['corpus_batch']}, "
         f"{cfg['n_samples']} base samples per step for the head, lr {cfg['learning_rate']:g}; {cfg['n_eval']} samples per model, "

@@ -204,8 +204,7 @@ def tables(results: dict) -> dict:
 def markdown(results: dict, command: str) -> str:
     cfg, t = results["config"], results["tables"]
     return "\n".join([
-        "# Length-constrained L3M on the embedded model", "",
-        f"Command: `{command}` ({results['seconds']:.0f} s on a shared, loaded 2-core CPU).", "",
+        *report.header("Length-constrained L3M on the embedded model", command, results),
         f"Targets: short E[len] <= {cfg['short_target']:g}, long E[len] >= {cfg['long_target']:g} new tokens (EOS included), "
         f"max_new_tokens = {cfg['max_new_tokens']}; {cfg['steps']} steps from the embedded base LM, SFT batch {cfg['batch_size']}, "
         f"{cfg['n_samples']} policy samples per L3M step, lr {cfg['learning_rate']:g}, mu {cfg['mu_start']:g} -> {cfg['mu_end']:g}.", "",

@@ -21,6 +21,11 @@ from guard_jax.io import atomic_write_json, atomic_write_text
 CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
 
 
+def header(title: str, command: str, results: dict) -> list[str]:
+    """The first lines of a results.md: the title, and the command with the run's wall time."""
+    return [f"# {title}", "", f"Command: `{command}` ({results['seconds']:.0f} s on a shared, loaded 2-core CPU).", ""]
+
+
 def write(out: pathlib.Path, results: dict, markdown: str) -> None:
     """results.json and results.md under `out`, each written atomically."""
     atomic_write_json(pathlib.Path(out) / "results.json", results)

@@ -53,6 +53,25 @@ class _WrappedARM:
     eos_id = property(lambda self: self.base.eos_id)
     pad_id = property(lambda self: self.base.pad_id)
 
+    def grow_cache(self, cache, max_len: int):
+        return {**cache, "base": self.base.grow_cache(cache["base"], max_len)}
+
+    def _check_positions(self, tokens_BS) -> None:
+        """Refuse a teacher-forced input narrower than the prompt."""
+        if tokens_BS.shape[1] < self.prompt_len:
+            raise ValueError(f"{type(self).__name__}.apply got {tokens_BS.shape[1]} positions, fewer than prompt_len={self.prompt_len}")
+
+    def _check_prompt(self, tokens_BP) -> None:
+        """Refuse a prompt of another width than the one the wrapper was built for."""
+        if tokens_BP.shape[1] != self.prompt_len:
+            raise ValueError(f"{type(self).__name__} was built for prompts of width {self.prompt_len}, got {tokens_BP.shape[1]}")
+
+    def _teacher_forced(self, logits_BSV, generated_BGV):
+        """The base's log-probs at the prompt's first P - 1 positions joined with the wrapper's `generated_BGV`
+        (log-probs at positions >= P - 1) -> logprobs_BSV."""
+        head = jax.nn.log_softmax(logits_BSV[:, : self.prompt_len - 1].astype(jnp.promote_types(logits_BSV.dtype, jnp.float32)))
+        return jnp.concatenate([head, generated_BGV], axis=1)
+
 
 @dataclasses.dataclass(frozen=True)
 class MaskedARM(_WrappedARM):
@@ -72,8 +91,7 @@ class MaskedARM(_WrappedARM):
         mask: TokenAutomaton = params["mask"]
         P, T = self.prompt_len, self.max_new_tokens
         B, S = tokens_BS.shape
-        if S < P:
-            raise ValueError(f"MaskedARM.apply got {S} positions, fewer than prompt_len={P}")
+        self._check_positions(tokens_BS)
         logits_BSV = self.base.apply(params["base"], tokens_BS, mask_BS)
 
         def step(state_B, token_B):
@@ -85,19 +103,14 @@ class MaskedARM(_WrappedARM):
         t_G1 = jnp.arange(S - P + 1)
         allowed_BG1V = jax.vmap(lambda s_B, t: mask.allowed(jnp.maximum(s_B, 0), T - t - 1) & (s_B >= 0)[:, None],
                                 in_axes=(1, 0), out_axes=1)(states_BG1, t_G1)
-        head = jax.nn.log_softmax(logits_BSV[:, : P - 1].astype(jnp.promote_types(logits_BSV.dtype, jnp.float32)))
-        return jnp.concatenate([head, mask_logits(logits_BSV[:, P - 1 :], allowed_BG1V)], axis=1)
+        return self._teacher_forced(logits_BSV, mask_logits(logits_BSV[:, P - 1 :], allowed_BG1V))
 
     def init_cache(self, batch_size: int, max_len: int):
         return {"base": self.base.init_cache(batch_size, max_len), "state": jnp.zeros((batch_size,), jnp.int32),
                 "t": jnp.zeros((), jnp.int32)}
 
-    def grow_cache(self, cache, max_len: int):
-        return {**cache, "base": self.base.grow_cache(cache["base"], max_len)}
-
     def prefill(self, params, tokens_BP, mask_BP, cache):
-        if tokens_BP.shape[1] != self.prompt_len:
-            raise ValueError(f"MaskedARM was built for prompts of width {self.prompt_len}, got {tokens_BP.shape[1]}")
+        self._check_prompt(tokens_BP)
         mask: TokenAutomaton = params["mask"]
         logits_BV, base_cache = self.base.prefill(params["base"], tokens_BP, mask_BP, cache["base"])
         state_B = mask.init_state(tokens_BP.shape[0])
@@ -245,26 +258,20 @@ class HostMaskedARM(_WrappedARM):
         """Teacher-forced: positions >= P - 1 (those that predict generated tokens) are reweighted -> logprobs_BSV."""
         P = self.prompt_len
         B, S = tokens_BS.shape
-        if S < P:
-            raise ValueError(f"HostMaskedARM.apply got {S} positions, fewer than prompt_len={P}")
+        self._check_positions(tokens_BS)
         G = S - P
         job, tokens_BS = self._start_bias(params, lambda gen_BG: [tuple(r[:t]) for r in gen_BG.tolist() for t in range(G + 1)],
                                           (B, G + 1), tokens_BS, tokens_BS[:, P:].astype(jnp.int32))
         logits_BSV = self.base.apply(params["base"], tokens_BS, mask_BS)  # while the host computes the bias
         bias_BG1V = self._finish_bias(params, job, (B, G + 1), logits_BSV[:1, -1, :1])
-        head = jax.nn.log_softmax(logits_BSV[:, : P - 1].astype(jnp.promote_types(logits_BSV.dtype, jnp.float32)))
-        return jnp.concatenate([head, bias_logits(logits_BSV[:, P - 1 :], bias_BG1V)], axis=1)
+        return self._teacher_forced(logits_BSV, bias_logits(logits_BSV[:, P - 1 :], bias_BG1V))
 
     def init_cache(self, batch_size: int, max_len: int):
         return {"base": self.base.init_cache(batch_size, max_len), "gen": jnp.full((batch_size, self.max_new_tokens), self.pad_id, jnp.int32),
                 "t": jnp.zeros((), jnp.int32)}
 
-    def grow_cache(self, cache, max_len: int):
-        return {**cache, "base": self.base.grow_cache(cache["base"], max_len)}
-
     def prefill(self, params, tokens_BP, mask_BP, cache):
-        if tokens_BP.shape[1] != self.prompt_len:
-            raise ValueError(f"HostMaskedARM was built for prompts of width {self.prompt_len}, got {tokens_BP.shape[1]}")
+        self._check_prompt(tokens_BP)
         B = tokens_BP.shape[0]
         t = jnp.zeros((), jnp.int32)
         job, tokens_BP = self._start_bias(params, self._prefixes_after, (B,), tokens_BP, cache["gen"], t)
