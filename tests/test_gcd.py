@@ -167,3 +167,36 @@ def test_regex_automaton_is_fullmatch_and_its_masks_are_exact_reachability(patte
     ours, exact = (_masked(model, params, m, 512, key=4) for m in (mask, reachability_automaton(space, b)))
     np.testing.assert_array_equal(ours.tokens_BT, exact.tokens_BT)
     np.testing.assert_allclose(ours.logp_B, exact.logp_B, atol=1e-5)
+
+
+def test_masked_categorical_draws_the_masked_law_with_both_log_probs():
+    """One exp pass for both laws: with every token allowed it is `categorical` bit for bit; otherwise logq and
+    loga are the masked and unmasked log-softmax at the drawn token, the token is allowed and its frequencies
+    follow the masked law (chi-square); rows whose allowed tokens lie 100 below the best take the exact
+    fallback (finite, the same values)."""
+    from guard_jax.decoding.gcd import masked_categorical
+    from guard_jax.sampling import categorical
+
+    rng = np.random.default_rng(0)
+    B, V = 4096, 300
+    logits_BV = jnp.asarray(np.tile(rng.normal(size=(1, V)) * 2, (B, 1)), jnp.float32)
+    u_B = 1.0 - jax.random.uniform(jax.random.PRNGKey(3), (B,))
+    draw = jax.jit(masked_categorical)
+    token_B, logq_B, loga_B = draw(u_B, logits_BV, jnp.ones((B, V), bool))
+    ref_token_B, ref_logp_B = categorical(u_B, logits_BV)
+    np.testing.assert_array_equal(np.asarray(token_B), np.asarray(ref_token_B))
+    np.testing.assert_array_equal(np.asarray(logq_B), np.asarray(ref_logp_B))
+    allowed_V = rng.random(V) < 0.1
+    for shift in (0.0, -100.0):  # -100: every allowed weight under e^-69 of the best, the fallback
+        x_BV = jnp.where(jnp.asarray(allowed_V), logits_BV + shift, logits_BV)
+        token_B, logq_B, loga_B = (np.asarray(z) for z in draw(u_B, x_BV, jnp.broadcast_to(jnp.asarray(allowed_V), (B, V))))
+        x_V = np.asarray(x_BV[0], np.float64)
+        log_a_V = x_V - np.logaddexp.reduce(x_V)
+        log_q_V = np.where(allowed_V, log_a_V, -np.inf)
+        log_q_V = log_q_V - np.logaddexp.reduce(log_q_V[allowed_V])
+        assert allowed_V[token_B].all()
+        np.testing.assert_allclose(logq_B, log_q_V[token_B], atol=1e-4)
+        np.testing.assert_allclose(loga_B, log_a_V[token_B], atol=1e-4, rtol=1e-6)
+        _chi_square_ok(token_B, np.exp(log_q_V))
+    _, logq_B, _ = draw(u_B[:2], logits_BV[:2], jnp.zeros((2, V), bool))
+    assert np.isnan(np.asarray(logq_B)).all()

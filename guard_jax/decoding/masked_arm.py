@@ -40,6 +40,14 @@ def mask_logits(logits_BV, allowed_BV):
     return jnp.where(jnp.any(allowed_BV, axis=-1, keepdims=True), jax.nn.log_softmax(masked), log_a)
 
 
+def masked_step_logits(logits_BV, allowed_BV):
+    """Logits of the masked law for a decode step: a's logits on allowed v, -inf elsewhere, not normalised (the
+    sampler normalises; two log-softmax passes over [B, V] fewer than `mask_logits`); rows with nothing allowed
+    keep a's logits (float32+)."""
+    x_BV = logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32))
+    return jnp.where(allowed_BV | ~jnp.any(allowed_BV, axis=-1, keepdims=True), x_BV, -jnp.inf)
+
+
 class _WrappedARM:
     """What the wrappers of a base ARM share: the base's token ids, and prompt_len, max_new_tokens >= 1
     (checked when a dataclass subclass is built)."""
@@ -114,7 +122,7 @@ class MaskedARM(_WrappedARM):
         mask: TokenAutomaton = params["mask"]
         logits_BV, base_cache = self.base.prefill(params["base"], tokens_BP, mask_BP, cache["base"])
         state_B = mask.init_state(tokens_BP.shape[0])
-        out = mask_logits(logits_BV, mask.allowed(state_B, self.max_new_tokens - 1))
+        out = masked_step_logits(logits_BV, mask.allowed(state_B, self.max_new_tokens - 1))
         return out, {"base": base_cache, "state": state_B, "t": jnp.zeros((), jnp.int32)}
 
     def decode(self, params, token_B, cache):
@@ -124,7 +132,7 @@ class MaskedARM(_WrappedARM):
         state_B = jnp.where(state_B >= 0, mask.advance(jnp.maximum(state_B, 0), token_B), state_B)
         t = cache["t"] + 1
         allowed_BV = mask.allowed(jnp.maximum(state_B, 0), self.max_new_tokens - t - 1) & (state_B >= 0)[:, None]
-        return mask_logits(logits_BV, allowed_BV), {"base": base_cache, "state": state_B, "t": t}
+        return masked_step_logits(logits_BV, allowed_BV), {"base": base_cache, "state": state_B, "t": t}
 
 
 class _HostJobs:
@@ -176,6 +184,15 @@ def bias_logits(logits_BV, bias_BV):
     log_a = jax.nn.log_softmax(logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32)))
     w = log_a + bias_BV
     return jnp.where(jnp.any(jnp.isfinite(w), axis=-1, keepdims=True), jax.nn.log_softmax(w), log_a)
+
+
+def bias_step_logits(logits_BV, bias_BV):
+    """Logits of the reweighted law for a decode step: a's logits + bias, not normalised (the sampler
+    normalises; two log-softmax passes over [B, V] fewer than `bias_logits`); rows where nothing has positive
+    weight keep a's logits (float32+)."""
+    x_BV = logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32))
+    w_BV = x_BV + bias_BV
+    return jnp.where(jnp.any(jnp.isfinite(w_BV), axis=-1, keepdims=True), w_BV, x_BV)
 
 
 _BIASES: "weakref.WeakValueDictionary[int, PrefixBias]" = weakref.WeakValueDictionary()  # id -> bias, alive while a model holds it
@@ -277,14 +294,15 @@ class HostMaskedARM(_WrappedARM):
         job, tokens_BP = self._start_bias(params, self._prefixes_after, (B,), tokens_BP, cache["gen"], t)
         logits_BV, base_cache = self.base.prefill(params["base"], tokens_BP, mask_BP, cache["base"])
         bias_BV = self._finish_bias(params, job, (B,), _written(base_cache))
-        return bias_logits(logits_BV, bias_BV), {"base": base_cache, "gen": cache["gen"], "t": t}
+        return bias_step_logits(logits_BV, bias_BV), {"base": base_cache, "gen": cache["gen"], "t": t}
 
     def decode(self, params, token_B, cache):
-        """token_B is generated token number t (cache["t"]); -> log q after the t + 1 generated tokens."""
+        """token_B is generated token number t (cache["t"]); -> q's logits (not normalised) after the t + 1
+        generated tokens."""
         t = cache["t"]
         gen_BT = jax.lax.dynamic_update_slice(cache["gen"], token_B.astype(jnp.int32)[:, None], (jnp.zeros((), jnp.int32), jnp.minimum(t, self.max_new_tokens - 1).astype(jnp.int32)))
         t = t + 1
         job, token_B = self._start_bias(params, self._prefixes_after, (token_B.shape[0],), token_B, gen_BT, t)
         logits_BV, base_cache = self.base.decode(params["base"], token_B, cache["base"])  # while the host computes the masks
         bias_BV = self._finish_bias(params, job, (token_B.shape[0],), _written(base_cache))
-        return bias_logits(logits_BV, bias_BV), {"base": base_cache, "gen": gen_BT, "t": t}
+        return bias_step_logits(logits_BV, bias_BV), {"base": base_cache, "gen": gen_BT, "t": t}
