@@ -360,3 +360,34 @@ def test_host_masked_lms_of_one_model_share_compiled_programs(toy):
     assert sampling.sample._cache_size() - before <= 1
     np.testing.assert_array_equal(got[0], got[2])
     assert not np.allclose(got[0], got[1])  # the same program, each LM's own bias
+
+
+def test_small_regex_masks_come_from_a_dense_table_with_the_same_samples(embedded_tokenizer):
+    """A small regex (here with "é", two byte-level pieces) samples from its dense on-device table by default:
+    the table's mask after every sampled prefix is llguidance's, and the samples (tokens, lengths, both
+    log-probs) are bit for bit those of llguidance's masks. A CFG, or a table over its cell limit, has none."""
+    from guard_jax.decoding.gcd import dense_masks, unpack_bitmask
+
+    tok = embedded_tokenizer
+    lm = LM.load("embedded")
+    grammar = Grammar.regex("caf(é|e)( [a-z]+)?", tok, vocab_size=8192)
+    table = dense_masks(grammar)
+    assert table is not None and dense_masks(grammar) is table  # built once per grammar
+    prompt, pmask = lm.prompt_arrays(8)
+    key = jax.random.PRNGKey(3)
+    dense = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 12)
+    host = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 12, dense=False)
+    for got, want in zip(dense, host):
+        np.testing.assert_array_equal(got, want)
+    assert grammar.accepts(dense.tokens_BT, dense.lengths_B).any()
+    masks_SV = np.asarray(unpack_bitmask(table.bitmask_SW, 8192))
+    next_SV = np.asarray(table.next_state_SV)
+    for row, n in zip(dense.tokens_BT, dense.lengths_B):
+        state = int(table.initial_state)
+        for k in range(int(n)):
+            np.testing.assert_array_equal(np.flatnonzero(masks_SV[state]), grammar.allowed_ids(row[:k].tolist()))
+            state = int(next_SV[state, row[k]])
+    assert dense_masks(Grammar.lark('start: "caf" ("é" | "e")', tok, vocab_size=8192)) is None
+    assert dense_masks(grammar, max_cells=8192) is None
+    with pytest.raises(ValueError, match="dense=True"):
+        grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, Grammar.lark('start: "a"', tok, vocab_size=8192), 12, dense=True)
