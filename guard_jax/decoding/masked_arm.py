@@ -252,20 +252,25 @@ class HostMaskedARM(_WrappedARM):
         out = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct(passed.shape, passed.dtype))
         return jax.pure_callback(start, out, params["bias"], passed, *args, vmap_method="sequential")
 
-    def _finish_bias(self, params, job, shape: tuple[int, ...], after):
+    def _finish_bias(self, params, job, shape: tuple[int, ...], after, logits=None):
         """The bias of `job` -> float32 [*shape, V], fetched once `after` (an output of the forward pass) exists. A
-        `bitmask_only` bias (0 / -inf: a mask) comes back as int32 bitmasks, 32 times fewer bytes."""
+        `bitmask_only` bias (0 / -inf: a mask) comes back as int32 bitmasks, 32 times fewer bytes. With a decode
+        step's `logits` [*shape, V]: q's logits (`masked_step_logits` of the mask, or `bias_step_logits`) instead,
+        so a mask never becomes a float bias."""
         V = self.vocab_size
         wait = lambda job, after: _JOBS.result(int(job))
 
-        def bits(job):
+        def bits(job, logits):
             bits_W = jax.pure_callback(wait, jax.ShapeDtypeStruct((*shape, -(-V // 32)), jnp.int32), job, after, vmap_method="sequential")
+            if logits is not None:
+                return masked_step_logits(logits, unpack_bitmask(bits_W, V))
             return jnp.where(unpack_bitmask(bits_W, V), 0.0, -jnp.inf).astype(jnp.float32)
 
-        def floats(job):
-            return jax.pure_callback(wait, jax.ShapeDtypeStruct((*shape, V), jnp.float32), job, after, vmap_method="sequential")
+        def floats(job, logits):
+            bias = jax.pure_callback(wait, jax.ShapeDtypeStruct((*shape, V), jnp.float32), job, after, vmap_method="sequential")
+            return bias if logits is None else bias_step_logits(logits, bias)
 
-        return jax.lax.cond(params["bias"][1] == 1, bits, floats, job)
+        return jax.lax.cond(params["bias"][1] == 1, bits, floats, job, logits)
 
     @staticmethod
     def _prefixes_after(gen_BT, t):
@@ -293,8 +298,8 @@ class HostMaskedARM(_WrappedARM):
         t = jnp.zeros((), jnp.int32)
         job, tokens_BP = self._start_bias(params, self._prefixes_after, (B,), tokens_BP, cache["gen"], t)
         logits_BV, base_cache = self.base.prefill(params["base"], tokens_BP, mask_BP, cache["base"])
-        bias_BV = self._finish_bias(params, job, (B,), _written(base_cache))
-        return bias_step_logits(logits_BV, bias_BV), {"base": base_cache, "gen": cache["gen"], "t": t}
+        out_BV = self._finish_bias(params, job, (B,), _written(base_cache), logits_BV)
+        return out_BV, {"base": base_cache, "gen": cache["gen"], "t": t}
 
     def decode(self, params, token_B, cache):
         """token_B is generated token number t (cache["t"]); -> q's logits (not normalised) after the t + 1
@@ -304,5 +309,5 @@ class HostMaskedARM(_WrappedARM):
         t = t + 1
         job, token_B = self._start_bias(params, self._prefixes_after, (token_B.shape[0],), token_B, gen_BT, t)
         logits_BV, base_cache = self.base.decode(params["base"], token_B, cache["base"])  # while the host computes the masks
-        bias_BV = self._finish_bias(params, job, (token_B.shape[0],), _written(base_cache))
-        return bias_step_logits(logits_BV, bias_BV), {"base": base_cache, "gen": gen_BT, "t": t}
+        out_BV = self._finish_bias(params, job, (token_B.shape[0],), _written(base_cache), logits_BV)
+        return out_BV, {"base": base_cache, "gen": gen_BT, "t": t}
