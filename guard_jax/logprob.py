@@ -15,7 +15,9 @@ the shared 2-core CPU (embedded model, 128 × 30 tokens, bench_dpg, torch in the
 backward 0.67x -> 1.39x PyTorch's, scoring 1.16x -> 2.57x; keeping the softmax instead of recomputing it
 (3 head matmuls instead of 4, N×V floats held) measured within noise of this. Values and gradients agree
 with log_softmax + take_along_axis up to float rounding (tests/test_logprob.py).
-With `rows`, only the first `rows` rows are computed, chunk by chunk in a loop of that many chunks:
+`token_log_prob_backward_only` has the same VJP and the value 0, for log-probs known already (an on-policy
+trainer's, from its sampler): its forward pass runs no head matmul, and the backward takes each chunk's
+log-sum-exp from the logits it recomputes. With `rows`, only the first `rows` rows are computed, chunk by chunk in a loop of that many chunks:
 `sampling.log_prob` puts the positions inside the continuations first (`sequence_first`), so the padding
 after EOS (about a quarter of the positions of the embedded model's 30-token samples) costs no head
 matmul, forward or backward.

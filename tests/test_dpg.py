@@ -221,10 +221,11 @@ def _gpt_samples(params, M: int, minibatch: int, T: int, seed: int):
 
 
 @pytest.mark.parametrize("on_policy", [False, True])
-def test_sorted_truncated_groups_give_the_gradient_of_full_width_minibatches(on_policy):
+def test_sorted_truncated_groups_give_the_gradient_of_full_width_minibatches(on_policy, monkeypatch):
     """dpg_gradient sorts the rows by length into groups cut to a few widths, and on-policy takes log pi's value
     from the sampler: the gradient, loss and log pi of the plain mean over minibatches of full-width dpg_loss
     gradients (each minibatch with its own log Z-hat), to float rounding."""
+    monkeypatch.setattr(dpg, "GROUP_ROWS", 8)
     params = GPT.init(jax.random.PRNGKey(0))
     M, mb, T = 3, 32, 30
     prompt, mask, tok, lengths, logq = _gpt_samples(params, M, mb, T, seed=2)

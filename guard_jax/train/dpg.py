@@ -25,6 +25,8 @@ KL(g || pi) beats KL(g || q), checked every `swap_every` steps. `n_samples` per 
 differentiated in minibatches with gradient accumulation, so memory is bounded by the minibatch. Only the
 samples with b = 1 are scored under a (`DPG.log_P`): P = a·b is 0 on the others whatever a says, and at the
 acceptance rates GUARD is for (a few percent) that skips most of a teacher-forced pass over the step's samples.
+The gradient pass (`dpg_gradient`) takes the rows sorted by length in groups cut to a few widths, so padding
+after EOS costs no layer work, and on-policy takes log pi's value from the sampler (no head matmul forward).
 """
 
 from __future__ import annotations
