@@ -44,7 +44,7 @@ from guard_jax import constraints as C
 from guard_jax.lm import LM
 from guard_jax.models import hf
 from guard_jax.train.common import minibatched_log_prob, sample_many
-from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
+from guard_jax.train.dpg import DPG, DPGConfig, dpg_gradient
 from guard_jax.train.loop import step_key
 
 CONFIGS = {
@@ -182,17 +182,18 @@ def torch_parts(policy, base, optimizer, state: dict, B: int, T: int, constraint
 
 def jax_parts(trainer: DPG, lm, B: int, T: int) -> dict:
     """guard_jax's parts on one shared batch, each a jitted call that blocks: the trainer's sampler, the
-    minibatched scorer under a, value_and_grad of `dpg_loss`, the optimizer update; and `trainer.step`."""
+    minibatched scorer under a, the trainer's on-policy gradient pass (`dpg_gradient`), the optimizer update;
+    and `trainer.step`."""
     import jax.numpy as jnp
     import optax
 
     model, params = lm.model, lm.params
     prompt_1P, mask_1P = lm.prompt_arrays(1)
-    prompt_BP, mask_BP = lm.prompt_arrays(B)
     key = jax.random.PRNGKey(1)
     tokens_NT, lengths_N, logq_N = sample_many(key, model, params, prompt_1P, mask_1P, 1, B, T)
     score = jax.jit(minibatched_log_prob, static_argnums=0)
-    grad = jax.jit(jax.value_and_grad(dpg_loss, has_aux=True), static_argnums=1)
+    grad = jax.jit(dpg_gradient, static_argnames=("model", "mesh", "on_policy"))
+    batch = (tokens_NT[None], lengths_N[None], logq_N[None], logq_N[None], jnp.zeros((1,), jnp.float32))
     opt_state = trainer.optimizer.init(params)
 
     @jax.jit
@@ -200,7 +201,7 @@ def jax_parts(trainer: DPG, lm, B: int, T: int) -> dict:
         updates, opt_state = trainer.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    grads = grad(params, model, prompt_BP, mask_BP, tokens_NT, lengths_N, logq_N, logq_N, jnp.float32(0.0))[1]
+    grads = grad(params, model, prompt_1P, mask_1P, *batch, on_policy=True)[0]
     box = {"state": trainer.init_state(params), "step": 0}
 
     def step():
@@ -211,8 +212,7 @@ def jax_parts(trainer: DPG, lm, B: int, T: int) -> dict:
     return {
         "sample": lambda: jax.block_until_ready(sample_many(key, model, params, prompt_1P, mask_1P, 1, B, T)),
         "score": lambda: jax.block_until_ready(score(model, params, prompt_1P, mask_1P, tokens_NT[None], lengths_N[None])),
-        "forward_backward": lambda: jax.block_until_ready(
-            grad(params, model, prompt_BP, mask_BP, tokens_NT, lengths_N, logq_N, logq_N, jnp.float32(0.0))),
+        "forward_backward": lambda: jax.block_until_ready(grad(params, model, prompt_1P, mask_1P, *batch, on_policy=True)),
         "optimizer": lambda: jax.block_until_ready(update(params, opt_state, grads)),
         "step": step,
     }

@@ -15,7 +15,9 @@ the shared 2-core CPU (embedded model, 128 × 30 tokens, bench_dpg, torch in the
 backward 0.67x -> 1.39x PyTorch's, scoring 1.16x -> 2.57x; keeping the softmax instead of recomputing it
 (3 head matmuls instead of 4, N×V floats held) measured within noise of this. Values and gradients agree
 with log_softmax + take_along_axis up to float rounding (tests/test_logprob.py).
-With `rows`, only the first `rows` rows are computed, chunk by chunk in a loop of that many chunks:
+`token_log_prob_backward_only` has the same VJP and the value 0, for log-probs known already (an on-policy
+trainer's, from its sampler): its forward pass runs no head matmul, and the backward takes each chunk's
+log-sum-exp from the logits it recomputes. With `rows`, only the first `rows` rows are computed, chunk by chunk in a loop of that many chunks:
 `sampling.log_prob` puts the positions inside the continuations first (`sequence_first`), so the padding
 after EOS (about a quarter of the positions of the embedded model's 30-token samples) costs no head
 matmul, forward or backward.
@@ -111,19 +113,27 @@ def _fwd(x_ND, w_VD, y_N, rows, temperature, chunk, softcap):
 
 
 def _bwd(temperature, chunk, softcap, residuals, g_N):
+    """The VJP in x and w; with lse_N None (`token_log_prob_backward_only`) each chunk's log-sum-exp is taken
+    from its recomputed logits."""
     x_ND, w_VD, y_N, rows, lse_N = residuals
     (N, D), V = x_ND.shape, w_VD.shape[0]
     n, C = _layout(N, chunk, V)
     g_N = g_N.astype(jnp.float32) / temperature  # d logits / d (x @ w.T) = 1 / temperature
     if rows is not None:
         g_N = jnp.where(jnp.arange(N) < rows, g_N, 0.0)  # rows >= rows are the constant 0
-    x_nCD, y_nC, lse_nC, g_nC = (_chunked(a, n, C) for a in (x_ND, y_N, lse_N, g_N))  # padded rows: g = 0
+    x_nCD, y_nC, g_nC = (_chunked(a, n, C) for a in (x_ND, y_N, g_N))  # padded rows: g = 0
+    lse_nC = None if lse_N is None else _chunked(lse_N, n, C)
 
     def one(i, out):
         dwT_DV, dx_nCD = out
-        x_CD, y_C, lse_C, g_C = x_nCD[i], y_nC[i], lse_nC[i], g_nC[i]
+        x_CD, y_C, g_C = x_nCD[i], y_nC[i], g_nC[i]
         logits_CV, slope_CV = _logits(x_CD, w_VD, temperature, softcap)
-        p_CV = jnp.exp(logits_CV - lse_C[:, None])
+        if lse_nC is None:
+            max_C = jnp.max(logits_CV, axis=-1)
+            p_CV = jnp.exp(logits_CV - max_C[:, None])
+            p_CV = p_CV / jnp.sum(p_CV, axis=-1, keepdims=True)
+        else:
+            p_CV = jnp.exp(logits_CV - lse_nC[i][:, None])
         onehot_CV = (jnp.arange(V)[None, :] == y_C[:, None]).astype(jnp.float32)
         dlogits_CV = g_C[:, None] * (onehot_CV - p_CV)
         dlogits_CV = (dlogits_CV if slope_CV is None else dlogits_CV * slope_CV).astype(w_VD.dtype)  # d/dz of the cap
@@ -137,6 +147,27 @@ def _bwd(temperature, chunk, softcap, residuals, g_N):
 
 
 _token_log_prob.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _backward_only(x_ND, w_VD, y_N, rows, temperature, chunk, softcap):
+    return jnp.zeros(y_N.shape, jnp.float32)
+
+
+def _backward_only_fwd(x_ND, w_VD, y_N, rows, temperature, chunk, softcap):
+    return jnp.zeros(y_N.shape, jnp.float32), (x_ND, w_VD, y_N, rows, None)
+
+
+_backward_only.defvjp(_backward_only_fwd, _bwd)
+
+
+def token_log_prob_backward_only(x_ND: jax.Array, w_VD: jax.Array, y_N: jax.Array, temperature: float = 1.0,
+                                 chunk: int | None = None, rows: jax.Array | None = None, softcap: float | None = None) -> jax.Array:
+    """0_N in value with the gradient of `token_log_prob` (same arguments): for log-probs whose values are known
+    already (an on-policy trainer's samples carry them from the sampler), `known + token_log_prob_backward_only(...)`
+    has the known value and the exact gradient while the forward pass runs no head matmul: the head costs three
+    [chunk, D] x [D, V] matmuls per chunk (logits recomputed, dx, dw) instead of four."""
+    return _backward_only(x_ND, w_VD, y_N, rows, temperature, chunk, softcap)
 
 
 def sequence_first(valid_N: jax.Array) -> tuple[jax.Array, jax.Array]:

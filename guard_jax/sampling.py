@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from guard_jax.lm import LM
-from guard_jax.logprob import sequence_first, token_log_prob
+from guard_jax.logprob import sequence_first, token_log_prob, token_log_prob_backward_only
 from guard_jax.models.base import ARM, Params
 
 
@@ -198,13 +198,17 @@ def log_prob(
     tokens_BT: jax.Array,
     lengths_B: jax.Array,
     temperature: float = 1.0,
-) -> tuple[jax.Array, jax.Array]:
+    known_B: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
     """Teacher-forced log-probs of continuations: -> (logp_B, logp_BT); positions >= length count 0.
 
     A model with `apply_features` (features and output embedding, logits = features @ w.T, soft-capped by
     the model's `logit_softcap` when it has one) is scored by
     `guard_jax.logprob.token_log_prob`, which never holds the B×T×V logits and runs the output head only on
     the positions before each row's length (padding after EOS costs no head matmul); any other through its logits.
+    `known_B`: these log-probs, known already (an on-policy trainer's samples, from the sampler under the same
+    params): -> (known_B, None), with the gradient of logp_B, and the head runs only in the backward pass
+    (`token_log_prob_backward_only`; a model without `apply_features` computes logp_B and returns known_B in value).
     """
     _check_temperature(temperature)
     (B, P), T = prompt_BP.shape, tokens_BT.shape[1]
@@ -216,14 +220,18 @@ def log_prob(
         x_BSD, w_VD = model.apply_features(params, inputs_BS, mask_BS)
         x_ND = x_BSD[:, P - 1 : P - 1 + T].reshape(B * T, -1)
         order_N, rows = sequence_first(valid_BT.reshape(-1))  # the head runs on the positions inside the continuations
-        logp_N = token_log_prob(x_ND[order_N], w_VD, tokens_BT.reshape(-1)[order_N], float(temperature), rows=rows,
-                                softcap=getattr(model, "logit_softcap", None))
+        head = token_log_prob if known_B is None else token_log_prob_backward_only
+        logp_N = head(x_ND[order_N], w_VD, tokens_BT.reshape(-1)[order_N], float(temperature), rows=rows,
+                      softcap=getattr(model, "logit_softcap", None))
         logp_BT = jnp.zeros_like(logp_N).at[order_N].set(logp_N, unique_indices=True).reshape(B, T)
     else:
         logits_BTV = model.apply(params, inputs_BS, mask_BS)[:, P - 1 : P - 1 + T]
         logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32)) / temperature
         logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), tokens_BT[..., None], axis=-1)[..., 0]
     logp_BT = jnp.where(valid_BT, logp_BT, 0.0)
+    if known_B is not None:  # the known value, the gradient of logp_B
+        logp_B = logp_BT.sum(-1)
+        return jax.lax.stop_gradient(known_B).astype(jnp.float32) + (logp_B - jax.lax.stop_gradient(logp_B)), None
     return logp_BT.sum(-1), logp_BT
 
 

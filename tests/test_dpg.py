@@ -8,9 +8,11 @@ import pytest
 from guard_jax import constraints as C
 from guard_jax.exact import SequenceSpace, exact_constraint, exact_log_prob, exact_quantities, grid_log_prob, log_gold
 from guard_jax.lm import LM
+from guard_jax.models.gpt2 import GPT2
 from guard_jax.models.toy import TinyTransformerARM
 from guard_jax.sampling import bos_prompt, log_prob, sample
 from guard_jax.train import dpg
+from guard_jax.train.common import sample_many
 from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
 from guard_jax.train.loop import LoopConfig, run
 from guard_jax.train.sft import SFT, SFTConfig
@@ -206,3 +208,57 @@ def test_minibatch_is_gradient_accumulation(toy):
     np.testing.assert_allclose(g4, g1, atol=1e-6 * np.abs(g1).max())
     for key in ("loss", "log_z", "grad_norm", "kl_g_pi"):
         np.testing.assert_allclose(float(m4[key]), float(m1[key]), rtol=1e-5, err_msg=key)
+
+
+GPT = GPT2(vocab_size=40, n_positions=40, n_embd=16, n_layer=1, n_head=2, bos_id=0, eos_id=1)
+
+
+def _gpt_samples(params, M: int, minibatch: int, T: int, seed: int):
+    prompt, mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
+    tokens, lengths, logq = sample_many(jax.random.PRNGKey(seed), GPT, params, prompt, mask, M, minibatch, T)
+    split = lambda x: x.reshape(M, minibatch, *x.shape[1:])
+    return prompt, mask, split(tokens), split(lengths), split(logq)
+
+
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_sorted_truncated_groups_give_the_gradient_of_full_width_minibatches(on_policy, monkeypatch):
+    """dpg_gradient sorts the rows by length into groups cut to a few widths, and on-policy takes log pi's value
+    from the sampler: the gradient, loss and log pi of the plain mean over minibatches of full-width dpg_loss
+    gradients (each minibatch with its own log Z-hat), to float rounding."""
+    monkeypatch.setattr(dpg, "GROUP_ROWS", 8)
+    params = GPT.init(jax.random.PRNGKey(0))
+    M, mb, T = 3, 32, 30
+    prompt, mask, tok, lengths, logq = _gpt_samples(params, M, mb, T, seed=2)
+    g = dpg.group_rows(mb)
+    group_max = np.sort(np.asarray(lengths).reshape(-1)).reshape(-1, g).max(1)
+    widths = dpg.truncation_widths(T)
+    assert g < mb and len({min(w for w in widths if w >= m) for m in group_max}) >= 3  # several groups, three widths used
+    logP = jnp.where(jax.random.bernoulli(jax.random.PRNGKey(5), 0.4, (M, mb)), logq + jax.random.normal(jax.random.PRNGKey(6), (M, mb)), -jnp.inf)
+    log_z_M = jnp.array([-0.7, -0.9, -1.2])
+    prompt_B, mask_B = jnp.repeat(prompt, mb, 0), jnp.repeat(mask, mb, 0)
+    ref = [jax.value_and_grad(dpg_loss, has_aux=True)(params, GPT, prompt_B, mask_B, tok[m], lengths[m], logq[m], logP[m], log_z_M[m])
+           for m in range(M)]
+    want = _flat(jax.tree.map(lambda *x: sum(x) / M, *[r[1] for r in ref]))
+    grads, loss_M, logpi_MB = jax.jit(dpg.dpg_gradient, static_argnames=("model", "mesh", "on_policy"))(
+        params, GPT, prompt, mask, tok, lengths, logq, logP, log_z_M, on_policy=on_policy)
+    assert np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(_flat(grads), want, atol=(3e-5 if on_policy else 1e-6) * np.abs(want).max())
+    np.testing.assert_allclose(float(loss_M.mean()), np.mean([float(r[0][0]) for r in ref]), rtol=1e-5)
+    np.testing.assert_allclose(logpi_MB, jnp.stack([r[0][1] for r in ref]), rtol=1e-5)
+
+
+def test_dpg_steps_compile_the_update_once_whatever_the_lengths():
+    """The update holds every truncation width in one program: steps whose samples have other lengths (so other
+    groups and widths) reuse it, on- and off-policy."""
+    params = GPT.init(jax.random.PRNGKey(0))
+    b = lambda tokens_NT, lengths_N: np.asarray(tokens_NT)[:, 0] % 2 == 0
+    for on_policy in (True, False):
+        trainer = DPG(LM.of(GPT, params), b, DPGConfig(n_samples=64, minibatch=32, max_new_tokens=30, learning_rate=1e-2,
+                                                       on_policy=on_policy))
+        state = trainer.init_state(params)
+        state, _ = trainer.step(state, jax.random.PRNGKey(0))
+        compiled = dpg._update.jitted._cache_size()
+        for i in range(1, 4):
+            state, metrics = trainer.step(state, jax.random.PRNGKey(i))
+            assert np.isfinite(float(metrics["loss"]))
+        assert dpg._update.jitted._cache_size() == compiled

@@ -113,6 +113,37 @@ def test_rows_skips_the_tail_and_equals_the_masked_full_computation(rows, chunk)
     np.testing.assert_allclose(gw, hw, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [None, 23])
+@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, 3.0)])
+def test_backward_only_is_zero_with_the_gradient_of_token_log_prob(rows, temperature, softcap):
+    # known log-probs + token_log_prob_backward_only: the value is 0 (no head in the forward pass), the
+    # gradients those of token_log_prob (the backward takes each chunk's log-sum-exp from its recomputed logits)
+    from guard_jax.logprob import token_log_prob_backward_only
+    x_ND, w_VD, y_N, g_N = _data()
+    r = None if rows is None else jnp.int32(rows)
+    args = dict(temperature=temperature, chunk=8, rows=r, softcap=softcap)
+    assert not np.any(np.asarray(token_log_prob_backward_only(x_ND, w_VD, y_N, **args)))
+    grads = [jax.grad(lambda x, w: jnp.sum(g_N * f(x, w, y_N, **args)), (0, 1))(x_ND, w_VD)
+             for f in (token_log_prob_backward_only, token_log_prob)]
+    assert np.abs(np.asarray(grads[1][1])).max() > 1e-2
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_log_prob_with_known_values_returns_them_with_the_gradient_of_logp():
+    model = GPT2(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_id=0, eos_id=1)
+    params = model.init(jax.random.PRNGKey(0))
+    prompt_BP, mask_BP = jnp.zeros((5, 2), jnp.int32), jnp.ones((5, 2), bool)
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(1), (5, 6), 2, 40)
+    lengths_B, known_B = jnp.array([6, 1, 3, 6, 4]), jnp.arange(5.0) - 9.0
+    c_B = jnp.linspace(-1.0, 2.0, 5)
+    f = lambda known: lambda p: jnp.sum(c_B * log_prob(model, p, prompt_BP, mask_BP, tokens_BT, lengths_B, known_B=known)[0])
+    got, want = jax.grad(f(known_B))(params), jax.grad(f(None))(params)
+    np.testing.assert_array_equal(log_prob(model, params, prompt_BP, mask_BP, tokens_BT, lengths_B, known_B=known_B)[0], known_B)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_sequence_first_is_a_stable_permutation_with_the_valid_rows_first():
     from guard_jax.logprob import sequence_first
 

@@ -105,7 +105,7 @@ def jit_step(static_argnames: tuple[str, ...]):
     only the trainable part comes back; the returned state joins it with the very same frozen arrays, so training
     never holds a second copy of the base weights next to the LM's (a jitted function returns new buffers for
     whatever it outputs, even an unchanged input). `fn.__wrapped__` is the plain function (to jit it otherwise,
-    e.g. with the state donated)."""
+    e.g. with the state donated); `fn.jitted` the jitted program (its `_cache_size()` counts its compilations)."""
 
     def decorate(fn):
         def inner(state, frozen, *args, **kwargs):
@@ -120,6 +120,7 @@ def jit_step(static_argnames: tuple[str, ...]):
             new, metrics = jitted(state._replace(params=train), frozen, *args, **kwargs)
             return new._replace(params=lora.join(new.params, frozen)), metrics
 
+        call.jitted = jitted
         return call
 
     return decorate

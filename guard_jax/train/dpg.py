@@ -25,6 +25,8 @@ KL(g || pi) beats KL(g || q), checked every `swap_every` steps. `n_samples` per 
 differentiated in minibatches with gradient accumulation, so memory is bounded by the minibatch. Only the
 samples with b = 1 are scored under a (`DPG.log_P`): P = a·b is 0 on the others whatever a says, and at the
 acceptance rates GUARD is for (a few percent) that skips most of a teacher-forced pass over the step's samples.
+The gradient pass (`dpg_gradient`) takes the rows sorted by length in groups cut to a few widths, so padding
+after EOS costs no layer work, and on-policy takes log pi's value from the sampler (no head matmul forward).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class DPG:
         state, metrics = _update(state, self.prompt, self.mask, tokens.reshape(M, c.minibatch, T), lengths.reshape(M, c.minibatch),
                                  logq.reshape(M, c.minibatch), jnp.asarray(logP_N).reshape(M, c.minibatch),
                                  jnp.asarray(b).reshape(M, c.minibatch), model=self.model, optimizer=self.optimizer, mesh=self.mesh,
-                                 leave_one_out=c.z_hat == "leave_one_batch_out")
+                                 leave_one_out=c.z_hat == "leave_one_batch_out", on_policy=c.on_policy)
         metrics["samples"] = c.n_samples
         without_b = 0 if b.any() else int(state.extra["steps_without_b"]) + 1
         state = state._replace(extra=state.extra | {"steps_without_b": jnp.asarray(without_b, jnp.int32)})
@@ -176,12 +178,34 @@ class DPG:
         return state, metrics
 
 
-def dpg_loss(params, model: ARM, prompt_BP, mask_BP, tokens_BT, lengths_B, logq_B, logP_B, log_z):
-    """-mean[(P/(Z q) - pi/q) log pi] on samples of q; its gradient estimates grad KL(g || pi). -> (loss, log pi_B)."""
-    logpi_B = log_prob(model, params, prompt_BP, mask_BP, tokens_BT, lengths_B)[0]
+def dpg_loss(params, model: ARM, prompt_BP, mask_BP, tokens_BT, lengths_B, logq_B, logP_B, log_z, on_policy: bool = False):
+    """-mean[(P/(Z q) - pi/q) log pi] on samples of q; its gradient estimates grad KL(g || pi). -> (loss, log pi_B).
+
+    log_z: a scalar or one log Z-hat per row (log_z_B). `on_policy` (q = pi, logq_B the sampler's log-probs under
+    these very params): log pi is logq in value (so pi/q = 1) and only its gradient is computed
+    (`sampling.log_prob(known_B=)`: no head matmul in the forward pass); equal to the general path to float rounding."""
+    logpi_B = log_prob(model, params, prompt_BP, mask_BP, tokens_BT, lengths_B, known_B=logq_B if on_policy else None)[0]
     w_B = jnp.exp(logP_B - log_z - logq_B)  # g / q; 0 where b = 0
     baseline_B = jnp.exp(jax.lax.stop_gradient(logpi_B) - logq_B)  # pi / q
     return -jnp.mean((w_B - baseline_B) * logpi_B), logpi_B
+
+
+GROUP_ROWS = 64  # rows per gradient group (at most the minibatch)
+WIDTHS = 4  # truncation widths per max_new_tokens: the compiled gradient pass holds this many branches
+
+
+def truncation_widths(max_new_tokens: int) -> tuple[int, ...]:
+    """The continuation widths a gradient group is cut to: T j / WIDTHS rounded up to a multiple of 8 (at most T),
+    j = 1..WIDTHS, without repeats (T = 30: 8, 16, 24, 30)."""
+    T = max_new_tokens
+    return tuple(sorted({min(T, -(-T * j // (WIDTHS * 8)) * 8) for j in range(1, WIDTHS + 1)}))
+
+
+def group_rows(minibatch: int, mesh=None) -> int:
+    """Rows per gradient group: the largest divisor of the minibatch that is at most GROUP_ROWS and (on a mesh) a
+    multiple of its size; the minibatch itself when it has none."""
+    n = 1 if mesh is None else mesh.size
+    return max([d for d in range(n, min(minibatch, GROUP_ROWS) + 1, n) if minibatch % d == 0 and d % n == 0] or [minibatch])
 
 
 def minibatch_log_z(log_z_sum, n_seen, logw_MB, leave_one_out: bool):
@@ -207,29 +231,50 @@ def minibatch_log_z(log_z_sum, n_seen, logw_MB, leave_one_out: bool):
     return jnp.where(jnp.isfinite(loo_M), loo_M, running), total, n_total
 
 
-def dpg_gradient(params, model: ARM, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M, mesh=None):
+def dpg_gradient(params, model: ARM, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M, mesh=None, on_policy: bool = False):
     """The DPG step gradient: the mean over M minibatches of grad dpg_loss with minibatch m's log Z-hat
-    log_z_M[m] -> (grads, loss_M, logpi_MB). With a `mesh`, each minibatch is split over its devices."""
-    B = tokens_MBT.shape[1]
-    prompt_B, mask_B = repeat_prompt(prompt, mask, B, mesh)
+    log_z_M[m] -> (grads, loss_M, logpi_MB). With a `mesh`, each group of rows is split over its devices.
 
-    def minibatch(grad_sum, xs):
-        p, (*batch, log_z) = per_iteration(params, xs)
-        batch = tuple(split_batch(x, mesh) for x in batch)
-        (loss, logpi), g = trainable_value_and_grad(dpg_loss, p, model, prompt_B, mask_B, *batch, log_z, has_aux=True)
-        return jax.tree.map(jnp.add, grad_sum, g), (loss, logpi)
+    As every minibatch has B rows, that mean is the sum over all M B rows divided by M B, whatever rows a
+    minibatch holds: the rows (each with its minibatch's log Z-hat) are sorted by length and taken in groups of
+    `group_rows(B)` rows, each group cut to the narrowest of `truncation_widths(T)` holding its longest row (a
+    `lax.switch` among those widths: one compiled program whatever the lengths), so positions after a group's
+    longest row cost no layer or head work. The same gradient to float rounding; loss_M is then the groups'
+    mean loss in each of M equal parts (its mean is the step's loss), logpi_MB is in the rows' own order."""
+    M, B, T = tokens_MBT.shape
+    N, g = M * B, group_rows(B, mesh)
+    order_N = jnp.argsort(lengths_MB.reshape(-1), stable=True)
+    log_z_MB = jnp.broadcast_to(log_z_M[:, None], (M, B))
+    xs = tuple(x.reshape(N, *x.shape[2:])[order_N].reshape(N // g, g, *x.shape[2:])
+               for x in (tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_MB))
+    prompt_g, mask_g = repeat_prompt(prompt, mask, g, mesh)
+    widths = truncation_widths(T)
+
+    def group(grad_sum, xs):
+        p, xs = per_iteration(params, xs)
+        tokens_gT, lengths_g, *rest = (split_batch(x, mesh) for x in xs)
+
+        def cut(width):
+            return lambda p: trainable_value_and_grad(dpg_loss, p, model, prompt_g, mask_g, tokens_gT[:, :width], lengths_g, *rest,
+                                                      on_policy, has_aux=True)
+
+        k = jnp.searchsorted(jnp.asarray(widths), jnp.max(lengths_g))
+        (loss, logpi), gr = jax.lax.switch(k, [cut(w) for w in widths], p) if len(widths) > 1 else cut(T)(p)
+        return jax.tree.map(jnp.add, grad_sum, gr), (loss, logpi)
 
     zeros = jax.tree.map(jnp.zeros_like, trainable(params))
-    grad_sum, (loss_M, logpi_MB) = jax.lax.scan(minibatch, zeros, (tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M))
-    return jax.tree.map(lambda g: g / tokens_MBT.shape[0], grad_sum), loss_M, logpi_MB
+    grad_sum, (loss_G, logpi_Gg) = jax.lax.scan(group, zeros, xs)
+    logpi_MB = jnp.zeros((N,), logpi_Gg.dtype).at[order_N].set(logpi_Gg.reshape(-1), unique_indices=True).reshape(M, B)
+    return jax.tree.map(lambda x: x / loss_G.shape[0], grad_sum), loss_G.reshape(M, -1).mean(1), logpi_MB
 
 
-@jit_step(("model", "optimizer", "mesh", "leave_one_out"))
-def _update(state, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB, *, model, optimizer, mesh=None, leave_one_out=False):
+@jit_step(("model", "optimizer", "mesh", "leave_one_out", "on_policy"))
+def _update(state, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB, *, model, optimizer, mesh=None, leave_one_out=False,
+            on_policy=False):
     tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logq_MB, logP_MB, b_MB))
     log_z_M, log_z_sum, n_seen = minibatch_log_z(state.extra["log_z_sum"], state.extra["n_seen"], logP_MB - logq_MB, leave_one_out)
     log_z = log_z_sum - jnp.log(n_seen)
-    grads, loss_M, logpi_MB = dpg_gradient(state.params, model, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M, mesh)
+    grads, loss_M, logpi_MB = dpg_gradient(state.params, model, prompt, mask, tokens_MBT, lengths_MB, logq_MB, logP_MB, log_z_M, mesh, on_policy)
     params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     w = jnp.exp(logP_MB - logq_MB - log_z)
     finite = jnp.isfinite(logP_MB)

@@ -160,7 +160,7 @@ class L3M:
         r_KN = np.stack([np.asarray(r(tokens_np, lengths_np), np.float32) for r in self.rewards])
         mu = self.mu(s)
         state, aux = _l3m_update(state, self.prompt, self.mask, jnp.asarray(self.tokens[idx]), jnp.asarray(self.lengths[idx]),
-                                 tokens, lengths, jnp.asarray(r_KN), jnp.asarray(c.thresholds, jnp.float32),
+                                 tokens, lengths, logp, jnp.asarray(r_KN), jnp.asarray(c.thresholds, jnp.float32),
                                  jnp.asarray(mu, jnp.float32), model=self.model, optimizer=self.optimizer, mesh=self.mesh)
         metrics = {k: aux[k] for k in ("loss", "nll", "barrier", "grad_norm")} | {"mu": mu, "samples": c.n_samples}
         for i in range(len(c.thresholds)):
@@ -169,15 +169,18 @@ class L3M:
 
 
 @jit_step(("model", "optimizer", "mesh"))
-def _l3m_update(state, prompt_1P, mask_1P, sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N, r_KN, thresholds_K, mu,
+def _l3m_update(state, prompt_1P, mask_1P, sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N, logp_N, r_KN, thresholds_K, mu,
                 *, model, optimizer, mesh=None):
-    sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N = (split_batch(x, mesh) for x in (sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N))
+    """One L3M update; logp_N: the sampler's log-probs of the policy's samples tokens_NT (the same params), the value of
+    their log pi, whose gradient alone is computed (the head runs in the backward pass only)."""
+    sft_tokens_BT, sft_lengths_B, tokens_NT, lengths_N, logp_N = (split_batch(x, mesh) for x in (sft_tokens_BT, sft_lengths_B, tokens_NT,
+                                                                                                  lengths_N, logp_N))
     r_KN = split_batch(r_KN, mesh, axis=1)
     B, N = sft_tokens_BT.shape[0], tokens_NT.shape[0]
 
     def loss_fn(params):
         logp_sft_B = log_prob(model, params, *repeat_prompt(prompt_1P, mask_1P, B, mesh), sft_tokens_BT, sft_lengths_B)[0]
-        logp_pi_N = log_prob(model, params, *repeat_prompt(prompt_1P, mask_1P, N, mesh), tokens_NT, lengths_N)[0]
+        logp_pi_N = log_prob(model, params, *repeat_prompt(prompt_1P, mask_1P, N, mesh), tokens_NT, lengths_N, known_B=logp_N)[0]
         return sampled_loss(logp_sft_B, logp_pi_N, r_KN, thresholds_K, mu)
 
     (loss, aux), grads = trainable_value_and_grad(loss_fn, state.params, has_aux=True)

@@ -116,7 +116,8 @@ class RL:
 def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, logp_pi_MB, r_MB, beta, *, model, optimizer, mesh=None):
     """One update on M minibatches of B samples of pi (logp_pi_MB: their log-probs from the sampler): the
     `advantages` over all M B samples first, then each minibatch's share of `sampled_loss` (summed gradients =
-    the whole batch's gradient; the gradient pass re-scores each minibatch under pi)."""
+    the whole batch's gradient; the gradient pass differentiates log pi of each minibatch, its value being the
+    sampler's, so the output head runs in the backward pass only)."""
     M, B = lengths_MB.shape
     tokens_MBT, lengths_MB, logp_pi_MB, r_MB = (split_batch(x, mesh, axis=1) for x in (tokens_MBT, lengths_MB, logp_pi_MB, r_MB))
     prompt_B, mask_B = repeat_prompt(prompt_1P, mask_1P, B, mesh)
@@ -126,12 +127,13 @@ def _rl_update(state, base_params, prompt_1P, mask_1P, tokens_MBT, lengths_MB, l
 
     def minibatch(grad_sum, xs):
         params, xs = per_iteration(state.params, xs)
-        tokens_BT, lengths_B, advantage_B = (split_batch(x, mesh) for x in xs)
-        _, g = trainable_value_and_grad(
-            lambda p: -jnp.sum(advantage_B * log_prob(model, p, prompt_B, mask_B, tokens_BT, lengths_B)[0]) / (M * B), params)
+        tokens_BT, lengths_B, logp_pi_B, advantage_B = (split_batch(x, mesh) for x in xs)
+        logp_B = lambda p: log_prob(model, p, prompt_B, mask_B, tokens_BT, lengths_B, known_B=logp_pi_B)[0]  # value known: no head forward
+        _, g = trainable_value_and_grad(lambda p: -jnp.sum(advantage_B * logp_B(p)) / (M * B), params)
         return jax.tree.map(jnp.add, grad_sum, g), None
 
-    grads, _ = jax.lax.scan(minibatch, jax.tree.map(jnp.zeros_like, trainable(state.params)), (tokens_MBT, lengths_MB, advantage_MB))
+    xs = (tokens_MBT, lengths_MB, logp_pi_MB, advantage_MB)
+    grads, _ = jax.lax.scan(minibatch, jax.tree.map(jnp.zeros_like, trainable(state.params)), xs)
     loss = -jnp.mean(advantage_MB * logp_pi_MB)
     params, opt_state = apply_updates(optimizer, state.params, state.opt_state, grads, mesh)
     return TrainState(state.step + 1, params, opt_state, state.extra), aux | {"loss": loss, "grad_norm": optax.tree.norm(grads)}
