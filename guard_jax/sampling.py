@@ -56,26 +56,33 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple
     cost more than a transformer layer): sum the weights in blocks of `block` tokens, find the block where
     the cumulative mass first reaches u * total, then the token inside it. A token of probability zero is
     never returned (rounding can only move a draw to the block's last token of positive weight).
+
+    Two passes over the [B, V] logits: their max, then the block sums of exp(logits - max). The [B, V] weights
+    are never stored: the chosen block's `block` weights are recomputed from its logits, and the finiteness
+    test reads the total (a NaN or +inf logit makes it NaN or inf, all -inf logits make it NaN), not the logits.
     """
     B, V = logits_BV.shape
     C = min(block, V)
     N = -(-V // C)
     logits_BV = logits_BV.astype(jnp.float32)
-    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-    w_BNC = jnp.pad(jnp.exp(logits_BV - max_B1), ((0, 0), (0, N * C - V))).reshape(B, N, C)
-    cum_BN = jnp.cumsum(w_BNC.sum(-1), axis=-1)
-    target_B = u_B * cum_BN[:, -1]
+    max_B = jnp.max(logits_BV, axis=-1)
+    logits_BNC = jnp.pad(logits_BV, ((0, 0), (0, N * C - V)), constant_values=-jnp.inf).reshape(B, N, C)
+    cum_BN = jnp.cumsum(jnp.exp(logits_BNC - max_B[:, None, None]).sum(-1), axis=-1)
+    total_B = cum_BN[:, -1]
+    target_B = u_B * total_B
     blk_B = jnp.minimum(jnp.sum(cum_BN < target_B[:, None], axis=-1), N - 1)
     before_B = jnp.where(blk_B > 0, jnp.take_along_axis(cum_BN, jnp.maximum(blk_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
-    w_BC = jnp.take_along_axis(w_BNC, blk_B[:, None, None], axis=1)[:, 0]
-    last_B = C - 1 - jnp.argmax((w_BC > 0)[:, ::-1], axis=-1)
+    logits_BC = jnp.take_along_axis(logits_BNC, blk_B[:, None, None], axis=1)[:, 0]
+    w_BC = jnp.exp(logits_BC - max_B[:, None])
+    # the block's last token of positive weight; were the recomputed weights all to round to 0 where the block
+    # sum did not, its last token of finite logit (never a -inf one: a block of positive sum has one)
+    last_B = C - 1 - jnp.argmax(jnp.where(jnp.any(w_BC > 0, axis=-1, keepdims=True), w_BC > 0, logits_BC > -jnp.inf)[:, ::-1], axis=-1)
     idx_B = jnp.minimum(jnp.sum(jnp.cumsum(w_BC, axis=-1) < (target_B - before_B)[:, None], axis=-1), last_B)
     token_B = (blk_B * C + idx_B).astype(jnp.int32)
-    logp_B = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0] - max_B1[:, 0] - jnp.log(cum_BN[:, -1])
+    logp_B = jnp.take_along_axis(logits_BC, idx_B[:, None], axis=-1)[:, 0] - max_B - jnp.log(total_B)
     # a row with a NaN or +inf logit, or no finite one, has no law to draw from: its logp is NaN, so the
     # host-side `check_finite_logp` refuses the sample instead of returning a token drawn from garbage
-    finite_B = jnp.isfinite(max_B1[:, 0]) & ~jnp.any(jnp.isnan(logits_BV) | (logits_BV == jnp.inf), axis=-1)
-    return token_B, jnp.where(finite_B, logp_B, jnp.nan)
+    return token_B, jnp.where(jnp.isfinite(max_B) & jnp.isfinite(total_B), logp_B, jnp.nan)
 
 
 def uniforms(key: jax.Array, batch_size: int, max_new_tokens: int) -> jax.Array:
