@@ -9,9 +9,10 @@ to float rounding: see guard_jax.parallel).
 
 Sampling runs `prefill` once, then `lax.scan`s over `max_new_tokens` steps with a `done` mask; tokens after
 EOS are `pad_id` and contribute 0 to the log-probs. The cache starts short and grows between scans (every
-32 or more new tokens, at most 8 scans, see `segments`), so early steps attend over fewer slots. Sequence log-probs are
-returned with the samples, so nothing downstream re-scores them. Temperature 1 is the model's own law
-`a`; any other temperature is a different distribution and must be asked for explicitly.
+32 or more new tokens, at most 8 scans; a short run in up to 3 scans of 10 or more, see `segments`), so
+early steps attend over fewer slots. Sequence log-probs are returned with the samples, so nothing
+downstream re-scores them. Temperature 1 is the model's own law `a`; any other temperature is a different
+distribution and must be asked for explicitly.
 """
 
 from __future__ import annotations
@@ -56,26 +57,33 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple
     cost more than a transformer layer): sum the weights in blocks of `block` tokens, find the block where
     the cumulative mass first reaches u * total, then the token inside it. A token of probability zero is
     never returned (rounding can only move a draw to the block's last token of positive weight).
+
+    Two passes over the [B, V] logits: their max, then the block sums of exp(logits - max). The [B, V] weights
+    are never stored: the chosen block's `block` weights are recomputed from its logits, and the finiteness
+    test reads the total (a NaN or +inf logit makes it NaN or inf, all -inf logits make it NaN), not the logits.
     """
     B, V = logits_BV.shape
     C = min(block, V)
     N = -(-V // C)
     logits_BV = logits_BV.astype(jnp.float32)
-    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-    w_BNC = jnp.pad(jnp.exp(logits_BV - max_B1), ((0, 0), (0, N * C - V))).reshape(B, N, C)
-    cum_BN = jnp.cumsum(w_BNC.sum(-1), axis=-1)
-    target_B = u_B * cum_BN[:, -1]
+    max_B = jnp.max(logits_BV, axis=-1)
+    logits_BNC = jnp.pad(logits_BV, ((0, 0), (0, N * C - V)), constant_values=-jnp.inf).reshape(B, N, C)
+    cum_BN = jnp.cumsum(jnp.exp(logits_BNC - max_B[:, None, None]).sum(-1), axis=-1)
+    total_B = cum_BN[:, -1]
+    target_B = u_B * total_B
     blk_B = jnp.minimum(jnp.sum(cum_BN < target_B[:, None], axis=-1), N - 1)
     before_B = jnp.where(blk_B > 0, jnp.take_along_axis(cum_BN, jnp.maximum(blk_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
-    w_BC = jnp.take_along_axis(w_BNC, blk_B[:, None, None], axis=1)[:, 0]
-    last_B = C - 1 - jnp.argmax((w_BC > 0)[:, ::-1], axis=-1)
+    logits_BC = jnp.take_along_axis(logits_BNC, blk_B[:, None, None], axis=1)[:, 0]
+    w_BC = jnp.exp(logits_BC - max_B[:, None])
+    # the block's last token of positive weight; were the recomputed weights all to round to 0 where the block
+    # sum did not, its last token of finite logit (never a -inf one: a block of positive sum has one)
+    last_B = C - 1 - jnp.argmax(jnp.where(jnp.any(w_BC > 0, axis=-1, keepdims=True), w_BC > 0, logits_BC > -jnp.inf)[:, ::-1], axis=-1)
     idx_B = jnp.minimum(jnp.sum(jnp.cumsum(w_BC, axis=-1) < (target_B - before_B)[:, None], axis=-1), last_B)
     token_B = (blk_B * C + idx_B).astype(jnp.int32)
-    logp_B = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0] - max_B1[:, 0] - jnp.log(cum_BN[:, -1])
+    logp_B = jnp.take_along_axis(logits_BC, idx_B[:, None], axis=-1)[:, 0] - max_B - jnp.log(total_B)
     # a row with a NaN or +inf logit, or no finite one, has no law to draw from: its logp is NaN, so the
     # host-side `check_finite_logp` refuses the sample instead of returning a token drawn from garbage
-    finite_B = jnp.isfinite(max_B1[:, 0]) & ~jnp.any(jnp.isnan(logits_BV) | (logits_BV == jnp.inf), axis=-1)
-    return token_B, jnp.where(finite_B, logp_B, jnp.nan)
+    return token_B, jnp.where(jnp.isfinite(max_B) & jnp.isfinite(total_B), logp_B, jnp.nan)
 
 
 def uniforms(key: jax.Array, batch_size: int, max_new_tokens: int) -> jax.Array:
@@ -86,16 +94,18 @@ def uniforms(key: jax.Array, batch_size: int, max_new_tokens: int) -> jax.Array:
     return 1.0 - jax.random.uniform(key, (max_new_tokens, batch_size))
 
 
-def segments(max_new_tokens: int, min_len: int = 32, max_segments: int = 8) -> list[int]:
+def segments(max_new_tokens: int, min_len: int = 32, max_segments: int = 8, short: tuple[int, int] = (3, 10)) -> list[int]:
     """Where the sampler grows its cache: the numbers of new tokens that end each scan.
 
     Equal segments of at least `min_len` steps, at most `max_segments` of them: 512 -> [64, 128, ..., 512],
-    128 -> [32, 64, 96, 128]; under 2 min_len, one scan. Each segment compiles its own scan body (about 0.5 s
-    more compilation each at 6 layers x 384) and copies the cache once when it grows; a step attends over
-    the slots filled so far plus at most one segment instead of the whole buffer (measured on 2 CPU cores:
-    tiny GPT-2 T=512 per step 1.36 -> 0.75 ms; small GPT-2 T=128 2 -> 4 segments 5% faster, 8 another 3%).
+    128 -> [32, 64, 96, 128]. A shorter run still gets up to short[0] segments of at least short[1] steps:
+    30 -> [10, 20, 30], 64 -> [21, 42, 64]; under 20, one scan. Each segment compiles its own scan body (about
+    0.5 s more compilation each at 6 layers x 384, 1-2 s at 4 x 128) and copies the cache once when it grows;
+    a step attends over the slots filled so far plus at most one segment instead of the whole buffer
+    (measured on 2 CPU cores: tiny GPT-2 T=512 per step 1.36 -> 0.75 ms; small GPT-2 T=128 2 -> 4 segments
+    5% faster, 8 another 3%; the embedded 4 x 128 model at T=30, B=128 and 512, 1 -> 3 segments 12% faster).
     """
-    n = max(1, min(max_segments, max_new_tokens // min_len))
+    n = max(1, min(max_segments, max(max_new_tokens // min_len, min(short[0], max_new_tokens // short[1]))))
     return [max_new_tokens * (i + 1) // n for i in range(n)]
 
 

@@ -59,3 +59,23 @@ def test_masked_rows_and_small_vocabularies():
     token_B, logp_B = _draw(jnp.array([0.3, 0.9]), logits_BV)
     assert token_B.tolist() == [3, 0]
     np.testing.assert_allclose(np.asarray(logp_B), np.log([0.75, 1.0]), atol=1e-7)
+
+
+def test_non_finite_rows_are_marked_at_full_vocabulary_size():
+    """The finiteness test reads the total, not the logits: a NaN or +inf anywhere in the row (here far from
+    the drawn block) or a row of -inf makes its logp NaN; the finite rows keep their exact log-probabilities."""
+    V = 8192
+    logits_BV = np.array(jax.random.normal(jax.random.PRNGKey(4), (5, V)), np.float32)
+    logits_BV[:, :128] += 8.0  # the mass sits in block 0, so the draws land there
+    logits_BV[1, 5000] = np.nan
+    logits_BV[2, 7000] = np.inf
+    logits_BV[3] = -np.inf
+    logits_BV[4, ::3] = -np.inf
+    token_B, logp_B = _draw(jnp.full((5,), 0.4), jnp.asarray(logits_BV))
+    logp_B = np.asarray(logp_B)
+    assert np.isnan(logp_B[1:4]).all() and np.isfinite(logp_B[[0, 4]]).all()
+    for row in (0, 4):
+        x = logits_BV[row].astype(np.float64)
+        expected = x[int(token_B[row])] - x.max() - np.log(np.exp(x - x.max()).sum())
+        np.testing.assert_allclose(logp_B[row], expected, atol=2e-6)
+    assert np.isfinite(logits_BV[4, int(token_B[4])])

@@ -42,9 +42,12 @@ def _sample(u_TB, model, params, prompt_BP, mask_BP, segment_ends):
 
 
 def test_segments():
-    assert segments(512) == list(range(64, 513, 64)) and segments(63) == [63] and segments(64) == [32, 64]
-    assert segments(2048) == list(range(256, 2049, 256)) and segments(30) == [30] and segments(1) == [1]
+    assert segments(512) == list(range(64, 513, 64)) and segments(2048) == list(range(256, 2049, 256))
     assert segments(128) == [32, 64, 96, 128] and segments(200) == [33, 66, 100, 133, 166, 200]
+    # a short run: up to 3 segments of at least 10 steps (the experiments' 30 tokens), one scan under 20
+    assert segments(30) == [10, 20, 30] and segments(64) == [21, 42, 64] and segments(20) == [10, 20]
+    assert segments(19) == [19] and segments(9) == [9] and segments(1) == [1]
+    assert all(len(segments(t)) <= len(segments(t + 1)) for t in range(1, 600))  # more steps, never fewer scans
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
