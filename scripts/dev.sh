@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for set-up and the common jobs. Creates ./.venv on first use (Python 3.11) and keeps
-# it in sync with requirements*.txt (GUARD_JAX_NO_VENV=1: the `python` on PATH instead); then runs the job.
+# it in sync with requirements*.txt, every version held by requirements-lock.txt (GUARD_JAX_NO_VENV=1: the `python` on PATH instead); then runs the job.
 #   bash scripts/dev.sh main        the main job (README): the lexical experiment on the embedded model
 #   bash scripts/dev.sh toy         GUARD on a toy ARM, every quantity exact vs Monte Carlo
 #   bash scripts/dev.sh test        the default test suite (what CI runs)
@@ -17,10 +17,10 @@ if [ -z "${GUARD_JAX_NO_VENV:-}" ]; then  # GUARD_JAX_NO_VENV=1: use the `python
     "$PY" -m venv .venv
   fi
   stamp=.venv/.guard_jax_installed
-  want=$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+  want=$(cat requirements.txt requirements-test.txt requirements-lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -r requirements-test.txt
+    .venv/bin/python -m pip install -q -r requirements-test.txt -c requirements-lock.txt
     .venv/bin/python -m pip install -q --no-deps -e .
     echo "$want" > "$stamp"
   fi

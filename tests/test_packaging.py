@@ -39,6 +39,22 @@ def _next_breaking(v: Version) -> Version:
     return Version(f"0.{v.minor + 1}") if v.major == 0 else Version(f"{v.major + 1}")
 
 
+def test_the_full_lock_holds_every_pin_and_this_environment():
+    """requirements-lock.txt (every package, transitive ones too) agrees with each pin of requirements*.txt, and
+    the environment the tests run in is the lock: a transitive package that drifted (a newer ml_dtypes beside a
+    pinned jaxlib, say) fails here by name instead of somewhere in the suite."""
+    import importlib.metadata
+
+    lock = _pins(ROOT / "requirements-lock.txt")
+    pins = {**_pins(ROOT / "requirements.txt"), **_pins(ROOT / "requirements-test.txt")}
+    torch = pins.pop("torch")  # a local build (2.13.0+cpu): pinned by requirements-test.txt, not the lock
+    assert {n: v for n, v in pins.items() if lock.get(n) != v} == {}, "requirements*.txt pins that the lock contradicts or lacks"
+    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in importlib.metadata.distributions()}
+    drift = {n: f"lock {v}, installed {installed.get(n)}" for n, v in lock.items() if installed.get(n) != v}
+    assert drift == {}, f"the environment differs from requirements-lock.txt (re-run `bash scripts/dev.sh test`): {drift}"
+    assert installed["torch"].base_version == str(torch)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> pathlib.Path:
     """The wheel built offline (setuptools from this venv, no build isolation) from a copy of the sources."""
