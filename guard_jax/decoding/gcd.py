@@ -502,6 +502,22 @@ def _decode(model: ARM, params: Params, token_B, cache):
     return model.decode(params, token_B, cache)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "length"))
+def _grow(model: ARM, cache, length: int):
+    return model.grow_cache(cache, length)
+
+
+def _decode_growing(model: ARM, params: Params, token_B, cache, t: int, size: int, prompt_len: int, ends: list[int]):
+    """`_decode` of generated token t (cache slot prompt_len + t) in a cache of `size` slots, first grown to
+    prompt_len + the next of the segment ends `ends` when it is full, as the sampler's scans grow it (early
+    steps attend over fewer slots) -> (logits_BV, cache, size)."""
+    if prompt_len + t >= size:
+        size = prompt_len + next(e for e in ends if e > t)
+        cache = _grow(model, cache, size)
+    logits_BV, cache = _decode(model, params, token_B, cache)
+    return logits_BV, cache, size
+
+
 def unpack_bitmask(bitmask_W: jax.Array, vocab_size: int) -> jax.Array:
     """int32 bitmask [..., ceil(V/32)] -> bool allowed [..., V] (jit-able): bit v % 32 of word v // 32. Shifts
     and a reshape, no gather (XLA's CPU gather over V cost more)."""
@@ -598,9 +614,10 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
     (numpy fields).
 
     Same uniforms and inverse-CDF draw as `guard_jax.sampling.sample` (a grammar that allows every token gives
-    exactly its samples). Each step runs two jitted calls: the masked draw, then the model's decode step, which
-    is dispatched before the host computes the next masks (llguidance, all rows in parallel), so the two overlap.
-    The loop stops once every row has ended. The masks are not length-aware: a row still inside a string after
+    its samples up to float rounding). Each step runs two jitted calls: the masked draw, then the model's decode
+    step, which is dispatched before the host computes the next masks (llguidance, one per distinct prefix, in
+    parallel), so the two overlap. The cache grows at the sampler's segment ends (`sampling.segments`), so early
+    steps attend over fewer slots. The loop stops once every row has ended. The masks are not length-aware: a row still inside a string after
     `max_new_tokens` fails b.
 
     `dense`: None (default) takes the masks of a small regex from a dense table on the device (`dense_masks`:
@@ -618,7 +635,9 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
                          f"got {grammar}; pass dense=None")
     (B, P), T = prompt_BP.shape, int(max_new_tokens)
     u_TB = np.asarray(uniforms(key, B, T))
-    logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), P + T)
+    ends = check_segment_ends(T)
+    size = P + ends[0]
+    logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), size)
     done_B = jnp.zeros((B,), bool)
     steps = []  # (token_B, logq_B, loga_B, alive_B) per step, left on the device until the end
     if table is not None:
@@ -626,8 +645,8 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
         for t in range(T):
             (token_B, logq_B, loga_B, alive_B, done_B), state_B = _dense_pick(logits_BV, table, state_B, u_TB[t], done_B,
                                                                             model.pad_id, model.eos_id)
-            if t + 1 < T:
-                logits_BV, cache = _decode(model, params, token_B, cache)  # dispatched before the host waits
+            if t + 1 < T:  # dispatched before the host waits
+                logits_BV, cache, size = _decode_growing(model, params, token_B, cache, t, size, P, ends)
             steps.append((token_B, logq_B, loga_B, alive_B))
             if bool(np.asarray(done_B).all()):
                 break
@@ -638,8 +657,8 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
             matchers.fill(bitmask_BW)
             token_B, logq_B, loga_B, alive_B, done_B = _masked_pick(logits_BV, jnp.asarray(bitmask_BW), u_TB[t], done_B,
                                                                    model.pad_id, model.eos_id)
-            if t + 1 < T:
-                logits_BV, cache = _decode(model, params, token_B, cache)  # runs while the host computes masks
+            if t + 1 < T:  # runs while the host computes masks
+                logits_BV, cache, size = _decode_growing(model, params, token_B, cache, t, size, P, ends)
             steps.append((token_B, logq_B, loga_B, alive_B))
             matchers.consume(np.asarray(token_B))
             if not matchers.running_B.any():
