@@ -289,7 +289,9 @@ class MatcherBatch:
 
     `fill(bitmask_BW)` writes the next-token masks of the rows still running (finished rows: all ones, so a
     jitted step never sees an empty row); `consume(tokens_B)` advances the running rows by their tokens and
-    retires rows that emitted EOS.
+    retires rows that emitted EOS. Rows with the same tokens so far have the same mask, so `fill` computes
+    one mask per distinct prefix (all 128 rows of a batch share the first; a JSON schema's forced opening
+    keeps them few for several steps) and copies it.
     """
 
     def __init__(self, grammar: Grammar, batch_size: int):
@@ -301,6 +303,8 @@ class MatcherBatch:
         self.matchers = [grammar.matcher() for _ in range(batch_size)]
         self.running_B = np.ones(batch_size, bool)
         self._executor = _executor(llguidance)
+        self._prefix_B = np.zeros(batch_size, np.int64)  # an id of each row's tokens so far (equal ids: equal prefixes)
+        self._child: dict[tuple[int, int], int] = {}
 
     def fill(self, bitmask_BW: np.ndarray) -> np.ndarray:
         """Write the masks into `bitmask_BW` (int32, C-contiguous, [B, grammar.mask_words]) -> bitmask_BW."""
@@ -309,10 +313,13 @@ class MatcherBatch:
         bitmask_BW.fill(-1)
         rows = np.flatnonzero(self.running_B)
         if len(rows):
-            lnp.fill_next_token_bitmask_par(self._executor, [(self.matchers[i], int(i)) for i in rows], bitmask_BW)
-            empty = rows[~bitmask_BW[rows].any(axis=1)]
+            _, first, inverse = np.unique(self._prefix_B[rows], return_index=True, return_inverse=True)
+            reps = rows[first]  # one row per distinct prefix
+            lnp.fill_next_token_bitmask_par(self._executor, [(self.matchers[i], int(i)) for i in reps], bitmask_BW)
+            empty = reps[~bitmask_BW[reps].any(axis=1)]
             if len(empty):
                 raise RuntimeError(f"grammar matcher for row {empty[0]} allows no token: {self.matchers[empty[0]].get_error()}")
+            bitmask_BW[rows] = bitmask_BW[reps[inverse.reshape(-1)]]
         return bitmask_BW
 
     def consume(self, tokens_B) -> None:
@@ -323,6 +330,8 @@ class MatcherBatch:
         rows = np.flatnonzero(self.running_B)
         if len(rows):
             lnp.consume_token_par(self._executor, [(self.matchers[i], int(tokens_B[i])) for i in rows])
+            for i in rows:
+                self._prefix_B[i] = self._child.setdefault((int(self._prefix_B[i]), int(tokens_B[i])), len(self._child) + 1)
         self.running_B[rows[tokens_B[rows] == self.grammar.eos_id]] = False
 
     def accepting(self) -> np.ndarray:

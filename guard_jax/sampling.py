@@ -48,8 +48,9 @@ def bos_prompt(model: ARM, batch_size: int) -> tuple[jax.Array, jax.Array]:
     return tokens_B1, jnp.ones_like(tokens_B1)
 
 
-def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
-    """One draw per row by inverse CDF from one uniform u in (0, 1] per row -> (token_B int32, logp_B).
+def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_BV: jax.Array | None = None):
+    """One draw per row by inverse CDF from one uniform u in (0, 1] per row -> (token_B int32, logp_B), or with
+    `allowed_BV` -> (token_B, logq_B, loga_B).
 
     logp_B is the token's log-probability under softmax(logits_BV) (-inf logits have probability 0), NaN
     for a row whose logits hold a NaN or +inf or are all -inf (see `check_finite_logp`). The
@@ -61,6 +62,13 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple
     Two passes over the [B, V] logits: their max, then the block sums of exp(logits - max). The [B, V] weights
     are never stored: the chosen block's `block` weights are recomputed from its logits, and the finiteness
     test reads the total (a NaN or +inf logit makes it NaN or inf, all -inf logits make it NaN), not the logits.
+
+    `allowed_BV` (bool [B, V]): draw from softmax(logits_BV) restricted to the allowed tokens (masked
+    decoding's q) in the same two passes: the weights exp(logits - max) give q's block sums (the allowed
+    ones) and a's normaliser (all of them). logq_B is the token's log-prob under q (NaN also for a row with
+    nothing allowed), loga_B under softmax(logits_BV). With every token allowed, token_B and logq_B are the
+    unmasked draw's bit for bit. Rows whose allowed weights sum under 1e-30 (the best allowed logit more than
+    about 69 below the max: they could underflow) are drawn again, exactly, from the allowed logits alone.
     """
     B, V = logits_BV.shape
     C = min(block, V)
@@ -68,22 +76,44 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> tuple
     logits_BV = logits_BV.astype(jnp.float32)
     max_B = jnp.max(logits_BV, axis=-1)
     logits_BNC = jnp.pad(logits_BV, ((0, 0), (0, N * C - V)), constant_values=-jnp.inf).reshape(B, N, C)
-    cum_BN = jnp.cumsum(jnp.exp(logits_BNC - max_B[:, None, None]).sum(-1), axis=-1)
+    e_BNC = jnp.exp(logits_BNC - max_B[:, None, None])
+    if allowed_BV is None:
+        cum_BN = jnp.cumsum(e_BNC.sum(-1), axis=-1)
+        finite_B = jnp.isfinite(max_B) & jnp.isfinite(cum_BN[:, -1])
+    else:
+        allowed_BNC = jnp.pad(allowed_BV, ((0, 0), (0, N * C - V))).reshape(B, N, C)
+        cum_BN = jnp.cumsum(jnp.where(allowed_BNC, e_BNC, 0.0).sum(-1), axis=-1)
+        all_B = e_BNC.sum((-2, -1))  # a's normaliser
+        finite_B = jnp.isfinite(max_B) & jnp.isfinite(all_B) & (cum_BN[:, -1] > 0)
     total_B = cum_BN[:, -1]
     target_B = u_B * total_B
     blk_B = jnp.minimum(jnp.sum(cum_BN < target_B[:, None], axis=-1), N - 1)
     before_B = jnp.where(blk_B > 0, jnp.take_along_axis(cum_BN, jnp.maximum(blk_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
     logits_BC = jnp.take_along_axis(logits_BNC, blk_B[:, None, None], axis=1)[:, 0]
+    if allowed_BV is not None:
+        logits_BC = jnp.where(jnp.take_along_axis(allowed_BNC, blk_B[:, None, None], axis=1)[:, 0], logits_BC, -jnp.inf)
     w_BC = jnp.exp(logits_BC - max_B[:, None])
     # the block's last token of positive weight; were the recomputed weights all to round to 0 where the block
     # sum did not, its last token of finite logit (never a -inf one: a block of positive sum has one)
     last_B = C - 1 - jnp.argmax(jnp.where(jnp.any(w_BC > 0, axis=-1, keepdims=True), w_BC > 0, logits_BC > -jnp.inf)[:, ::-1], axis=-1)
     idx_B = jnp.minimum(jnp.sum(jnp.cumsum(w_BC, axis=-1) < (target_B - before_B)[:, None], axis=-1), last_B)
     token_B = (blk_B * C + idx_B).astype(jnp.int32)
-    logp_B = jnp.take_along_axis(logits_BC, idx_B[:, None], axis=-1)[:, 0] - max_B - jnp.log(total_B)
+    rel_B = jnp.take_along_axis(logits_BC, idx_B[:, None], axis=-1)[:, 0] - max_B  # log weight of the token
     # a row with a NaN or +inf logit, or no finite one, has no law to draw from: its logp is NaN, so the
     # host-side `check_finite_logp` refuses the sample instead of returning a token drawn from garbage
-    return token_B, jnp.where(jnp.isfinite(max_B) & jnp.isfinite(total_B), logp_B, jnp.nan)
+    logp_B = jnp.where(finite_B, rel_B - jnp.log(total_B), jnp.nan)
+    if allowed_BV is None:
+        return token_B, logp_B
+    loga_B = rel_B - jnp.log(all_B)
+    small_B = ~(total_B > 1e-30)
+
+    def again(drawn):  # rows whose allowed weights could underflow: the unmasked draw on the allowed logits
+        token2_B, logq2_B = categorical(u_B, jnp.where(allowed_BV, logits_BV, -jnp.inf), block)
+        loga2_B = jnp.take_along_axis(logits_BV, token2_B[:, None], axis=-1)[:, 0] - max_B - jnp.log(all_B)
+        logq2_B = jnp.where(jnp.isfinite(max_B) & jnp.isfinite(all_B), logq2_B, jnp.nan)  # a NaN anywhere: no law
+        return tuple(jnp.where(small_B, new, old) for new, old in zip((token2_B, logq2_B, loga2_B), drawn))
+
+    return jax.lax.cond(jnp.any(small_B), again, lambda drawn: drawn, (token_B, logp_B, loga_B))
 
 
 def uniforms(key: jax.Array, batch_size: int, max_new_tokens: int) -> jax.Array:

@@ -170,18 +170,18 @@ def test_regex_automaton_is_fullmatch_and_its_masks_are_exact_reachability(patte
 
 
 def test_masked_categorical_draws_the_masked_law_with_both_log_probs():
-    """One exp pass for both laws: with every token allowed it is `categorical` bit for bit; otherwise logq and
-    loga are the masked and unmasked log-softmax at the drawn token, the token is allowed and its frequencies
-    follow the masked law (chi-square); rows whose allowed tokens lie 100 below the best take the exact
-    fallback (finite, the same values)."""
-    from guard_jax.decoding.gcd import masked_categorical
+    """`categorical(allowed_BV=)`, one exp pass for both laws: with every token allowed it is the unmasked draw
+    bit for bit (V = 300); otherwise logq and loga are the masked and unmasked log-softmax at the drawn token,
+    the token is allowed and its frequencies follow the masked law (chi-square); rows whose allowed tokens lie
+    100 below the best take the exact fallback (finite, the same values); a NaN logit, even at a forbidden
+    token, or nothing allowed gives NaN on both routes."""
     from guard_jax.sampling import categorical
 
     rng = np.random.default_rng(0)
     B, V = 4096, 300
     logits_BV = jnp.asarray(np.tile(rng.normal(size=(1, V)) * 2, (B, 1)), jnp.float32)
     u_B = 1.0 - jax.random.uniform(jax.random.PRNGKey(3), (B,))
-    draw = jax.jit(masked_categorical)
+    draw = jax.jit(lambda u_B, x_BV, allowed_BV: categorical(u_B, x_BV, allowed_BV=allowed_BV))
     token_B, logq_B, loga_B = draw(u_B, logits_BV, jnp.ones((B, V), bool))
     ref_token_B, ref_logp_B = categorical(u_B, logits_BV)
     np.testing.assert_array_equal(np.asarray(token_B), np.asarray(ref_token_B))
@@ -200,3 +200,7 @@ def test_masked_categorical_draws_the_masked_law_with_both_log_probs():
         _chi_square_ok(token_B, np.exp(log_q_V))
     _, logq_B, _ = draw(u_B[:2], logits_BV[:2], jnp.zeros((2, V), bool))
     assert np.isnan(np.asarray(logq_B)).all()
+    for shift in (0.0, -100.0):
+        x_BV = jnp.where(jnp.asarray(allowed_V), logits_BV[:2] + shift, logits_BV[:2]).at[:, int(np.argmin(allowed_V))].set(jnp.nan)
+        _, logq_B, _ = draw(u_B[:2], x_BV, jnp.broadcast_to(jnp.asarray(allowed_V), (2, V)))
+        assert np.isnan(np.asarray(logq_B)).all()

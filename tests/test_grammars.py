@@ -123,6 +123,39 @@ def test_grammar_that_allows_everything_samples_like_the_plain_sampler(toy):
     np.testing.assert_allclose(ours.logp_B, np.asarray(ref.logp_B), atol=1e-5)
 
 
+def test_host_masks_grow_the_cache_and_score_as_teacher_forcing(embedded_tokenizer):
+    """On the embedded model at 24 tokens (the host loop grows its cache once, after 12, as the jitted samplers
+    do), a JSON schema's masked samples carry a's log-probs equal to teacher-forced scoring, and their masked
+    log-probs are those of masking's law as an LM (`proposals.masked_lm`, scored)."""
+    from guard_jax.proposals import masked_lm
+    from guard_jax.sampling import score
+
+    lm = LM.load("embedded")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    grammar = Grammar.json_schema(schema, embedded_tokenizer, vocab_size=lm.model.vocab_size)
+    prompt, pmask = lm.prompt_arrays(16)
+    ours = grammar_masked_sample(jax.random.PRNGKey(2), lm.model, lm.params, prompt, pmask, grammar, 24, dense=False)
+    assert ours.lengths_B.max() > 12  # past the cache's growth
+    np.testing.assert_allclose(ours.base_logp_B, score(lm, ours.tokens_BT, ours.lengths_B, batch_size=16), atol=1e-3)
+    q = masked_lm(lm, grammar, 24)
+    np.testing.assert_allclose(ours.logp_B, score(q, ours.tokens_BT, ours.lengths_B, batch_size=16), atol=1e-3)
+
+
+def test_batched_masks_are_each_rows_own_when_rows_share_prefixes(toy):
+    """`MatcherBatch.fill` computes one mask per distinct prefix and copies it: every row's mask is still the
+    grammar's mask after that row's own tokens, as rows that shared a prefix part ways."""
+    grammar = toy[0]
+    rows = [[1, 3, 2], [1, 3, 1], [1, 3, 2], [4, 1, 5], [4, 2, 5], [2, 3, 1]]  # "1+2", "1+1", "(1)", ...: prefixes shared, then split
+    batch = grammar.batch(len(rows))
+    bitmask_BW = np.empty((len(rows), grammar.mask_words), np.int32)
+    for t in range(3):
+        batch.fill(bitmask_BW)
+        bits_BV = np.unpackbits(bitmask_BW.view(np.uint8), axis=1, bitorder="little")[:, : grammar.vocab_size].astype(bool)
+        for i, row in enumerate(rows):
+            np.testing.assert_array_equal(np.flatnonzero(bits_BV[i]), grammar.allowed_ids(row[:t]), err_msg=f"row {i} step {t}")
+        batch.consume(np.asarray([row[t] for row in rows]))
+
+
 def test_bad_inputs_name_the_argument(toy):
     tok = toy_tokenizer()
     with pytest.raises(ValueError, match="lark"):

@@ -413,49 +413,6 @@ def check_feasible(mask: TokenAutomaton, max_new_tokens: int) -> None:
         raise ValueError(f"the constraint cannot be met within max_new_tokens={max_new_tokens} ({need}); raise max_new_tokens or relax b")
 
 
-def masked_categorical(u_B: jax.Array, logits_BV: jax.Array, allowed_BV: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One masked draw per row by inverse CDF -> (token_B int32, logq_B, loga_B): the token drawn from
-    softmax(logits_BV) restricted to `allowed_BV` (bool [B, V]) with uniform u_B in (0, 1], its log-prob under
-    that masked law (q) and under the unmasked one (a).
-
-    The same two-level search as `guard_jax.sampling.categorical` (block sums, then the token inside the block;
-    a token of weight zero is never returned), on the weights exp(logits - max) that both laws share: one `exp`
-    pass over [B, V] gives q's weights (the allowed ones) and a's normaliser (all of them), where a log-softmax
-    followed by `categorical` on the masked log-probs takes two (1.5x the CPU time of this on [128, 8192]).
-    With every token allowed it is `categorical` itself. When some row's allowed weights sum under 1e-30 (its
-    best allowed token more than about 69 below its best: they could underflow), the batch is drawn again
-    that way and those rows take that draw. logq_B is NaN for a row with a NaN or +inf logit or nothing
-    allowed, as `categorical` has it.
-    """
-    B, V = logits_BV.shape
-    C = min(block, V)
-    N = -(-V // C)
-    x_BV = logits_BV.astype(jnp.float32)
-    max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
-    e_BV = jnp.exp(x_BV - max_B1)
-    w_BNC = jnp.pad(jnp.where(allowed_BV, e_BV, 0.0), ((0, 0), (0, N * C - V))).reshape(B, N, C)
-    cum_BN = jnp.cumsum(w_BNC.sum(-1), axis=-1)
-    target_B = u_B * cum_BN[:, -1]
-    blk_B = jnp.minimum(jnp.sum(cum_BN < target_B[:, None], axis=-1), N - 1)
-    before_B = jnp.where(blk_B > 0, jnp.take_along_axis(cum_BN, jnp.maximum(blk_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
-    w_BC = jnp.take_along_axis(w_BNC, blk_B[:, None, None], axis=1)[:, 0]
-    last_B = C - 1 - jnp.argmax((w_BC > 0)[:, ::-1], axis=-1)
-    idx_B = jnp.minimum(jnp.sum(jnp.cumsum(w_BC, axis=-1) < (target_B - before_B)[:, None], axis=-1), last_B)
-    token_B = (blk_B * C + idx_B).astype(jnp.int32)
-    rel_B = jnp.take_along_axis(x_BV, token_B[:, None], axis=-1)[:, 0] - max_B1[:, 0]  # log weight of the token
-    logq_B = jnp.where(cum_BN[:, -1] > 0, rel_B - jnp.log(cum_BN[:, -1]), jnp.nan)  # NaN, inf propagate
-    loga_B = rel_B - jnp.log(e_BV.sum(-1))
-    small_B = ~(cum_BN[:, -1] > 1e-30)
-
-    def again(drawn):  # the rows whose allowed weights could underflow: log-softmax, then categorical on q
-        base_BV = jax.nn.log_softmax(x_BV)
-        token2_B, logq2_B = categorical(u_B, jnp.where(allowed_BV, base_BV, -jnp.inf), block)
-        loga2_B = jnp.take_along_axis(base_BV, token2_B[:, None], axis=-1)[:, 0]
-        return tuple(jnp.where(small_B, new, old) for new, old in zip((token2_B, logq2_B, loga2_B), drawn))
-
-    return jax.lax.cond(jnp.any(small_B), again, lambda drawn: drawn, (token_B, logq_B, loga_B))
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP, prompt_mask_BP, mask: MaskProvider, max_new_tokens: int) -> MaskedSamples:
     """Masked ancestral sampling (temperature 1): at each step, a's logits with forbidden tokens at -inf.
@@ -478,7 +435,7 @@ def masked_sample_from_uniforms(u_TB, model: ARM, params: Params, prompt_BP, pro
     def step(carry, xs):
         logits_BV, cache, state_B, done_B = carry
         t, u_B = xs
-        token_B, logq_B, loga_B = masked_categorical(u_B, logits_BV, mask.allowed(state_B, T - t - 1))
+        token_B, logq_B, loga_B = categorical(u_B, logits_BV, allowed_BV=mask.allowed(state_B, T - t - 1))
         token_B = jnp.where(done_B, model.pad_id, token_B)
         logq_B, loga_B = jnp.where(done_B, 0.0, logq_B), jnp.where(done_B, 0.0, loga_B)
         state_B = jnp.where(done_B, state_B, mask.advance(state_B, token_B))
@@ -545,6 +502,22 @@ def _decode(model: ARM, params: Params, token_B, cache):
     return model.decode(params, token_B, cache)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "length"))
+def _grow(model: ARM, cache, length: int):
+    return model.grow_cache(cache, length)
+
+
+def _decode_growing(model: ARM, params: Params, token_B, cache, t: int, size: int, prompt_len: int, ends: list[int]):
+    """`_decode` of generated token t (cache slot prompt_len + t) in a cache of `size` slots, first grown to
+    prompt_len + the next of the segment ends `ends` when it is full, as the sampler's scans grow it (early
+    steps attend over fewer slots) -> (logits_BV, cache, size)."""
+    if prompt_len + t >= size:
+        size = prompt_len + next(e for e in ends if e > t)
+        cache = _grow(model, cache, size)
+    logits_BV, cache = _decode(model, params, token_B, cache)
+    return logits_BV, cache, size
+
+
 def unpack_bitmask(bitmask_W: jax.Array, vocab_size: int) -> jax.Array:
     """int32 bitmask [..., ceil(V/32)] -> bool allowed [..., V] (jit-able): bit v % 32 of word v // 32. Shifts
     and a reshape, no gather (XLA's CPU gather over V cost more)."""
@@ -554,7 +527,7 @@ def unpack_bitmask(bitmask_W: jax.Array, vocab_size: int) -> jax.Array:
 
 def _pick(logits_BV, bitmask_BW, u_B, done_B, pad_id: int, eos_id: int):
     """One masked draw per row -> (token_B, logq_B, loga_B, alive_B, done_B), as `masked_sample`'s step."""
-    token_B, logq_B, loga_B = masked_categorical(u_B, logits_BV, unpack_bitmask(bitmask_BW, logits_BV.shape[-1]))
+    token_B, logq_B, loga_B = categorical(u_B, logits_BV, allowed_BV=unpack_bitmask(bitmask_BW, logits_BV.shape[-1]))
     token_B = jnp.where(done_B, pad_id, token_B)
     logq_B, loga_B = jnp.where(done_B, 0.0, logq_B), jnp.where(done_B, 0.0, loga_B)
     return token_B, logq_B, loga_B, ~done_B, done_B | (token_B == eos_id)
@@ -579,26 +552,23 @@ class DenseMasks(NamedTuple):
 
 
 DENSE_MAX_CELLS = 2**19  # states x V of the largest table `grammar_masked_sample` builds by itself
-_DENSE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # grammar -> DenseMasks | None
+_DENSE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # grammar -> {max_cells: DenseMasks | None}
 
 
 def dense_masks(grammar: Grammar, max_cells: int = DENSE_MAX_CELLS) -> DenseMasks | None:
     """The masks of a small `Grammar.regex` as a dense table on the device, or None (not a regex; over
     `max_cells` = states x V; a pattern interegular cannot compile; or a table whose masks differ from
-    llguidance's). Cached per grammar (the default `max_cells`).
+    llguidance's). Cached per (grammar, max_cells).
 
     The table is `regex_automaton`'s, with llguidance's mask rule (not length-aware: every token that keeps the
     text a prefix of the language, EOS where it is in it), and it is checked against llguidance: for one
     shortest prefix reaching each state, the state's mask equals the grammar's mask after that prefix.
     Building it walks every token through the DFA (0.2 s for an 11-state date regex at V = 8,192).
     """
-    cached = max_cells == DENSE_MAX_CELLS and grammar in _DENSE
-    if cached:
-        return _DENSE[grammar]
-    table = _build_dense(grammar, max_cells)
-    if max_cells == DENSE_MAX_CELLS:
-        _DENSE[grammar] = table
-    return table
+    tables = _DENSE.setdefault(grammar, {})
+    if max_cells not in tables:
+        tables[max_cells] = _build_dense(grammar, max_cells)
+    return tables[max_cells]
 
 
 def _build_dense(grammar: Grammar, max_cells: int) -> DenseMasks | None:
@@ -644,9 +614,10 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
     (numpy fields).
 
     Same uniforms and inverse-CDF draw as `guard_jax.sampling.sample` (a grammar that allows every token gives
-    exactly its samples). Each step runs two jitted calls: the masked draw, then the model's decode step, which
-    is dispatched before the host computes the next masks (llguidance, all rows in parallel), so the two overlap.
-    The loop stops once every row has ended. The masks are not length-aware: a row still inside a string after
+    its samples up to float rounding). Each step runs two jitted calls: the masked draw, then the model's decode
+    step, which is dispatched before the host computes the next masks (llguidance, one per distinct prefix, in
+    parallel), so the two overlap. The cache grows at the sampler's segment ends (`sampling.segments`), so early
+    steps attend over fewer slots. The loop stops once every row has ended. The masks are not length-aware: a row still inside a string after
     `max_new_tokens` fails b.
 
     `dense`: None (default) takes the masks of a small regex from a dense table on the device (`dense_masks`:
@@ -664,7 +635,9 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
                          f"got {grammar}; pass dense=None")
     (B, P), T = prompt_BP.shape, int(max_new_tokens)
     u_TB = np.asarray(uniforms(key, B, T))
-    logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), P + T)
+    ends = check_segment_ends(T)
+    size = P + ends[0]
+    logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), size)
     done_B = jnp.zeros((B,), bool)
     steps = []  # (token_B, logq_B, loga_B, alive_B) per step, left on the device until the end
     if table is not None:
@@ -672,8 +645,8 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
         for t in range(T):
             (token_B, logq_B, loga_B, alive_B, done_B), state_B = _dense_pick(logits_BV, table, state_B, u_TB[t], done_B,
                                                                             model.pad_id, model.eos_id)
-            if t + 1 < T:
-                logits_BV, cache = _decode(model, params, token_B, cache)  # dispatched before the host waits
+            if t + 1 < T:  # dispatched before the host waits
+                logits_BV, cache, size = _decode_growing(model, params, token_B, cache, t, size, P, ends)
             steps.append((token_B, logq_B, loga_B, alive_B))
             if bool(np.asarray(done_B).all()):
                 break
@@ -684,8 +657,8 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
             matchers.fill(bitmask_BW)
             token_B, logq_B, loga_B, alive_B, done_B = _masked_pick(logits_BV, jnp.asarray(bitmask_BW), u_TB[t], done_B,
                                                                    model.pad_id, model.eos_id)
-            if t + 1 < T:
-                logits_BV, cache = _decode(model, params, token_B, cache)  # runs while the host computes masks
+            if t + 1 < T:  # runs while the host computes masks
+                logits_BV, cache, size = _decode_growing(model, params, token_B, cache, t, size, P, ends)
             steps.append((token_B, logq_B, loga_B, alive_B))
             matchers.consume(np.asarray(token_B))
             if not matchers.running_B.any():

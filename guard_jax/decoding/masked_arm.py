@@ -34,16 +34,8 @@ from guard_jax.models.base import ARM
 
 
 def mask_logits(logits_BV, allowed_BV):
-    """log a(v|u) on allowed v (-inf elsewhere), renormalised; rows with nothing allowed keep log a (float32+)."""
-    log_a = jax.nn.log_softmax(logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32)))
-    masked = jnp.where(allowed_BV, log_a, -jnp.inf)
-    return jnp.where(jnp.any(allowed_BV, axis=-1, keepdims=True), jax.nn.log_softmax(masked), log_a)
-
-
-def masked_step_logits(logits_BV, allowed_BV):
-    """Logits of the masked law for a decode step: a's logits on allowed v, -inf elsewhere, not normalised (the
-    sampler normalises; two log-softmax passes over [B, V] fewer than `mask_logits`); rows with nothing allowed
-    keep a's logits (float32+)."""
+    """Logits of the masked law (not normalised; `jax.nn.log_softmax` of them is log q): a's logits on allowed v,
+    -inf elsewhere; rows with nothing allowed keep a's logits (float32+)."""
     x_BV = logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32))
     return jnp.where(allowed_BV | ~jnp.any(allowed_BV, axis=-1, keepdims=True), x_BV, -jnp.inf)
 
@@ -111,7 +103,7 @@ class MaskedARM(_WrappedARM):
         t_G1 = jnp.arange(S - P + 1)
         allowed_BG1V = jax.vmap(lambda s_B, t: mask.allowed(jnp.maximum(s_B, 0), T - t - 1) & (s_B >= 0)[:, None],
                                 in_axes=(1, 0), out_axes=1)(states_BG1, t_G1)
-        return self._teacher_forced(logits_BSV, mask_logits(logits_BSV[:, P - 1 :], allowed_BG1V))
+        return self._teacher_forced(logits_BSV, jax.nn.log_softmax(mask_logits(logits_BSV[:, P - 1 :], allowed_BG1V)))
 
     def init_cache(self, batch_size: int, max_len: int):
         return {"base": self.base.init_cache(batch_size, max_len), "state": jnp.zeros((batch_size,), jnp.int32),
@@ -122,7 +114,7 @@ class MaskedARM(_WrappedARM):
         mask: TokenAutomaton = params["mask"]
         logits_BV, base_cache = self.base.prefill(params["base"], tokens_BP, mask_BP, cache["base"])
         state_B = mask.init_state(tokens_BP.shape[0])
-        out = masked_step_logits(logits_BV, mask.allowed(state_B, self.max_new_tokens - 1))
+        out = mask_logits(logits_BV, mask.allowed(state_B, self.max_new_tokens - 1))
         return out, {"base": base_cache, "state": state_B, "t": jnp.zeros((), jnp.int32)}
 
     def decode(self, params, token_B, cache):
@@ -132,7 +124,7 @@ class MaskedARM(_WrappedARM):
         state_B = jnp.where(state_B >= 0, mask.advance(jnp.maximum(state_B, 0), token_B), state_B)
         t = cache["t"] + 1
         allowed_BV = mask.allowed(jnp.maximum(state_B, 0), self.max_new_tokens - t - 1) & (state_B >= 0)[:, None]
-        return masked_step_logits(logits_BV, allowed_BV), {"base": base_cache, "state": state_B, "t": t}
+        return mask_logits(logits_BV, allowed_BV), {"base": base_cache, "state": state_B, "t": t}
 
 
 class _HostJobs:
@@ -180,16 +172,8 @@ def _written(cache) -> jax.Array:
 
 
 def bias_logits(logits_BV, bias_BV):
-    """log a(v|u) + bias, renormalised; rows where nothing has positive weight keep log a (float32+)."""
-    log_a = jax.nn.log_softmax(logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32)))
-    w = log_a + bias_BV
-    return jnp.where(jnp.any(jnp.isfinite(w), axis=-1, keepdims=True), jax.nn.log_softmax(w), log_a)
-
-
-def bias_step_logits(logits_BV, bias_BV):
-    """Logits of the reweighted law for a decode step: a's logits + bias, not normalised (the sampler
-    normalises; two log-softmax passes over [B, V] fewer than `bias_logits`); rows where nothing has positive
-    weight keep a's logits (float32+)."""
+    """Logits of the reweighted law (not normalised; `jax.nn.log_softmax` of them is log q): a's logits + bias;
+    rows where nothing has positive weight keep a's logits (float32+)."""
     x_BV = logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32))
     w_BV = x_BV + bias_BV
     return jnp.where(jnp.any(jnp.isfinite(w_BV), axis=-1, keepdims=True), w_BV, x_BV)
@@ -255,7 +239,7 @@ class HostMaskedARM(_WrappedARM):
     def _finish_bias(self, params, job, shape: tuple[int, ...], after, logits=None):
         """The bias of `job` -> float32 [*shape, V], fetched once `after` (an output of the forward pass) exists. A
         `bitmask_only` bias (0 / -inf: a mask) comes back as int32 bitmasks, 32 times fewer bytes. With a decode
-        step's `logits` [*shape, V]: q's logits (`masked_step_logits` of the mask, or `bias_step_logits`) instead,
+        step's `logits` [*shape, V]: q's logits (`mask_logits` of the mask, or `bias_logits`) instead,
         so a mask never becomes a float bias."""
         V = self.vocab_size
         wait = lambda job, after: _JOBS.result(int(job))
@@ -263,12 +247,12 @@ class HostMaskedARM(_WrappedARM):
         def bits(job, logits):
             bits_W = jax.pure_callback(wait, jax.ShapeDtypeStruct((*shape, -(-V // 32)), jnp.int32), job, after, vmap_method="sequential")
             if logits is not None:
-                return masked_step_logits(logits, unpack_bitmask(bits_W, V))
+                return mask_logits(logits, unpack_bitmask(bits_W, V))
             return jnp.where(unpack_bitmask(bits_W, V), 0.0, -jnp.inf).astype(jnp.float32)
 
         def floats(job, logits):
             bias = jax.pure_callback(wait, jax.ShapeDtypeStruct((*shape, V), jnp.float32), job, after, vmap_method="sequential")
-            return bias if logits is None else bias_step_logits(logits, bias)
+            return bias if logits is None else bias_logits(logits, bias)
 
         return jax.lax.cond(params["bias"][1] == 1, bits, floats, job, logits)
 
@@ -286,7 +270,7 @@ class HostMaskedARM(_WrappedARM):
                                           (B, G + 1), tokens_BS, tokens_BS[:, P:].astype(jnp.int32))
         logits_BSV = self.base.apply(params["base"], tokens_BS, mask_BS)  # while the host computes the bias
         bias_BG1V = self._finish_bias(params, job, (B, G + 1), logits_BSV[:1, -1, :1])
-        return self._teacher_forced(logits_BSV, bias_logits(logits_BSV[:, P - 1 :], bias_BG1V))
+        return self._teacher_forced(logits_BSV, jax.nn.log_softmax(bias_logits(logits_BSV[:, P - 1 :], bias_BG1V)))
 
     def init_cache(self, batch_size: int, max_len: int):
         return {"base": self.base.init_cache(batch_size, max_len), "gen": jnp.full((batch_size, self.max_new_tokens), self.pad_id, jnp.int32),
