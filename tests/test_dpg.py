@@ -12,7 +12,7 @@ from guard_jax.models.gpt2 import GPT2
 from guard_jax.models.toy import TinyTransformerARM
 from guard_jax.sampling import bos_prompt, log_prob, sample
 from guard_jax.train import dpg
-from guard_jax.train.common import sample_many
+from guard_jax.train.common import sample_many, trainable
 from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
 from guard_jax.train.loop import LoopConfig, run
 from guard_jax.train.sft import SFT, SFTConfig
@@ -247,12 +247,14 @@ def test_sorted_truncated_groups_give_the_gradient_of_full_width_minibatches(on_
     np.testing.assert_allclose(logpi_MB, jnp.stack([r[0][1] for r in ref]), rtol=1e-5)
 
 
-def test_dpg_steps_compile_the_update_once_whatever_the_lengths():
+def test_dpg_steps_compile_the_update_once_whatever_the_lengths(monkeypatch):
     """The update holds every truncation width in one program: steps whose samples have other lengths (so other
-    groups and widths) reuse it, on- and off-policy."""
+    groups and widths) reuse it, on- and off-policy (the general update: q never taken for pi)."""
     params = GPT.init(jax.random.PRNGKey(0))
     b = lambda tokens_NT, lengths_N: np.asarray(tokens_NT)[:, 0] % 2 == 0
     for on_policy in (True, False):
+        if not on_policy:
+            monkeypatch.setattr(DPG, "q_is_policy", lambda self, state: False)
         trainer = DPG(LM.of(GPT, params), b, DPGConfig(n_samples=64, minibatch=32, max_new_tokens=30, learning_rate=1e-2,
                                                        on_policy=on_policy))
         state = trainer.init_state(params)
@@ -262,3 +264,43 @@ def test_dpg_steps_compile_the_update_once_whatever_the_lengths():
             state, metrics = trainer.step(state, jax.random.PRNGKey(i))
             assert np.isfinite(float(metrics["loss"]))
         assert dpg._update.jitted._cache_size() == compiled
+
+
+def test_a_step_whose_q_is_the_policy_takes_the_on_policy_update_with_the_same_result(monkeypatch):
+    """Off-policy, the step right after a swap samples pi itself: it takes the on-policy update (no head forward),
+    which gives the general update's metrics and params to float rounding, equal KL estimates (so no swap), and
+    compiles nothing new next to an on-policy trainer's update; off-policy DPGs whose q prompts differ share one
+    program too."""
+    params = GPT.init(jax.random.PRNGKey(0))
+    b = lambda tokens_NT, lengths_N: np.asarray(tokens_NT)[:, 0] % 2 == 0
+    cfg = dict(n_samples=64, minibatch=32, max_new_tokens=30, learning_rate=1e-2)
+    a = LM.of(GPT, params)
+    on = DPG(a, b, DPGConfig(**cfg))
+    on.step(on.init_state(params), jax.random.PRNGKey(0))
+    off = DPG(a, b, DPGConfig(**cfg, on_policy=False, swap_every=1), proposal=a.with_prompt((GPT.bos_id, 5, 7)))
+    off.optimizer = on.optimizer
+    state = off.init_state(params)
+    assert not off.q_is_policy(state)
+    compiled = dpg._update.jitted._cache_size()
+    state, m = off.step(state, jax.random.PRNGKey(1))
+    assert dpg._update.jitted._cache_size() == compiled + 1  # the off-policy update
+    assert off.q_is_policy(state) == bool(m["swapped"])  # after a swap q is pi, else still the first proposal
+    swapped = state._replace(extra=state.extra | {"proposal": trainable(state.params), "q_prompt": off.prompt, "q_mask": off.mask})
+    assert off.q_is_policy(swapped)
+    routed, m_on = off.step(swapped, jax.random.PRNGKey(2))
+    assert dpg._update.jitted._cache_size() == compiled + 1  # the on-policy trainer's program
+    assert float(m_on["kl_g_pi"]) == float(m_on["kl_g_q"]) and m_on["swapped"] == 0.0
+    monkeypatch.setattr(DPG, "q_is_policy", lambda self, state: False)
+    general, m_off = off.step(swapped, jax.random.PRNGKey(2))
+    for k in ("loss", "log_z", "ar", "ar_pi", "kl_g_pi", "grad_norm"):
+        np.testing.assert_allclose(float(m_on[k]), float(m_off[k]), rtol=1e-4, err_msg=k)
+    for x, y in zip(jax.tree.leaves(routed.params), jax.tree.leaves(general.params)):
+        np.testing.assert_allclose(x, y, atol=1e-2 * cfg["learning_rate"])  # one Adam step moves each weight ~lr
+    default_q = DPG(a, b, DPGConfig(**cfg, on_policy=False, swap_every=1))
+    default_q.optimizer = on.optimizer
+    monkeypatch.undo()
+    s = default_q.init_state(params)
+    assert default_q.q_is_policy(s)  # q = the initial policy: on-policy from the first step
+    monkeypatch.setattr(DPG, "q_is_policy", lambda self, state: False)
+    default_q.step(s, jax.random.PRNGKey(3))
+    assert dpg._update.jitted._cache_size() == compiled + 1  # the off-policy program of the longer-prompt q

@@ -21,12 +21,16 @@ The metrics `steps_without_b` and
 flag a run that carries on while Z-hat only decays.
 Samples with b = 0 (log P = -inf) get weight 0, never NaN. On-policy, q is the current policy; off-policy
 q is a frozen proposal (e.g. a CAP-prompted a, or an SFT model) replaced by pi whenever the estimated
-KL(g || pi) beats KL(g || q), checked every `swap_every` steps. `n_samples` per update are drawn and
+KL(g || pi) beats KL(g || q), checked every `swap_every` steps. The step right after a swap samples pi itself, so
+it takes the on-policy update (exact; `DPG.q_is_policy`); its two KL estimates are then equal, so it never swaps.
+`n_samples` per update are drawn and
 differentiated in minibatches with gradient accumulation, so memory is bounded by the minibatch. Only the
 samples with b = 1 are scored under a (`DPG.log_P`): P = a·b is 0 on the others whatever a says, and at the
 acceptance rates GUARD is for (a few percent) that skips most of a teacher-forced pass over the step's samples.
 The gradient pass (`dpg_gradient`) takes the rows sorted by length in groups cut to a few widths, so padding
 after EOS costs no layer work, and on-policy takes log pi's value from the sampler (no head matmul forward).
+The update sees only the Z-hat part of the state and the policy's own (unpadded) prompt, so on- and off-policy DPG
+of one model and optimizer, whatever q's prompt, compile two update programs between them.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from guard_jax.train.loop import TrainState
 
 
 Z_HATS = ("running", "leave_one_batch_out")
+UPDATE_EXTRA = ("log_z_sum", "n_seen", "steps_without_b")  # the part of a state's extra the update reads and returns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +117,7 @@ class DPG:
         q = base if proposal is None else proposal
         length = common_prompt_length(base, q)
         (self.prompt, self.mask), (self.q_prompt, self.q_mask) = base.prompt_arrays(1, length), q.prompt_arrays(1, length)
+        self.policy_prompt, self.policy_mask = base.prompt_arrays(1)  # the update's: unpadded, so every DPG shares its program
         self.proposal_params = None if proposal is None else trainable(proposal.params)
         self.optimizer = adam(config.learning_rate, config.warmup_steps)
 
@@ -141,6 +147,18 @@ class DPG:
             logP_N[keep] = score(self.base, tokens_NT[keep], lengths_N[keep], batch_size=size)
         return logP_N
 
+    def q_is_policy(self, state: TrainState) -> bool:
+        """Whether an off-policy state's q is the policy itself, as in the step right after a swap: the proposal holds
+        the very arrays of the policy's trainable params and q's prompt equals the policy's (also the first step of a
+default q = the initial policy). Then the step is on-policy
+        exactly (its samples come from pi), so `step` takes the on-policy update (log pi's value from the sampler, no
+        head forward). Params are compared by identity: a restored or copied state takes the general path."""
+        if self.config.on_policy:
+            return True
+        mine, q = jax.tree.leaves(trainable(state.params)), jax.tree.leaves(state.extra["proposal"])
+        same_prompt = all(np.array_equal(np.asarray(state.extra[k]), np.asarray(v)) for k, v in (("q_prompt", self.prompt), ("q_mask", self.mask)))
+        return same_prompt and len(mine) == len(q) and all(x is y for x, y in zip(mine, q))
+
     def step(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         c = self.config
         M = c.n_samples // c.minibatch
@@ -157,10 +175,12 @@ class DPG:
                              "Z-hat = 0 gives no gradient. Warm-start the policy (SFT or a CAP proposal) or raise n_samples.")
         logP_N = self.log_P(tokens_NT, lengths_N, b)
         T = c.max_new_tokens
-        state, metrics = _update(state, self.prompt, self.mask, tokens.reshape(M, c.minibatch, T), lengths.reshape(M, c.minibatch),
-                                 logq.reshape(M, c.minibatch), jnp.asarray(logP_N).reshape(M, c.minibatch),
-                                 jnp.asarray(b).reshape(M, c.minibatch), model=self.model, optimizer=self.optimizer, mesh=self.mesh,
-                                 leave_one_out=c.z_hat == "leave_one_batch_out", on_policy=c.on_policy)
+        update_state = state._replace(extra={k: state.extra[k] for k in UPDATE_EXTRA})
+        new, metrics = _update(update_state, self.policy_prompt, self.policy_mask, tokens.reshape(M, c.minibatch, T),
+                               lengths.reshape(M, c.minibatch), logq.reshape(M, c.minibatch), jnp.asarray(logP_N).reshape(M, c.minibatch),
+                               jnp.asarray(b).reshape(M, c.minibatch), model=self.model, optimizer=self.optimizer, mesh=self.mesh,
+                               leave_one_out=c.z_hat == "leave_one_batch_out", on_policy=c.on_policy or self.q_is_policy(state))
+        state = new._replace(extra=state.extra | new.extra)
         metrics["samples"] = c.n_samples
         without_b = 0 if b.any() else int(state.extra["steps_without_b"]) + 1
         state = state._replace(extra=state.extra | {"steps_without_b": jnp.asarray(without_b, jnp.int32)})
