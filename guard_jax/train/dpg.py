@@ -148,11 +148,11 @@ class DPG:
         return logP_N
 
     def q_is_policy(self, state: TrainState) -> bool:
-        """Whether an off-policy state's q is the policy itself, as in the step right after a swap: the proposal holds
-        the very arrays of the policy's trainable params and q's prompt equals the policy's (also the first step of a
-default q = the initial policy). Then the step is on-policy
-        exactly (its samples come from pi), so `step` takes the on-policy update (log pi's value from the sampler, no
-        head forward). Params are compared by identity: a restored or copied state takes the general path."""
+        """Whether an off-policy state's q is the policy itself, as in the step right after a swap (or the first step
+        with the default q, the initial policy): the proposal holds the very arrays of the policy's trainable params
+        and q's prompt equals the policy's. Then the step is on-policy exactly (its samples come from pi), so `step`
+        takes the on-policy update (log pi's value from the sampler, no head forward). Params are compared by
+        identity: a restored or copied state takes the general path."""
         if self.config.on_policy:
             return True
         mine, q = jax.tree.leaves(trainable(state.params)), jax.tree.leaves(state.extra["proposal"])
