@@ -66,8 +66,8 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_
     `allowed_BV` (bool [B, V]): draw from softmax(logits_BV) restricted to the allowed tokens (masked
     decoding's q) in the same two passes: the weights exp(logits - max) give q's block sums (the allowed
     ones) and a's normaliser (all of them). logq_B is the token's log-prob under q (NaN also for a row with
-    nothing allowed), loga_B under softmax(logits_BV). With every token allowed, token_B and logq_B are the
-    unmasked draw's bit for bit. Rows whose allowed weights sum under 1e-30 (the best allowed logit more than
+    nothing allowed), loga_B under softmax(logits_BV). With every token allowed, token_B is the unmasked draw's
+    and logq_B its logp (bit for bit at V = 300; XLA may fuse the two sums differently at V = 8,192: 1 ulp). Rows whose allowed weights sum under 1e-30 (the best allowed logit more than
     about 69 below the max: they could underflow) are drawn again, exactly, from the allowed logits alone.
     """
     B, V = logits_BV.shape

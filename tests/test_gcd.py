@@ -169,7 +169,7 @@ def test_regex_automaton_is_fullmatch_and_its_masks_are_exact_reachability(patte
     np.testing.assert_allclose(ours.logp_B, exact.logp_B, atol=1e-5)
 
 
-def test_masked_categorical_draws_the_masked_law_with_both_log_probs():
+def test_categorical_with_allowed_draws_the_masked_law_with_both_log_probs():
     """`categorical(allowed_BV=)`, one exp pass for both laws: with every token allowed it is the unmasked draw
     bit for bit (V = 300); otherwise logq and loga are the masked and unmasked log-softmax at the drawn token,
     the token is allowed and its frequencies follow the masked law (chi-square); rows whose allowed tokens lie
