@@ -174,7 +174,28 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0 (1.0 samples the model itself), got {temperature}")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature"))
+def prefill_shared(model: ARM, params: Params, prompt_BP, mask_BP, batch_size: int, max_len: int):
+    """`model.prefill` into an empty cache of `max_len` slots for `batch_size` rows -> (logits_BV, cache).
+
+    A one-row prompt (prompt_1P, mask_1P) shared by every row is consumed once, by one row, and its logits and
+    cache are broadcast to the batch, wherever the model's cache keeps the batch as the leading axis of each
+    array that depends on it (the models of guard_jax do); otherwise, or for a prompt of batch_size rows, the
+    prefill runs on every row. A shared prompt of P tokens thus costs one row's prefill instead of B (the CAP
+    prompt's 13 tokens at B = 512: about a third of sampling's time before)."""
+    if prompt_BP.shape[0] == batch_size:
+        return model.prefill(params, prompt_BP, mask_BP, model.init_cache(batch_size, max_len))
+    one, full = (jax.eval_shape(functools.partial(model.init_cache, b, max_len)) for b in (1, batch_size))
+    leading = jax.tree.structure(one) == jax.tree.structure(full) and all(
+        x.shape == y.shape or (x.ndim >= 1 and x.shape == (1, *y.shape[1:])) for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(full)))
+    if not leading:
+        prompt_BP, mask_BP = (jnp.repeat(x, batch_size, 0) for x in (prompt_BP, mask_BP))
+        return model.prefill(params, prompt_BP, mask_BP, model.init_cache(batch_size, max_len))
+    logits_1V, cache = model.prefill(params, prompt_BP, mask_BP, model.init_cache(1, max_len))
+    cache = jax.tree.map(lambda x, y: x if x.shape == y.shape else jnp.broadcast_to(x, y.shape), cache, full)
+    return jnp.broadcast_to(logits_1V, (batch_size, logits_1V.shape[1])), cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "batch_size"))
 def sample(
     key: jax.Array,
     model: ARM,
@@ -183,9 +204,11 @@ def sample(
     prompt_mask_BP: jax.Array,
     max_new_tokens: int,
     temperature: float = 1.0,
+    batch_size: int | None = None,
 ) -> Samples:
-    """Ancestral sampling of `max_new_tokens` tokens after a left-padded prompt (one row per sample)."""
-    u_TB = uniforms(key, prompt_BP.shape[0], max_new_tokens)
+    """Ancestral sampling of `max_new_tokens` tokens after a left-padded prompt, one row per sample; or, with
+    `batch_size`, `batch_size` samples after a one-row prompt shared by all (prompt_1P: its prefill runs once)."""
+    u_TB = uniforms(key, prompt_BP.shape[0] if batch_size is None else batch_size, max_new_tokens)
     return sample_from_uniforms(u_TB, model, params, prompt_BP, prompt_mask_BP, temperature)
 
 
@@ -196,13 +219,15 @@ def sample_from_uniforms(
     """`sample` given its uniforms u_TB (see `uniforms`); T = number of new tokens. Traceable, not jitted.
 
     `segment_ends` (increasing, last = T; default `segments(T)`) are where the cache grows; they change the
-    cost, never the samples.
+    cost, never the samples. A one-row prompt (prompt_1P) is shared by all B = u_TB.shape[1] rows
+    (`prefill_shared`).
     """
     _check_temperature(temperature)
-    B, P = prompt_BP.shape
+    B, P = u_TB.shape[1], prompt_BP.shape[1]
+    if prompt_BP.shape[0] not in (1, B):
+        raise ValueError(f"prompt_BP has {prompt_BP.shape[0]} rows for {B} samples: give one row per sample or one shared row")
     ends = check_segment_ends(u_TB.shape[0], segment_ends)
-    cache = model.init_cache(B, P + ends[0])
-    logits_BV, cache = model.prefill(params, prompt_BP, prompt_mask_BP, cache)
+    logits_BV, cache = prefill_shared(model, params, prompt_BP, prompt_mask_BP, B, P + ends[0])
 
     def draw(logits_BV, u_B, done_B):
         token_B, logp_B = categorical(u_B, logits_BV.astype(jnp.float32) / temperature)
@@ -331,11 +356,14 @@ def draw_batches(key: jax.Array, lm: LM, batch_size: int, max_new_tokens: int) -
     The arguments are checked when it is called, not at the first batch.
     """
     _check_positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    params, prompt_BP, mask_BP, _ = _placed(lm, batch_size)
+    if lm.mesh is None:  # one prompt row shared by the batch: its prefill runs once (`prefill_shared`)
+        (prompt_BP, mask_BP), params = lm.prompt_arrays(1), lm.params
+    else:
+        params, prompt_BP, mask_BP, _ = _placed(lm, batch_size)
 
     def batches():
         for i in itertools.count():
-            s = sample(jax.random.fold_in(key, i), lm.model, params, prompt_BP, mask_BP, max_new_tokens)
+            s = sample(jax.random.fold_in(key, i), lm.model, params, prompt_BP, mask_BP, max_new_tokens, batch_size=batch_size)
             logp_B = np.asarray(s.logp_B)
             check_finite_logp(logp_B, f"sampling {type(lm.model).__name__} (batch {i})")
             yield Draws(np.asarray(s.tokens_BT), np.asarray(s.lengths_B), logp_B)

@@ -99,3 +99,67 @@ def test_masked_sampler_grows_its_cache_like_the_sampler():
     masked = masked_sample(jax.random.PRNGKey(5), gpt2, params, prompt_BP, mask_BP, everything, 130)
     np.testing.assert_array_equal(np.asarray(masked.tokens_BT), np.asarray(plain.tokens_BT))
     np.testing.assert_allclose(np.asarray(masked.logp_B), np.asarray(plain.logp_B), atol=1e-4, rtol=0)
+
+
+class _BatchLast:
+    """A tabular ARM whose cache keeps the batch on its last axis ([L, B]): prefill_shared cannot broadcast it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.vocab_size, self.bos_id, self.eos_id, self.pad_id = inner.vocab_size, inner.bos_id, inner.eos_id, inner.pad_id
+
+    def __hash__(self):
+        return hash(("batch-last", self.inner))
+
+    def __eq__(self, other):
+        return isinstance(other, _BatchLast) and other.inner == self.inner
+
+    def apply(self, params, tokens_BT, mask_BT=None):
+        return self.inner.apply(params, tokens_BT, mask_BT)
+
+    def _t(self, cache):
+        return {k: (v if v.ndim == 0 else v.T) for k, v in cache.items()}
+
+    def init_cache(self, batch_size, max_len):
+        return self._t(self.inner.init_cache(batch_size, max_len))
+
+    def grow_cache(self, cache, max_len):
+        return self._t(self.inner.grow_cache(self._t(cache), max_len))
+
+    def prefill(self, params, tokens_BP, mask_BP, cache):
+        logits_BV, cache = self.inner.prefill(params, tokens_BP, mask_BP, self._t(cache))
+        return logits_BV, self._t(cache)
+
+    def decode(self, params, token_B, cache):
+        logits_BV, cache = self.inner.decode(params, token_B, self._t(cache))
+        return logits_BV, self._t(cache)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS) + ["batch_last"])
+def test_a_shared_prompt_row_gives_the_samples_of_the_repeated_prompt(name):
+    """A one-row prompt shared by the batch (prefilled once, its cache broadcast; a model whose cache is not
+    batch-leading prefills every row) gives the repeated prompt's samples and log-probs, which teacher-forced
+    scoring confirms, with a left-padded prompt too."""
+    model, params = MODELS["tabular"] if name == "batch_last" else MODELS[name]
+    model = _BatchLast(model) if name == "batch_last" else model
+    B, new = 16, T - 3
+    prompt_1P, mask_1P = jnp.asarray([[model.pad_id, model.bos_id, 2]], jnp.int32), jnp.asarray([[0, 1, 1]], bool)
+    prompt_BP, mask_BP = jnp.repeat(prompt_1P, B, 0), jnp.repeat(mask_1P, B, 0)
+    u_TB = uniforms(jax.random.PRNGKey(11), B, new)
+    shared = _sample(u_TB, model, params, prompt_1P, mask_1P, None)
+    rows = _sample(u_TB, model, params, prompt_BP, mask_BP, None)
+    np.testing.assert_array_equal(np.asarray(shared.tokens_BT), np.asarray(rows.tokens_BT))
+    np.testing.assert_allclose(np.asarray(shared.logp_BT), np.asarray(rows.logp_BT), atol=1e-5, rtol=0)
+    logp_B, _ = log_prob(model, params, prompt_BP, mask_BP, shared.tokens_BT, shared.lengths_B)
+    np.testing.assert_allclose(np.asarray(logp_B), np.asarray(shared.logp_B), atol=1e-4, rtol=0)
+    assert len({tuple(r) for r in np.asarray(shared.tokens_BT).tolist()}) > 4
+    if name == "gpt2":  # `sample` draws batch_size rows after a shared row: the same uniforms, the same samples
+        via_sample = sample(jax.random.PRNGKey(11), model, params, prompt_1P, mask_1P, new, batch_size=B)
+        np.testing.assert_array_equal(np.asarray(via_sample.tokens_BT), np.asarray(shared.tokens_BT))
+
+
+def test_a_prompt_with_another_row_count_is_refused():
+    model, params = MODELS["tabular"]
+    prompt_BP, mask_BP = bos_prompt(model, 3)
+    with pytest.raises(ValueError, match="prompt_BP has 3 rows for 4 samples"):
+        sample_from_uniforms(uniforms(jax.random.PRNGKey(0), 4, T), model, params, prompt_BP, mask_BP)

@@ -42,11 +42,13 @@ def sample_many(key, model: ARM, params, prompt_1P, mask_1P, num_batches: int, b
 
     -> (tokens_NT, lengths_N, logp_N), N = num_batches * batch_size.
     """
-    prompt_BP, mask_BP = repeat_prompt(prompt_1P, mask_1P, batch_size, mesh)
+    # without a mesh the one prompt row is shared by the batch (its prefill runs once); on a mesh it is repeated
+    # and split with the batch, so the whole forward pass is
+    prompt_BP, mask_BP = (prompt_1P, mask_1P) if mesh is None else repeat_prompt(prompt_1P, mask_1P, batch_size, mesh)
 
     def one(_, k):
         p, k = per_iteration(params, k)
-        s = sample(k, model, p, prompt_BP, mask_BP, max_new_tokens)
+        s = sample(k, model, p, prompt_BP, mask_BP, max_new_tokens, batch_size=batch_size)
         return None, (s.tokens_BT, s.lengths_B, s.logp_B)
 
     _, (tok, length, logp) = jax.lax.scan(one, None, jax.random.split(key, num_batches))
