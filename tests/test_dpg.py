@@ -13,7 +13,7 @@ from guard_jax.models.toy import TinyTransformerARM
 from guard_jax.sampling import bos_prompt, log_prob, sample
 from guard_jax.train import dpg
 from guard_jax.train.common import sample_many, trainable
-from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss
+from guard_jax.train.dpg import DPG, DPGConfig, dpg_loss, score_batches
 from guard_jax.train.loop import LoopConfig, run
 from guard_jax.train.sft import SFT, SFTConfig
 from guard_jax.train.warm import load_params
@@ -179,6 +179,16 @@ def test_log_P_scores_only_accepted_rows_and_equals_scoring_every_row(accepted):
     want_N = np.where(b_N, np.asarray(log_prob(model, a.params, prompt_NP, mask_NP, tokens_NT, lengths_N)[0]), -np.inf)
     assert got_N.dtype == np.float32 and np.array_equal(np.isinf(got_N), ~b_N)
     np.testing.assert_allclose(got_N[b_N], want_N[b_N], rtol=1e-6, atol=1e-6)
+
+
+def test_score_batches_pad_only_the_last_batch_to_a_power_of_two():
+    assert score_batches(0, 256) == [] and score_batches(1, 256) == [32] and score_batches(20, 16) == [16, 16]
+    assert score_batches(300, 256) == [256, 64] and score_batches(512, 256) == [256, 256] and score_batches(257, 256) == [256, 32]
+    assert score_batches(100, 256) == [128] and score_batches(100, 256, multiple=3) == [129] and score_batches(40, 48) == [48]
+    for n in range(0, 700, 7):
+        sizes = score_batches(n, 96, 8)
+        assert sum(sizes) >= n and sum(sizes[:-1]) < max(n, 1) and all(s % 8 == 0 for s in sizes)
+        assert len(set(sizes)) <= 2 and (not sizes or sizes[-1] < 2 * max(n - sum(sizes[:-1]), 32))
 
 
 def test_minibatch_is_gradient_accumulation(toy):

@@ -133,18 +133,16 @@ class DPG:
 
     def log_P(self, tokens_NT: np.ndarray, lengths_N: np.ndarray, b_N: np.ndarray) -> np.ndarray:
         """log P = log a + log b of each sample -> logP_N (float32): a's teacher-forced log-prob where b holds, -inf
-        elsewhere. Only the rows with b = 1 are scored (P = 0 needs no model call), in batches of the smallest
-        power of two >= 32 that holds them (at most the minibatch; a multiple of the mesh size), so a step
-        with few accepted samples scores a few rows instead of n_samples and at most a handful of shapes compile."""
+        elsewhere. Only the rows with b = 1 are scored (P = 0 needs no model call), in the batches of
+        `score_batches`, so a step with few accepted samples scores a few rows instead of n_samples and at most a
+        handful of shapes compile."""
         logP_N = np.full(len(b_N), -np.inf, np.float32)
         keep = np.flatnonzero(b_N)
-        if keep.size:
-            size = min(self.config.minibatch, 32)
-            while size < min(keep.size, self.config.minibatch):
-                size *= 2
-            if self.mesh is not None:
-                size = -(-size // self.mesh.size) * self.mesh.size
-            logP_N[keep] = score(self.base, tokens_NT[keep], lengths_N[keep], batch_size=size)
+        start = 0
+        for size in score_batches(keep.size, self.config.minibatch, 1 if self.mesh is None else self.mesh.size):
+            rows = keep[start : start + size]
+            logP_N[rows] = score(self.base, tokens_NT[rows], lengths_N[rows], batch_size=size)
+            start += size
         return logP_N
 
     def q_is_policy(self, state: TrainState) -> bool:
@@ -196,6 +194,20 @@ class DPG:
                 state = state._replace(extra=state.extra | {"proposal": trainable(state.params), "q_prompt": self.prompt, "q_mask": self.mask})
             metrics["swapped"] = float(swap)
         return state, metrics
+
+
+def score_batches(n: int, cap: int, multiple: int = 1) -> list[int]:
+    """The batch sizes `DPG.log_P` scores n rows in: as many batches of `cap` (the minibatch) as n fills, then the
+    rest in the smallest power of two >= 32 that holds it (at most cap), each rounded up to a multiple of `multiple`
+    (a mesh's size). At most log2(cap / 32) + 2 shapes compile, and only the last batch has padding rows: 300 rows
+    at cap 256 are [256, 64], not [256, 256]."""
+    sizes = [cap] * (n // cap)
+    if rest := n - sum(sizes):
+        size = min(cap, 32)
+        while size < rest:
+            size *= 2
+        sizes.append(min(size, cap))
+    return [-(-s // multiple) * multiple for s in sizes]
 
 
 def dpg_loss(params, model: ARM, prompt_BP, mask_BP, tokens_BT, lengths_B, logq_B, logP_B, log_z, on_policy: bool = False):
