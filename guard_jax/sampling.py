@@ -48,9 +48,16 @@ def bos_prompt(model: ARM, batch_size: int) -> tuple[jax.Array, jax.Array]:
     return tokens_B1, jnp.ones_like(tokens_B1)
 
 
-def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_BV: jax.Array | None = None):
+def _bits_of(words_W: jax.Array, width: int) -> jax.Array:
+    """int32 words [..., K] -> bool [..., K * 32][..., :width]: bit j % 32 of word j // 32."""
+    bits_W32 = (words_W[..., None] >> jnp.arange(32, dtype=words_W.dtype)) & 1
+    return bits_W32.reshape(*words_W.shape[:-1], -1)[..., :width] != 0
+
+
+def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_BV: jax.Array | None = None,
+                allowed_bits_BW: jax.Array | None = None):
     """One draw per row by inverse CDF from one uniform u in (0, 1] per row -> (token_B int32, logp_B), or with
-    `allowed_BV` -> (token_B, logq_B, loga_B).
+    `allowed_BV` or `allowed_bits_BW` -> (token_B, logq_B, loga_B).
 
     logp_B is the token's log-probability under softmax(logits_BV) (-inf logits have probability 0), NaN
     for a row whose logits hold a NaN or +inf or are all -inf (see `check_finite_logp`). The
@@ -69,19 +76,34 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_
     nothing allowed), loga_B under softmax(logits_BV). With every token allowed, token_B is the unmasked draw's
     and logq_B its logp (bit for bit at V = 300; XLA may fuse the two sums differently at V = 8,192: 1 ulp). Rows whose allowed weights sum under 1e-30 (the best allowed logit more than
     about 69 below the max: they could underflow) are drawn again, exactly, from the allowed logits alone.
+
+    `allowed_bits_BW` (int32 [B, ceil(V/32)], bit v % 32 of word v // 32: llguidance's bitmasks): the same draw
+    (the same tokens and log-probs as `allowed_BV` of the unpacked bits) with the bit test inside the block
+    sums' pass, so no [B, V] bool is stored; the chosen block's mask and the underflow fallback read the words.
     """
     B, V = logits_BV.shape
     C = min(block, V)
     N = -(-V // C)
+    if allowed_bits_BW is not None:
+        if allowed_BV is not None or allowed_bits_BW.shape != (B, -(-V // 32)):
+            raise ValueError(f"allowed_bits_BW must be int32 [{B}, {-(-V // 32)}] for logits [{B}, {V}], without allowed_BV; "
+                             f"got {allowed_bits_BW.shape}")
+        if C % 32:  # blocks that are not whole words: unpack
+            allowed_BV = _bits_of(allowed_bits_BW, V)
+            allowed_bits_BW = None
     logits_BV = logits_BV.astype(jnp.float32)
     max_B = jnp.max(logits_BV, axis=-1)
     logits_BNC = jnp.pad(logits_BV, ((0, 0), (0, N * C - V)), constant_values=-jnp.inf).reshape(B, N, C)
     e_BNC = jnp.exp(logits_BNC - max_B[:, None, None])
-    if allowed_BV is None:
+    if allowed_BV is None and allowed_bits_BW is None:
         cum_BN = jnp.cumsum(e_BNC.sum(-1), axis=-1)
         finite_B = jnp.isfinite(max_B) & jnp.isfinite(cum_BN[:, -1])
     else:
-        allowed_BNC = jnp.pad(allowed_BV, ((0, 0), (0, N * C - V))).reshape(B, N, C)
+        if allowed_bits_BW is not None:  # the words of each block, then its bits
+            words_BNK = jnp.pad(allowed_bits_BW, ((0, 0), (0, N * C // 32 - allowed_bits_BW.shape[1]))).reshape(B, N, C // 32)
+            allowed_BNC = _bits_of(words_BNK, C)
+        else:
+            allowed_BNC = jnp.pad(allowed_BV, ((0, 0), (0, N * C - V))).reshape(B, N, C)
         cum_BN = jnp.cumsum(jnp.where(allowed_BNC, e_BNC, 0.0).sum(-1), axis=-1)
         all_B = e_BNC.sum((-2, -1))  # a's normaliser
         finite_B = jnp.isfinite(max_B) & jnp.isfinite(all_B) & (cum_BN[:, -1] > 0)
@@ -90,7 +112,10 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_
     blk_B = jnp.minimum(jnp.sum(cum_BN < target_B[:, None], axis=-1), N - 1)
     before_B = jnp.where(blk_B > 0, jnp.take_along_axis(cum_BN, jnp.maximum(blk_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
     logits_BC = jnp.take_along_axis(logits_BNC, blk_B[:, None, None], axis=1)[:, 0]
-    if allowed_BV is not None:
+    if allowed_bits_BW is not None:
+        chosen_BC = _bits_of(jnp.take_along_axis(words_BNK, blk_B[:, None, None], axis=1)[:, 0], C)
+        logits_BC = jnp.where(chosen_BC, logits_BC, -jnp.inf)
+    elif allowed_BV is not None:
         logits_BC = jnp.where(jnp.take_along_axis(allowed_BNC, blk_B[:, None, None], axis=1)[:, 0], logits_BC, -jnp.inf)
     w_BC = jnp.exp(logits_BC - max_B[:, None])
     # the block's last token of positive weight; were the recomputed weights all to round to 0 where the block
@@ -102,18 +127,20 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_
     # a row with a NaN or +inf logit, or no finite one, has no law to draw from: its logp is NaN, so the
     # host-side `check_finite_logp` refuses the sample instead of returning a token drawn from garbage
     logp_B = jnp.where(finite_B, rel_B - jnp.log(total_B), jnp.nan)
-    if allowed_BV is None:
+    if allowed_BV is None and allowed_bits_BW is None:
         return token_B, logp_B
     loga_B = rel_B - jnp.log(all_B)
     small_B = ~(total_B > 1e-30)
+    mask = allowed_BV if allowed_bits_BW is None else allowed_bits_BW  # the fallback's operand: the words when given
 
-    def again(drawn):  # rows whose allowed weights could underflow: the unmasked draw on the allowed logits
+    def again(drawn, mask):  # rows whose allowed weights could underflow: the unmasked draw on the allowed logits
+        allowed_BV = mask if allowed_bits_BW is None else _bits_of(mask, V)
         token2_B, logq2_B = categorical(u_B, jnp.where(allowed_BV, logits_BV, -jnp.inf), block)
         loga2_B = jnp.take_along_axis(logits_BV, token2_B[:, None], axis=-1)[:, 0] - max_B - jnp.log(all_B)
         logq2_B = jnp.where(jnp.isfinite(max_B) & jnp.isfinite(all_B), logq2_B, jnp.nan)  # a NaN anywhere: no law
         return tuple(jnp.where(small_B, new, old) for new, old in zip((token2_B, logq2_B, loga2_B), drawn))
 
-    return jax.lax.cond(jnp.any(small_B), again, lambda drawn: drawn, (token_B, logp_B, loga_B))
+    return jax.lax.cond(jnp.any(small_B), again, lambda drawn, mask: drawn, (token_B, logp_B, loga_B), mask)
 
 
 def uniforms(key: jax.Array, batch_size: int, max_new_tokens: int) -> jax.Array:

@@ -204,3 +204,44 @@ def test_categorical_with_allowed_draws_the_masked_law_with_both_log_probs():
         x_BV = jnp.where(jnp.asarray(allowed_V), logits_BV[:2] + shift, logits_BV[:2]).at[:, int(np.argmin(allowed_V))].set(jnp.nan)
         _, logq_B, _ = draw(u_B[:2], x_BV, jnp.broadcast_to(jnp.asarray(allowed_V), (2, V)))
         assert np.isnan(np.asarray(logq_B)).all()
+
+
+def test_categorical_with_packed_bits_is_the_draw_of_the_unpacked_mask():
+    """`categorical(allowed_bits_BW=)` (llguidance's int32 bitmasks, bit-tested inside the block sums) gives the
+    same tokens, logq and loga as `allowed_BV` of the unpacked bits, for the same uniforms: whole words per
+    block (V = 8,192), a padded last block and word (V = 300), blocks that are not whole words (V = 40, unpacked),
+    rows with nothing allowed, rows taking the underflow fallback, and a NaN logit at a forbidden token. The
+    masked LM's `mask_logits_bits` equals `mask_logits` of the unpacked bits, also for a row whose only set
+    bits lie past V."""
+    from guard_jax.decoding.gcd import unpack_bitmask
+    from guard_jax.decoding.masked_arm import mask_logits, mask_logits_bits
+    from guard_jax.sampling import categorical
+
+    rng = np.random.default_rng(1)
+    packed = jax.jit(lambda u_B, x_BV, bits_BW: categorical(u_B, x_BV, allowed_bits_BW=bits_BW))
+    unpacked = jax.jit(lambda u_B, x_BV, bits_BW: categorical(u_B, x_BV, allowed_BV=unpack_bitmask(bits_BW, x_BV.shape[1])))
+    for V in (8192, 300, 40):
+        B, W = 64, -(-V // 32)
+        allowed_BV = rng.random((B, V)) < rng.choice([0.01, 0.3, 0.95], (B, 1))
+        allowed_BV[0] = False  # nothing allowed
+        padded_BV = np.zeros((B, W * 32), bool)
+        padded_BV[:, :V] = allowed_BV
+        bits_BW = np.packbits(padded_BV, axis=1, bitorder="little").view(np.int32)
+        x_BV = rng.normal(size=(B, V)).astype(np.float32) * 3
+        x_BV[1:4] = np.where(allowed_BV[1:4], x_BV[1:4] - 100.0, x_BV[1:4])  # the underflow fallback
+        x_BV[4, np.flatnonzero(~allowed_BV[4])[0]] = np.nan
+        u_B = 1.0 - jax.random.uniform(jax.random.PRNGKey(V), (B,))
+        got, want = packed(u_B, x_BV, bits_BW), unpacked(u_B, x_BV, bits_BW)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"V={V}")
+        token_B, logq_B = np.asarray(got[0]), np.asarray(got[1])
+        assert np.isnan(logq_B[[0, 4]]).all() and np.isfinite(logq_B[1:4]).all()
+        ok = np.isfinite(logq_B)
+        assert allowed_BV[np.flatnonzero(ok), token_B[ok]].all()
+        if V % 32:
+            bits_BW[5] = 0
+            bits_BW[5, -1] = np.int32(-1)  # only bits past V: nothing allowed
+        np.testing.assert_array_equal(np.asarray(mask_logits_bits(x_BV, bits_BW)),
+                                      np.asarray(mask_logits(x_BV, unpack_bitmask(bits_BW, V))))
+    with pytest.raises(ValueError, match="allowed_bits_BW"):
+        categorical(u_B, x_BV, allowed_bits_BW=bits_BW[:, :-1])

