@@ -48,10 +48,11 @@ def bos_prompt(model: ARM, batch_size: int) -> tuple[jax.Array, jax.Array]:
     return tokens_B1, jnp.ones_like(tokens_B1)
 
 
-def _bits_of(words_W: jax.Array, width: int) -> jax.Array:
-    """int32 words [..., K] -> bool [..., K * 32][..., :width]: bit j % 32 of word j // 32."""
-    bits_W32 = (words_W[..., None] >> jnp.arange(32, dtype=words_W.dtype)) & 1
-    return bits_W32.reshape(*words_W.shape[:-1], -1)[..., :width] != 0
+def unpack_bitmask(bitmask_W: jax.Array, vocab_size: int) -> jax.Array:
+    """int32 bitmask [..., ceil(V/32)] -> bool allowed [..., V] (jit-able): bit v % 32 of word v // 32 (llguidance's
+    layout). Shifts and a reshape, no gather (XLA's CPU gather over V cost more)."""
+    bits_W32 = (bitmask_W[..., None] >> jnp.arange(32, dtype=bitmask_W.dtype)) & 1
+    return bits_W32.reshape(*bitmask_W.shape[:-1], -1)[..., :vocab_size] != 0
 
 
 def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_BV: jax.Array | None = None,
@@ -89,7 +90,7 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_
             raise ValueError(f"allowed_bits_BW must be int32 [{B}, {-(-V // 32)}] for logits [{B}, {V}], without allowed_BV; "
                              f"got {allowed_bits_BW.shape}")
         if C % 32:  # blocks that are not whole words: unpack
-            allowed_BV = _bits_of(allowed_bits_BW, V)
+            allowed_BV = unpack_bitmask(allowed_bits_BW, V)
             allowed_bits_BW = None
     logits_BV = logits_BV.astype(jnp.float32)
     max_B = jnp.max(logits_BV, axis=-1)
@@ -101,7 +102,7 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_
     else:
         if allowed_bits_BW is not None:  # the words of each block, then its bits
             words_BNK = jnp.pad(allowed_bits_BW, ((0, 0), (0, N * C // 32 - allowed_bits_BW.shape[1]))).reshape(B, N, C // 32)
-            allowed_BNC = _bits_of(words_BNK, C)
+            allowed_BNC = unpack_bitmask(words_BNK, C)
         else:
             allowed_BNC = jnp.pad(allowed_BV, ((0, 0), (0, N * C - V))).reshape(B, N, C)
         cum_BN = jnp.cumsum(jnp.where(allowed_BNC, e_BNC, 0.0).sum(-1), axis=-1)
@@ -113,7 +114,7 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_
     before_B = jnp.where(blk_B > 0, jnp.take_along_axis(cum_BN, jnp.maximum(blk_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
     logits_BC = jnp.take_along_axis(logits_BNC, blk_B[:, None, None], axis=1)[:, 0]
     if allowed_bits_BW is not None:
-        chosen_BC = _bits_of(jnp.take_along_axis(words_BNK, blk_B[:, None, None], axis=1)[:, 0], C)
+        chosen_BC = unpack_bitmask(jnp.take_along_axis(words_BNK, blk_B[:, None, None], axis=1)[:, 0], C)
         logits_BC = jnp.where(chosen_BC, logits_BC, -jnp.inf)
     elif allowed_BV is not None:
         logits_BC = jnp.where(jnp.take_along_axis(allowed_BNC, blk_B[:, None, None], axis=1)[:, 0], logits_BC, -jnp.inf)
@@ -134,7 +135,7 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array, block: int = 128, allowed_
     mask = allowed_BV if allowed_bits_BW is None else allowed_bits_BW  # the fallback's operand: the words when given
 
     def again(drawn, mask):  # rows whose allowed weights could underflow: the unmasked draw on the allowed logits
-        allowed_BV = mask if allowed_bits_BW is None else _bits_of(mask, V)
+        allowed_BV = mask if allowed_bits_BW is None else unpack_bitmask(mask, V)
         token2_B, logq2_B = categorical(u_B, jnp.where(allowed_BV, logits_BV, -jnp.inf), block)
         loga2_B = jnp.take_along_axis(logits_BV, token2_B[:, None], axis=-1)[:, 0] - max_B - jnp.log(all_B)
         logq2_B = jnp.where(jnp.isfinite(max_B) & jnp.isfinite(all_B), logq2_B, jnp.nan)  # a NaN anywhere: no law

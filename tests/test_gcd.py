@@ -213,7 +213,7 @@ def test_categorical_with_packed_bits_is_the_draw_of_the_unpacked_mask():
     rows with nothing allowed, rows taking the underflow fallback, and a NaN logit at a forbidden token. The
     masked LM's `mask_logits_bits` equals `mask_logits` of the unpacked bits, also for a row whose only set
     bits lie past V."""
-    from guard_jax.decoding.gcd import unpack_bitmask
+    from guard_jax.sampling import unpack_bitmask
     from guard_jax.decoding.masked_arm import mask_logits, mask_logits_bits
     from guard_jax.sampling import categorical
 

@@ -399,7 +399,8 @@ def test_small_regex_masks_come_from_a_dense_table_with_the_same_samples(embedde
     """A small regex (here with "é", two byte-level pieces) samples from its dense on-device table by default:
     the table's mask after every sampled prefix is llguidance's, and the samples (tokens, lengths, both
     log-probs) are bit for bit those of llguidance's masks. A CFG, or a table over its cell limit, has none."""
-    from guard_jax.decoding.gcd import dense_masks, unpack_bitmask
+    from guard_jax.decoding.gcd import dense_masks
+    from guard_jax.sampling import unpack_bitmask
 
     tok = embedded_tokenizer
     lm = LM.load("embedded")

@@ -37,7 +37,7 @@ from guard_jax.constraints import Constraint
 from guard_jax.exact import SequenceSpace, prefix_log_marginals
 from guard_jax.grammars import Grammar
 from guard_jax.models.base import ARM, Params
-from guard_jax.sampling import categorical, check_segment_ends, scan_segments, uniforms
+from guard_jax.sampling import categorical, check_segment_ends, scan_segments, uniforms, unpack_bitmask
 
 UNREACHABLE = 2**30
 
@@ -516,13 +516,6 @@ def _decode_growing(model: ARM, params: Params, token_B, cache, t: int, size: in
         cache = _grow(model, cache, size)
     logits_BV, cache = _decode(model, params, token_B, cache)
     return logits_BV, cache, size
-
-
-def unpack_bitmask(bitmask_W: jax.Array, vocab_size: int) -> jax.Array:
-    """int32 bitmask [..., ceil(V/32)] -> bool allowed [..., V] (jit-able): bit v % 32 of word v // 32. Shifts
-    and a reshape, no gather (XLA's CPU gather over V cost more)."""
-    bits_W32 = (bitmask_W[..., None] >> jnp.arange(32, dtype=bitmask_W.dtype)) & 1
-    return bits_W32.reshape(*bitmask_W.shape[:-1], -1)[..., :vocab_size].astype(bool)
 
 
 def _pick(logits_BV, u_B, done_B, pad_id: int, eos_id: int, **mask):

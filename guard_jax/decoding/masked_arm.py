@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guard_jax.decoding.gcd import TokenAutomaton, unpack_bitmask
+from guard_jax.decoding.gcd import TokenAutomaton
 from guard_jax.models.base import ARM
+from guard_jax.sampling import unpack_bitmask
 
 
 def mask_logits(logits_BV, allowed_BV):
