@@ -100,7 +100,7 @@ def test_readme_quickstart_calls_match_the_library():
 @pytest.mark.slow
 def test_readme_quickstart_runs_as_printed(tmp_path):
     code = quickstart()
-    env = {**os.environ, "GUARD_JAX_QUICK_N": "2048", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "GUARD_JAX_QUICK_N": "4096", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.strip().splitlines()
