@@ -210,17 +210,15 @@ def prefill_shared(model: ARM, params: Params, prompt_BP, mask_BP, batch_size: i
     array that depends on it (the models of guard_jax do); otherwise, or for a prompt of batch_size rows, the
     prefill runs on every row. A shared prompt of P tokens thus costs one row's prefill instead of B (the CAP
     prompt's 13 tokens at B = 512: about a third of sampling's time before)."""
-    if prompt_BP.shape[0] == batch_size:
-        return model.prefill(params, prompt_BP, mask_BP, model.init_cache(batch_size, max_len))
-    one, full = (jax.eval_shape(functools.partial(model.init_cache, b, max_len)) for b in (1, batch_size))
-    leading = jax.tree.structure(one) == jax.tree.structure(full) and all(
-        x.shape == y.shape or (x.ndim >= 1 and x.shape == (1, *y.shape[1:])) for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(full)))
-    if not leading:
-        prompt_BP, mask_BP = (jnp.repeat(x, batch_size, 0) for x in (prompt_BP, mask_BP))
-        return model.prefill(params, prompt_BP, mask_BP, model.init_cache(batch_size, max_len))
-    logits_1V, cache = model.prefill(params, prompt_BP, mask_BP, model.init_cache(1, max_len))
-    cache = jax.tree.map(lambda x, y: x if x.shape == y.shape else jnp.broadcast_to(x, y.shape), cache, full)
-    return jnp.broadcast_to(logits_1V, (batch_size, logits_1V.shape[1])), cache
+    if prompt_BP.shape[0] != batch_size:
+        one, full = (jax.eval_shape(functools.partial(model.init_cache, b, max_len)) for b in (1, batch_size))
+        if jax.tree.structure(one) == jax.tree.structure(full) and all(
+                x.shape == y.shape or (x.ndim >= 1 and x.shape == (1, *y.shape[1:])) for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(full))):
+            logits_1V, cache = model.prefill(params, prompt_BP, mask_BP, model.init_cache(1, max_len))
+            cache = jax.tree.map(lambda x, y: x if x.shape == y.shape else jnp.broadcast_to(x, y.shape), cache, full)
+            return jnp.broadcast_to(logits_1V, (batch_size, logits_1V.shape[1])), cache
+        prompt_BP, mask_BP = (jnp.repeat(x, batch_size, 0) for x in (prompt_BP, mask_BP))  # a cache not batch-leading
+    return model.prefill(params, prompt_BP, mask_BP, model.init_cache(batch_size, max_len))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "batch_size"))
