@@ -16,7 +16,8 @@ sampling, scoring under the frozen a, the policy's forward + backward, the optim
 scores a only on the samples with b = 1, about half of them under this bench's constraint; the "score" part
 times every row),
 plus a float32 matmul as a turn of its own, so the MFU of each part divides by a peak measured under the
-same load. FLOPs count 2 per matmul weight per token forward (sampling, scoring) and 6 forward + backward
+same load, and the same matmul in torch (`torch_peak_gflops`: how fast the reference's own BLAS runs here; on
+an AMD CPU torch's MKL can reach half of XLA's rate, which flatters every ratio). FLOPs count 2 per matmul weight per token forward (sampling, scoring) and 6 forward + backward
 (`bench.common.matmul_params`: the layers' kernels and the V x D head; attention left out). Goals on
 embedded: the step >= 3x torch's, the forward + backward no slower than torch's, the step's MFU >= 25%.
 
@@ -39,7 +40,7 @@ import jax
 import numpy as np
 
 from bench.common import (embedded_models, emit, host_device_mesh, interleaved, load_average, matmul_params, matmul_peak_flops,
-                          peak_matmul, timed)
+                          peak_matmul, timed, torch_peak_matmul)
 from guard_jax import constraints as C
 from guard_jax.lm import LM
 from guard_jax.models import hf
@@ -232,7 +233,8 @@ def bench_embedded(B: int, repeats: int, threads: int) -> dict:
     torch_fns = torch_parts(policy, base_torch, opt, {"log_z_sum": -math.inf, "n_seen": 0}, B, T, constraint)
     jax_fns = jax_parts(trainer, lm, B, T)
     peak_run, peak_flops = peak_matmul()
-    fns = {"peak": peak_run, **{f"jax_{k}": f for k, f in jax_fns.items()}, **{f"torch_{k}": f for k, f in torch_fns.items()}}
+    torch_peak_run, _ = torch_peak_matmul()
+    fns = {"peak": peak_run, "torch_peak": torch_peak_run, **{f"jax_{k}": f for k, f in jax_fns.items()}, **{f"torch_{k}": f for k, f in torch_fns.items()}}
     load_before = load_average()
     r = interleaved(fns, repeats)
     med = r["median"]
@@ -250,6 +252,7 @@ def bench_embedded(B: int, repeats: int, threads: int) -> dict:
         "parts": parts, "speedup_vs_torch": parts["step"]["speedup_vs_torch"], "goal_speedup": 3.0,
         "mfu": parts["step"]["jax_mfu"], "goal_mfu": 0.25, "samples_per_s": round(B / med["jax_step"], 1),
         "torch_samples_per_s": round(B / med["torch_step"], 1), "peak_gflops": round(peak / 1e9, 1),
+        "torch_peak_gflops": round(peak_flops / med["torch_peak"] / 1e9, 1),
         "jax_compile_plus_first_step_s": round(r["first"]["jax_step"], 2), "repeats": repeats, "threads": threads,
         "load_average_1min": [load_before, load_average()], "cpu_cores_used": r["cores"], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }

@@ -18,7 +18,9 @@ OMP_WAIT_POLICY=PASSIVE and 1,172 with ACTIVE). On a loaded machine spinning thr
 10x slower: set OMP_WAIT_POLICY=PASSIVE there (each line records the policy).
 
 Each sampling line also carries the machine's float32 matmul peak measured in the same run and the
-fraction of it guard_jax reaches (`decode_flops`): on a shared, loaded machine both move together.
+fraction of it guard_jax reaches (`decode_flops`): on a shared, loaded machine both move together; and the
+same matmul in torch (`torch_matmul_peak_gflops`: the reference's own BLAS, which on an AMD CPU can run at
+half of XLA's rate).
 
 `--host-devices N` splits guard_jax's batch over N CPU host devices (`jax_num_cpu_devices`, set before JAX
 starts) with `guard_jax.parallel`'s sharded sampler and scorer; torch keeps `--threads`. XLA runs the ops of
@@ -44,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import embedded_models, emit, host_device_mesh, interleaved, load_average, peak_matmul
+from bench.common import embedded_models, emit, host_device_mesh, interleaved, load_average, peak_matmul, torch_peak_matmul
 from guard_jax.models import gpt2
 from guard_jax.parallel import replicate, shard_batch
 from guard_jax.sampling import log_prob, sample, sample_from_uniforms, segments, uniforms
@@ -171,7 +173,8 @@ def _bench_batch(name, torch_model, model, params, B: int, T: int, repeats: int,
     common = {"config": name, **{k: c[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "batch": B,
               "host_devices": 1 if mesh is None else mesh.size}
     peak_run, peak_flops = peak_matmul()
-    fns = {"jax": jax_sampler(model, params, B, T, mesh), "torch": torch_sampler(torch_model, B, T), "peak": peak_run}
+    fns = {"jax": jax_sampler(model, params, B, T, mesh), "torch": torch_sampler(torch_model, B, T), "peak": peak_run,
+           "torch_peak": torch_peak_matmul()[0]}
     if mesh is not None:  # the same sampler on one of the devices, timed in the same turns
         fns["jax_one_device"] = jax_sampler(model, jax.device_put(params, mesh.devices.flat[0]), B, T)
     r = interleaved(fns, repeats)
@@ -184,7 +187,8 @@ def _bench_batch(name, torch_model, model, params, B: int, T: int, repeats: int,
         "ratio": round(torch_s / jax_s, 2), "jax_compile_s": round(max(r["first"]["jax"] - jax_s, 0.0), 3),
         "goal_ratio": 5.0 if name == "embedded" else 3.0,
         "jax_fraction_of_matmul_peak": round(B * T * decode_flops(model, T) / jax_s / peak, 3),
-        "matmul_peak_gflops": round(peak / 1e9, 1), "cpu_cores_used": r["cores"],
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "torch_matmul_peak_gflops": round(peak_flops / r["median"]["torch_peak"] / 1e9, 1), "cpu_cores_used": r["cores"],
     }]
     if mesh is not None:
         one_s = r["median"]["jax_one_device"]

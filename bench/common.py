@@ -43,6 +43,15 @@ def peak_matmul(n: int = 2048):
     return (lambda: f(a).block_until_ready()), 2.0 * n**3
 
 
+def torch_peak_matmul(n: int = 2048):
+    """(run, flops): the same float32 n x n matmul in torch (its own BLAS, at torch's thread count), to time among the
+    other turns: how fast the reference's matmuls can run on this machine, next to XLA's `peak_matmul`."""
+    import torch
+
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    return (lambda: a @ a), 2.0 * n**3
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds of each no-argument function, run in turns (A, B, A, B, ...) so that all see the same
     machine load; each is called once first (compilation, warm-up), which is timed separately.

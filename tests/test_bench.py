@@ -57,7 +57,7 @@ def test_bench_dpg_embedded_times_each_part_beside_torch():
         assert part["jax_ms"] > 0 and part["torch_ms"] > 0, name
         assert abs(part["speedup_vs_torch"] - part["torch_ms"] / part["jax_ms"]) < 0.02 + 0.01 * part["speedup_vs_torch"], name
     assert record["speedup_vs_torch"] == record["parts"]["step"]["speedup_vs_torch"]
-    assert 0 < record["mfu"] == record["parts"]["step"]["jax_mfu"] and record["peak_gflops"] > 0
+    assert 0 < record["mfu"] == record["parts"]["step"]["jax_mfu"] and record["peak_gflops"] > 0 and record["torch_peak_gflops"] > 0
     assert len(record["load_average_1min"]) == 2
     assert 0 < record["cpu_cores_used"] <= os.cpu_count() + 0.1
 
@@ -70,7 +70,7 @@ def test_bench_sampling_embedded_lines():
     assert [(r["bench"], r["config"], r["batch"]) for r in records] == [("sampling", "embedded", 8), ("scoring", "embedded", 8)]
     sampling, scoring = records
     assert sampling["new_tokens"] == 30 and sampling["goal_ratio"] == 5.0
-    assert sampling["jax_ms_per_step"] > 0 and sampling["matmul_peak_gflops"] > 0
+    assert sampling["jax_ms_per_step"] > 0 and sampling["matmul_peak_gflops"] > 0 and sampling["torch_matmul_peak_gflops"] > 0
     assert scoring["max_abs_logp_diff_vs_torch"] < 1e-3  # the fused scorer agrees with transformers on the shipped model
 
 
