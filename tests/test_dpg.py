@@ -252,7 +252,8 @@ def test_sorted_truncated_groups_give_the_gradient_of_full_width_minibatches(on_
     grads, loss_M, logpi_MB = jax.jit(dpg.dpg_gradient, static_argnames=("model", "mesh", "on_policy"))(
         params, GPT, prompt, mask, tok, lengths, logq, logP, log_z_M, on_policy=on_policy)
     assert np.abs(want).max() > 1e-2
-    np.testing.assert_allclose(_flat(grads), want, atol=(3e-5 if on_policy else 1e-6) * np.abs(want).max())
+    # float rounding of the regrouped sums: 1.2e-6 of the largest entry off-policy on an AVX-512 CPU (one entry of 4,592)
+    np.testing.assert_allclose(_flat(grads), want, atol=(3e-5 if on_policy else 5e-6) * np.abs(want).max())
     np.testing.assert_allclose(float(loss_M.mean()), np.mean([float(r[0][0]) for r in ref]), rtol=1e-5)
     np.testing.assert_allclose(logpi_MB, jnp.stack([r[0][1] for r in ref]), rtol=1e-5)
 

@@ -180,7 +180,9 @@ def test_dpg_step_matches_full_ft_at_step_0_and_lowers_its_surrogate(tiny, on_po
     s1, m = lora_t.step(s0, key)
     _, m_full = full_t.step(full_t.init_state(tiny.params), key)
     for name in ("loss", "log_z", "ar", "ar_pi", "kl_g_pi", "kl_g_q"):  # B = 0: the same samples, weights and loss
-        np.testing.assert_allclose(m[name], m_full[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        # the loss is a mean of (8 b - 1) log pi, terms of about +-100 that cancel to 0.065: the LoRA matmuls'
+        # rounding (log z within 1e-6) moves it by up to 2e-5 (measured on an AVX-512 CPU); a wrong weight or sample moves it by > 1
+        np.testing.assert_allclose(m[name], m_full[name], rtol=1e-5, atol=1e-4 if name == "loss" else 1e-6, err_msg=name)
     _check_adapters_only(pi, s0.params, s1.params, s1.opt_state)
     if not on_policy:  # the frozen proposal keeps only adapters, the weights are the policy's
         assert lora_lib.has_adapters(s1.extra["proposal"]) and not lora_lib.split(s1.extra["proposal"])[1]
