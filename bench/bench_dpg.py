@@ -17,9 +17,10 @@ scores a only on the samples with b = 1, about half of them under this bench's c
 times every row),
 plus a float32 matmul as a turn of its own, so the MFU of each part divides by a peak measured under the
 same load, and the same matmul in torch (`torch_peak_gflops`: how fast the reference's own BLAS runs here; on
-an AMD CPU torch's MKL can reach half of XLA's rate, which flatters every ratio). FLOPs count 2 per matmul weight per token forward (sampling, scoring) and 6 forward + backward
-(`bench.common.matmul_params`: the layers' kernels and the V x D head; attention left out). Goals on
-embedded: the step >= 3x torch's, the forward + backward no slower than torch's, the step's MFU >= 25%.
+an AMD CPU torch's MKL can reach half of XLA's rate, which flatters every ratio). FLOPs count 2 per matmul
+weight per token forward (sampling, scoring) and 6 forward + backward (`bench.common.matmul_params`: the
+layers' kernels and the V x D head; attention left out). Goals on embedded: the step >= 3x torch's, the
+forward + backward no slower than torch's, the step's MFU >= 25%.
 
 torch keeps its OpenMP default (threads spin briefly, then sleep), its fastest setting on a quiet machine
 (measured 2026-11-26 on the 2-core CPU: a tiny DPG step 0.10 s, against 0.20 s with OMP_WAIT_POLICY=PASSIVE;
@@ -234,7 +235,8 @@ def bench_embedded(B: int, repeats: int, threads: int) -> dict:
     jax_fns = jax_parts(trainer, lm, B, T)
     peak_run, peak_flops = peak_matmul()
     torch_peak_run, _ = torch_peak_matmul()
-    fns = {"peak": peak_run, "torch_peak": torch_peak_run, **{f"jax_{k}": f for k, f in jax_fns.items()}, **{f"torch_{k}": f for k, f in torch_fns.items()}}
+    fns = {"peak": peak_run, "torch_peak": torch_peak_run, **{f"jax_{k}": f for k, f in jax_fns.items()},
+           **{f"torch_{k}": f for k, f in torch_fns.items()}}
     load_before = load_average()
     r = interleaved(fns, repeats)
     med = r["median"]
