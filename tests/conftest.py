@@ -1,5 +1,6 @@
 """Shared test set-up: a persistent XLA compilation cache, a fixed hypothesis profile, x64 helpers."""
 
+import gc
 import os
 import pathlib
 
@@ -25,3 +26,14 @@ def x64():
     """Run the test body with 64-bit floats (for comparisons with exact values)."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's in-memory caches of compiled programs after each test module. Every XLA:CPU executable keeps
+    memory maps of its code, and one xdist worker compiling the suite's programs for 13 minutes passed Linux's
+    default limit of 65,530 maps per process (`vm.max_map_count`): XLA then crashed in a compile or a cache
+    write (seen twice, in the same late test). The disk cache keeps recompiling cheap."""
+    yield
+    jax.clear_caches()
+    gc.collect()
