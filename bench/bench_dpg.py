@@ -234,7 +234,7 @@ def bench_embedded(B: int, repeats: int, threads: int) -> dict:
     torch_fns = torch_parts(policy, base_torch, opt, {"log_z_sum": -math.inf, "n_seen": 0}, B, T, constraint)
     jax_fns = jax_parts(trainer, lm, B, T)
     peak_run, peak_flops = peak_matmul()
-    torch_peak_run, _ = torch_peak_matmul()
+    torch_peak_run, torch_peak_flops = torch_peak_matmul()
     fns = {"peak": peak_run, "torch_peak": torch_peak_run, **{f"jax_{k}": f for k, f in jax_fns.items()},
            **{f"torch_{k}": f for k, f in torch_fns.items()}}
     load_before = load_average()
@@ -254,7 +254,7 @@ def bench_embedded(B: int, repeats: int, threads: int) -> dict:
         "parts": parts, "speedup_vs_torch": parts["step"]["speedup_vs_torch"], "goal_speedup": 3.0,
         "mfu": parts["step"]["jax_mfu"], "goal_mfu": 0.25, "samples_per_s": round(B / med["jax_step"], 1),
         "torch_samples_per_s": round(B / med["torch_step"], 1), "peak_gflops": round(peak / 1e9, 1),
-        "torch_peak_gflops": round(peak_flops / med["torch_peak"] / 1e9, 1),
+        "torch_peak_gflops": round(torch_peak_flops / med["torch_peak"] / 1e9, 1),
         "jax_compile_plus_first_step_s": round(r["first"]["jax_step"], 2), "repeats": repeats, "threads": threads,
         "load_average_1min": [load_before, load_average()], "cpu_cores_used": r["cores"], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }

@@ -173,8 +173,9 @@ def _bench_batch(name, torch_model, model, params, B: int, T: int, repeats: int,
     common = {"config": name, **{k: c[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "batch": B,
               "host_devices": 1 if mesh is None else mesh.size}
     peak_run, peak_flops = peak_matmul()
+    torch_peak_run, torch_peak_flops = torch_peak_matmul()
     fns = {"jax": jax_sampler(model, params, B, T, mesh), "torch": torch_sampler(torch_model, B, T), "peak": peak_run,
-           "torch_peak": torch_peak_matmul()[0]}
+           "torch_peak": torch_peak_run}
     if mesh is not None:  # the same sampler on one of the devices, timed in the same turns
         fns["jax_one_device"] = jax_sampler(model, jax.device_put(params, mesh.devices.flat[0]), B, T)
     r = interleaved(fns, repeats)
@@ -188,7 +189,7 @@ def _bench_batch(name, torch_model, model, params, B: int, T: int, repeats: int,
         "goal_ratio": 5.0 if name == "embedded" else 3.0,
         "jax_fraction_of_matmul_peak": round(B * T * decode_flops(model, T) / jax_s / peak, 3),
         "matmul_peak_gflops": round(peak / 1e9, 1),
-        "torch_matmul_peak_gflops": round(peak_flops / r["median"]["torch_peak"] / 1e9, 1), "cpu_cores_used": r["cores"],
+        "torch_matmul_peak_gflops": round(torch_peak_flops / r["median"]["torch_peak"] / 1e9, 1), "cpu_cores_used": r["cores"],
     }]
     if mesh is not None:
         one_s = r["median"]["jax_one_device"]
