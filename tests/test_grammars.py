@@ -395,6 +395,27 @@ def test_host_masked_lms_of_one_model_share_compiled_programs(toy):
     assert not np.allclose(got[0], got[1])  # the same program, each LM's own bias
 
 
+@pytest.mark.parametrize("pattern", ["[0-9]{4}-[0-9]{2}-[0-9]{2}", "[a-z]+( [a-z]+)*"])
+def test_dense_route_runs_on_the_device_across_segments_with_the_same_samples(embedded_tokenizer, pattern):
+    """The dense route's on-device loop over 30 steps (three cache segments: 10, 20, 30) gives llguidance's
+    route's samples bit for bit, whether every row ends early (a date: about 11 tokens, so the loop stops in
+    the second segment) or rows run to the last step (words)."""
+    lm = LM.load("embedded")
+    grammar = Grammar.regex(pattern, embedded_tokenizer, vocab_size=8192)
+    prompt, pmask = lm.prompt_arrays(16)
+    key = jax.random.PRNGKey(5)
+    dense = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 30)
+    host = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 30, dense=False)
+    for got, want in zip(dense, host):
+        np.testing.assert_array_equal(got, want)
+    ended_B = dense.tokens_BT[np.arange(16), dense.lengths_B - 1] == lm.model.eos_id
+    if pattern.startswith("[0-9]"):
+        assert ended_B.all() and 10 < dense.lengths_B.max() < 20  # every row ended, in the second segment
+        assert grammar.accepts(dense.tokens_BT, dense.lengths_B).all()
+    else:
+        assert dense.lengths_B.max() == 30  # rows reached the last step of the third segment
+
+
 def test_small_regex_masks_come_from_a_dense_table_with_the_same_samples(embedded_tokenizer):
     """A small regex (here with "é", two byte-level pieces) samples from its dense on-device table by default:
     the table's mask after every sampled prefix is llguidance's, and the samples (tokens, lengths, both

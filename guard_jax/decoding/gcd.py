@@ -534,12 +534,48 @@ def _masked_pick(logits_BV, bitmask_BW, u_B, done_B, pad_id: int, eos_id: int):
     return _pick(logits_BV, u_B, done_B, pad_id, eos_id, allowed_bits_BW=bitmask_BW)
 
 
-@functools.partial(jax.jit, static_argnames=("pad_id", "eos_id"))
 def _dense_pick(logits_BV, table: "DenseMasks", state_B, u_B, done_B, pad_id: int, eos_id: int):
     """`_pick` with the masks of the rows' states in a dense table (unpacked after the gather: measured faster here
     than the bit test inside the draw) -> (its outputs, next state_B)."""
     out = _pick(logits_BV, u_B, done_B, pad_id, eos_id, allowed_BV=unpack_bitmask(table.bitmask_SW[state_B], logits_BV.shape[-1]))
     return out, jnp.where(done_B, state_B, table.next_state_SV[state_B, out[0]])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "end"), donate_argnames=("cache", "out"))
+def _dense_segment(model: ARM, params: Params, table: "DenseMasks", t, logits_BV, cache, state_B, done_B, out, u_TB, end: int):
+    """Steps t..end-1 of the dense route in one on-device loop that stops early once every row has ended.
+
+    `out` = (tokens_TB, logq_TB, loga_TB, alive_TB), written at each step; the cache holds prompt + `end` slots.
+    The decode after a step runs only while a later step needs its logits (not after step T-1, nor once every
+    row has ended) -> (t, logits_BV, cache, state_B, done_B, out) where it stopped."""
+    T = u_TB.shape[0]
+
+    def body(carry):
+        t, logits_BV, cache, state_B, done_B, out = carry
+        (token_B, *rest, done_B), state_B = _dense_pick(logits_BV, table, state_B, u_TB[t], done_B, model.pad_id, model.eos_id)
+        out = tuple(o.at[t].set(x) for o, x in zip(out, (token_B, *rest)))
+        logits_BV, cache = jax.lax.cond((t + 1 < T) & ~jnp.all(done_B), lambda: model.decode(params, token_B, cache),
+                                        lambda: (logits_BV, cache))
+        return t + 1, logits_BV, cache, state_B, done_B, out
+
+    return jax.lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[4]), body, (t, logits_BV, cache, state_B, done_B, out))
+
+
+def _dense_sample(model: ARM, params: Params, table: "DenseMasks", logits_BV, cache, u_TB, prompt_len: int, ends: list[int]):
+    """The dense route after the prefill (cache of prompt_len + ends[0] slots): one `_dense_segment` per segment
+    of `ends`, the cache grown between them, stopping after the segment where every row has ended
+    -> numpy (tokens_TB, logq_TB, loga_TB, alive_TB)."""
+    T, B = u_TB.shape
+    out = (jnp.full((T, B), model.pad_id, jnp.int32), jnp.zeros((T, B)), jnp.zeros((T, B)), jnp.zeros((T, B), bool))
+    t, state_B, done_B = jnp.int32(0), jnp.full((B,), table.initial_state, jnp.int32), jnp.zeros((B,), bool)
+    for k, end in enumerate(ends):
+        if k:
+            cache = _grow(model, cache, prompt_len + end)
+        t, logits_BV, cache, state_B, done_B, out = _dense_segment(model, params, table, t, logits_BV, cache, state_B, done_B,
+                                                                   out, u_TB, end)
+        if bool(np.asarray(done_B).all()):
+            break
+    return tuple(np.asarray(x) for x in out)
 
 
 class DenseMasks(NamedTuple):
@@ -637,31 +673,23 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
     ends = check_segment_ends(T)
     size = P + ends[0]
     logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), size)
+    if table is not None:
+        tokens, logq, loga, alive = _dense_sample(model, params, table, logits_BV, cache, jnp.asarray(u_TB), P, ends)
+        return MaskedSamples(tokens.T, alive.sum(0).astype(np.int32), logq.T, logq.sum(0), loga.T, loga.sum(0))
     done_B = jnp.zeros((B,), bool)
     steps = []  # (token_B, logq_B, loga_B, alive_B) per step, left on the device until the end
-    if table is not None:
-        state_B = jnp.full((B,), table.initial_state, jnp.int32)
-        for t in range(T):
-            (token_B, logq_B, loga_B, alive_B, done_B), state_B = _dense_pick(logits_BV, table, state_B, u_TB[t], done_B,
-                                                                            model.pad_id, model.eos_id)
-            if t + 1 < T:  # dispatched before the host waits
-                logits_BV, cache, size = _decode_growing(model, params, token_B, cache, t, size, P, ends)
-            steps.append((token_B, logq_B, loga_B, alive_B))
-            if bool(np.asarray(done_B).all()):
-                break
-    else:
-        matchers = grammar.batch(B)
-        bitmask_BW = np.empty((B, grammar.mask_words), np.int32)
-        for t in range(T):
-            matchers.fill(bitmask_BW)
-            token_B, logq_B, loga_B, alive_B, done_B = _masked_pick(logits_BV, jnp.asarray(bitmask_BW), u_TB[t], done_B,
-                                                                   model.pad_id, model.eos_id)
-            if t + 1 < T:  # runs while the host computes masks
-                logits_BV, cache, size = _decode_growing(model, params, token_B, cache, t, size, P, ends)
-            steps.append((token_B, logq_B, loga_B, alive_B))
-            matchers.consume(np.asarray(token_B))
-            if not matchers.running_B.any():
-                break
+    matchers = grammar.batch(B)
+    bitmask_BW = np.empty((B, grammar.mask_words), np.int32)
+    for t in range(T):
+        matchers.fill(bitmask_BW)
+        token_B, logq_B, loga_B, alive_B, done_B = _masked_pick(logits_BV, jax.device_put(bitmask_BW), u_TB[t], done_B,
+                                                               model.pad_id, model.eos_id)
+        if t + 1 < T:  # runs while the host computes masks
+            logits_BV, cache, size = _decode_growing(model, params, token_B, cache, t, size, P, ends)
+        steps.append((token_B, logq_B, loga_B, alive_B))
+        matchers.consume(np.asarray(token_B))
+        if not matchers.running_B.any():
+            break
     tokens = np.full((T, B), model.pad_id, np.int32)
     logq, loga, alive = (np.zeros((T, B), d) for d in (np.float32, np.float32, bool))
     n = len(steps)
