@@ -87,7 +87,8 @@ def test_bench_decoding_grammar_lines():
         assert ("dense regex_automaton", None) in rows and all(r["V"] == V for r in builds if r["config"] == config)
     assert all(r["goal_seconds"] == 1.0 and r["goal_mb"] == 100 for r in builds if r["what"] == "json_schema")
     masked = [r for r in records if r["bench"] == "grammar_masked_vs_plain"]
-    assert [r["mask"] for r in masked] == ["regex", "json_schema", "cfg", "regex, llguidance masks (dense=False)", "dense regex_automaton",
+    assert [r["mask"] for r in masked] == ["regex", "json_schema", "cfg", "regex, llguidance masks (dense=False)",
+                                           "host loop floor: every token allowed, llguidance masks (dense=False)", "dense regex_automaton",
                                            "cfg, masked LM (host bias in the jitted scan)"]
     assert [r["what"] for r in builds if r["config"] == "embedded GPT-2 V=8192"] == ["regex dense_masks (checked)"]
     for r in masked:

@@ -649,14 +649,19 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
     (numpy fields).
 
     Same uniforms and inverse-CDF draw as `guard_jax.sampling.sample` (a grammar that allows every token gives
-    its samples up to float rounding). Each step runs two jitted calls: the masked draw, then the model's decode
-    step, which is dispatched before the host computes the next masks (llguidance, one per distinct prefix, in
-    parallel), so the two overlap. The cache grows at the sampler's segment ends (`sampling.segments`), so early
-    steps attend over fewer slots. The loop stops once every row has ended. The masks are not length-aware: a row still inside a string after
-    `max_new_tokens` fails b.
+    its samples up to float rounding). The cache grows at the sampler's segment ends (`sampling.segments`), so
+    early steps attend over fewer slots, and sampling stops once every row has ended. The masks are not
+    length-aware: a row still inside a string after `max_new_tokens` fails b. Two routes, with the same masks
+    and so the same samples:
 
-    `dense`: None (default) takes the masks of a small regex from a dense table on the device (`dense_masks`:
-    the same masks, so the same samples, with no host work per step; built once per grammar), and llguidance's
+    - the dense table (`dense_masks`, a small regex's masks on the device, built once per grammar): each cache
+      segment is one jitted loop that draws, advances the rows' states and decodes, and stops early once
+      every row has ended; the host only checks, between segments, whether any row still runs;
+    - llguidance's masks (any grammar): each step runs two jitted calls, the masked draw, then the model's
+      decode step, which is dispatched before the host advances the matchers and computes the next masks (one
+      per distinct prefix, llguidance's thread pool), so the two overlap.
+
+    `dense`: None (default) takes the dense table where there is one (a small regex) and llguidance's masks
     otherwise; False always llguidance's; True requires the table.
     """
     if grammar.eos_id != model.eos_id or grammar.vocab_size != model.vocab_size:
