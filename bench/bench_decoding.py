@@ -273,6 +273,7 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     anything = Grammar.regex(ANYTHING, lm.tokenizer, vocab_size=model.vocab_size)
     runs["host loop floor: every token allowed, llguidance masks (dense=False)"] = (
         lambda: grammar_masked_sample(key, model, params, prompt, pmask, anything, T, dense=False))
+    stops_early = set(runs)  # the grammar_masked_sample runs so far; the scans below always run T steps
     dense_mask = regex_automaton(GRAMMAR_REGEX, token_bytes(lm.tokenizer, model.vocab_size), eos_id=model.eos_id, vocab_size=model.vocab_size)
     runs["dense regex_automaton"] = lambda: masked_sample(key, model, params, prompt, pmask, dense_mask, T)
     q = masked_lm(lm, Grammar.lark(CFG, lm.tokenizer, vocab_size=model.vocab_size), T)  # the masked LM the experiments use
@@ -280,7 +281,7 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     for kind, run in runs.items():
         # grammar_masked_sample stops once every row has ended (the scans always run T): its reference is plain
         # sampling of as many tokens as it ran, so both attend over caches of the same lengths
-        steps = int(np.max(run().lengths_B)) if kind.startswith(("regex", "json_schema", "cfg", "host loop")) else T
+        steps = int(np.max(run().lengths_B)) if kind in stops_early else T
         masked, plain = lambda: jax.block_until_ready(run()), plain_of(steps)
         plain()
         pairs = [(_wall_and_cpu(plain), _wall_and_cpu(masked)) for _ in range(repeats)]  # interleaved: the machine drifts

@@ -395,6 +395,17 @@ def test_host_masked_lms_of_one_model_share_compiled_programs(toy):
     assert not np.allclose(got[0], got[1])  # the same program, each LM's own bias
 
 
+def _dense_samples_equal_to_llguidance(lm, grammar, batch_size: int, max_new_tokens: int, key):
+    """grammar_masked_sample's default (dense) route, checked bit for bit against llguidance's (`dense=False`)
+    -> the dense route's samples."""
+    prompt, pmask = lm.prompt_arrays(batch_size)
+    dense = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, max_new_tokens)
+    host = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, max_new_tokens, dense=False)
+    for got, want in zip(dense, host):
+        np.testing.assert_array_equal(got, want)
+    return dense
+
+
 @pytest.mark.parametrize("pattern", ["[0-9]{4}-[0-9]{2}-[0-9]{2}", "[a-z]+( [a-z]+)*"])
 def test_dense_route_runs_on_the_device_across_segments_with_the_same_samples(embedded_tokenizer, pattern):
     """The dense route's on-device loop over 30 steps (three cache segments: 10, 20, 30) gives llguidance's
@@ -402,12 +413,7 @@ def test_dense_route_runs_on_the_device_across_segments_with_the_same_samples(em
     the second segment) or rows run to the last step (words)."""
     lm = LM.load("embedded")
     grammar = Grammar.regex(pattern, embedded_tokenizer, vocab_size=8192)
-    prompt, pmask = lm.prompt_arrays(16)
-    key = jax.random.PRNGKey(5)
-    dense = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 30)
-    host = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 30, dense=False)
-    for got, want in zip(dense, host):
-        np.testing.assert_array_equal(got, want)
+    dense = _dense_samples_equal_to_llguidance(lm, grammar, 16, 30, jax.random.PRNGKey(5))
     ended_B = dense.tokens_BT[np.arange(16), dense.lengths_B - 1] == lm.model.eos_id
     if pattern.startswith("[0-9]"):
         assert ended_B.all() and 10 < dense.lengths_B.max() < 20  # every row ended, in the second segment
@@ -428,12 +434,8 @@ def test_small_regex_masks_come_from_a_dense_table_with_the_same_samples(embedde
     grammar = Grammar.regex("caf(é|e)( [a-z]+)?", tok, vocab_size=8192)
     table = dense_masks(grammar)
     assert table is not None and dense_masks(grammar) is table  # built once per grammar
-    prompt, pmask = lm.prompt_arrays(8)
     key = jax.random.PRNGKey(3)
-    dense = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 12)
-    host = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 12, dense=False)
-    for got, want in zip(dense, host):
-        np.testing.assert_array_equal(got, want)
+    dense = _dense_samples_equal_to_llguidance(lm, grammar, 8, 12, key)
     assert grammar.accepts(dense.tokens_BT, dense.lengths_B).any()
     masks_SV = np.asarray(unpack_bitmask(table.bitmask_SW, 8192))
     next_SV = np.asarray(table.next_state_SV)
@@ -445,4 +447,4 @@ def test_small_regex_masks_come_from_a_dense_table_with_the_same_samples(embedde
     assert dense_masks(Grammar.lark('start: "caf" ("é" | "e")', tok, vocab_size=8192)) is None
     assert dense_masks(grammar, max_cells=8192) is None
     with pytest.raises(ValueError, match="dense=True"):
-        grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, Grammar.lark('start: "a"', tok, vocab_size=8192), 12, dense=True)
+        grammar_masked_sample(key, lm.model, lm.params, *lm.prompt_arrays(8), Grammar.lark('start: "a"', tok, vocab_size=8192), 12, dense=True)

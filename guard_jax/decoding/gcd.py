@@ -674,13 +674,23 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
         raise ValueError(f"dense=True needs a regex grammar whose table has at most {DENSE_MAX_CELLS} states x V cells, "
                          f"got {grammar}; pass dense=None")
     (B, P), T = prompt_BP.shape, int(max_new_tokens)
-    u_TB = np.asarray(uniforms(key, B, T))
+    u_TB = uniforms(key, B, T)
     ends = check_segment_ends(T)
-    size = P + ends[0]
-    logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), size)
+    logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), P + ends[0])
     if table is not None:
-        tokens, logq, loga, alive = _dense_sample(model, params, table, logits_BV, cache, jnp.asarray(u_TB), P, ends)
-        return MaskedSamples(tokens.T, alive.sum(0).astype(np.int32), logq.T, logq.sum(0), loga.T, loga.sum(0))
+        tokens, logq, loga, alive = _dense_sample(model, params, table, logits_BV, cache, u_TB, P, ends)
+    else:
+        tokens, logq, loga, alive = _llguidance_sample(model, params, grammar, logits_BV, cache, np.asarray(u_TB), P, ends)
+    return MaskedSamples(tokens.T, alive.sum(0).astype(np.int32), logq.T, logq.sum(0), loga.T, loga.sum(0))
+
+
+def _llguidance_sample(model: ARM, params: Params, grammar: Grammar, logits_BV, cache, u_TB: np.ndarray, prompt_len: int,
+                       ends: list[int]):
+    """The llguidance route after the prefill (cache of prompt_len + ends[0] slots): per step the masked draw,
+    then the decode, dispatched before the host advances the matchers and computes the next masks; stops once
+    every row has ended -> numpy (tokens_TB, logq_TB, loga_TB, alive_TB)."""
+    T, B = u_TB.shape
+    size = prompt_len + ends[0]
     done_B = jnp.zeros((B,), bool)
     steps = []  # (token_B, logq_B, loga_B, alive_B) per step, left on the device until the end
     matchers = grammar.batch(B)
@@ -690,7 +700,7 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
         token_B, logq_B, loga_B, alive_B, done_B = _masked_pick(logits_BV, jax.device_put(bitmask_BW), u_TB[t], done_B,
                                                                model.pad_id, model.eos_id)
         if t + 1 < T:  # runs while the host computes masks
-            logits_BV, cache, size = _decode_growing(model, params, token_B, cache, t, size, P, ends)
+            logits_BV, cache, size = _decode_growing(model, params, token_B, cache, t, size, prompt_len, ends)
         steps.append((token_B, logq_B, loga_B, alive_B))
         matchers.consume(np.asarray(token_B))
         if not matchers.running_B.any():
@@ -699,4 +709,4 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
     logq, loga, alive = (np.zeros((T, B), d) for d in (np.float32, np.float32, bool))
     n = len(steps)
     tokens[:n], logq[:n], loga[:n], alive[:n] = (np.asarray(jnp.stack(x)) for x in zip(*steps))
-    return MaskedSamples(tokens.T, alive.sum(0).astype(np.int32), logq.T, logq.sum(0), loga.T, loga.sum(0))
+    return tokens, logq, loga, alive
