@@ -17,10 +17,10 @@ Grammars through llguidance (`guard_jax.grammars`):
   JSON schema at 256,000: <= 1 s and <= 100 MB); the dense `regex_automaton` for the same regex beside it
   (at 256,000 only with --dense-large: minutes);
 - `grammar_masked_vs_plain`: per-token time of `grammar_masked_sample` / `sample` on the embedded model (B = 128,
-  30 tokens; goal <= 1.3x). Its routes: the regex by default from its dense table (`dense_masks`: an
-  on-device loop per cache segment), and with llguidance's masks (`dense=False`: a host loop, two jitted
-  calls per token, the host's masks overlapped with the decode); the JSON schema and the CFG (llguidance's
-  masks); the host loop's floor (`(?s:.*)` with `dense=False`: every token allowed, the least mask work);
+  30 tokens; goal <= 1.3x). Its routes (`route`): the regex and the JSON schema by default from their dense
+  tables (`dense_masks`: an on-device loop per cache segment; the schema through `guard_jax.json_regex`),
+  and each with llguidance's masks (`dense=False`: a host loop, two jitted calls per token, the host's masks
+  overlapped with the decode); the CFG (llguidance's masks); the host loop's floor (`(?s:.*)` with `dense=False`: every token allowed, the least mask work);
   the length-aware dense table's `masked_sample` for the regex; and the CFG's masked LM
   (`proposals.masked_lm`: the masks come back from the host inside the jitted scan, what the experiments
   sample and score). grammar_masked_sample stops once every row has ended (`steps`): its reference is plain
@@ -263,13 +263,18 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     key = jax.random.PRNGKey(1)
     plain_of = lambda n: (lambda: sample(key, model, params, prompt, pmask, n).tokens_BT.block_until_ready())
     grammars = {kind: build() for kind, build in _grammars(lm.tokenizer, model.vocab_size).items()}
-    runs = {kind: (lambda g=g: grammar_masked_sample(key, model, params, prompt, pmask, g, T)) for kind, g in grammars.items()}
-    t0 = time.perf_counter()
-    dense_masks(grammars["regex"])  # the small regex's table, built once (grammar_masked_sample's default route)
-    emit({"bench": "grammar_build", "config": f"embedded GPT-2 V={model.vocab_size}", "what": "regex dense_masks (checked)",
-          "seconds": round(time.perf_counter() - t0, 4)})
-    runs["regex, llguidance masks (dense=False)"] = lambda: grammar_masked_sample(key, model, params, prompt, pmask, grammars["regex"], T,
-                                                                                 dense=False)
+    for kind in ("regex", "json_schema"):  # their tables, built once (grammar_masked_sample's default route)
+        t0 = time.perf_counter()
+        table = dense_masks(grammars[kind])
+        emit({"bench": "grammar_build", "config": f"embedded GPT-2 V={model.vocab_size}", "what": f"{kind} dense_masks (checked)",
+              "seconds": round(time.perf_counter() - t0, 4), "states": None if table is None else int(table.next_state_SV.shape[0])})
+    runs, route = {}, {}  # mask -> a run; mask -> where its masks come from
+    for kind, g in grammars.items():
+        runs[kind] = lambda g=g: grammar_masked_sample(key, model, params, prompt, pmask, g, T)
+        route[kind] = "dense table" if dense_masks(g) is not None else "llguidance masks"
+    for kind in ("regex", "json_schema"):
+        runs[f"{kind}, llguidance masks (dense=False)"] = (
+            lambda g=grammars[kind]: grammar_masked_sample(key, model, params, prompt, pmask, g, T, dense=False))
     anything = Grammar.regex(ANYTHING, lm.tokenizer, vocab_size=model.vocab_size)
     runs["host loop floor: every token allowed, llguidance masks (dense=False)"] = (
         lambda: grammar_masked_sample(key, model, params, prompt, pmask, anything, T, dense=False))
@@ -278,6 +283,8 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     runs["dense regex_automaton"] = lambda: masked_sample(key, model, params, prompt, pmask, dense_mask, T)
     q = masked_lm(lm, Grammar.lark(CFG, lm.tokenizer, vocab_size=model.vocab_size), T)  # the masked LM the experiments use
     runs["cfg, masked LM (host bias in the jitted scan)"] = lambda: sample(key, q.model, q.params, prompt, pmask, T)
+    route |= {k: "llguidance masks" for k in runs if "llguidance masks" in k}
+    route |= {"dense regex_automaton": "dense table", "cfg, masked LM (host bias in the jitted scan)": "llguidance masks"}
     for kind, run in runs.items():
         # grammar_masked_sample stops once every row has ended (the scans always run T): its reference is plain
         # sampling of as many tokens as it ran, so both attend over caches of the same lengths
@@ -287,7 +294,9 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
         pairs = [(_wall_and_cpu(plain), _wall_and_cpu(masked)) for _ in range(repeats)]  # interleaved: the machine drifts
         wall = [m[0] / p[0] for p, m in pairs]
         cpu = [m[1] / p[1] for p, m in pairs]
-        emit({"bench": "grammar_masked_vs_plain", "config": f"embedded GPT-2 V={model.vocab_size}", "mask": kind, "B": B, "T": T,
+        emit({"bench": "grammar_masked_vs_plain", "config": f"embedded GPT-2 V={model.vocab_size}", "mask": kind,
+              "route": route[kind],
+              "B": B, "T": T,
               "steps": steps, "plain_ms_per_token": round(1e3 * float(np.median([p[0] for p, _ in pairs])) / steps, 3),
               "masked_ms_per_token": round(1e3 * float(np.median([m[0] for _, m in pairs])) / steps, 3),
               "ratio": round(float(np.median(wall)), 3), "ratio_range": [round(min(wall), 3), round(max(wall), 3)],
