@@ -37,6 +37,7 @@ from guard_jax.constraints import Constraint
 from guard_jax.exact import SequenceSpace, prefix_log_marginals
 from guard_jax.grammars import Grammar
 from guard_jax.json_regex import schema_regex
+from guard_jax.lark_fsm import lark_fsm
 from guard_jax.models.base import ARM, Params
 from guard_jax.sampling import categorical, check_segment_ends, scan_segments, uniforms, unpack_bitmask
 
@@ -60,6 +61,7 @@ class TokenAutomaton(NamedTuple):
     steps_to_accept_S: jax.Array  # int32 [S]
     accepting_S: jax.Array  # bool [S]
     initial_state: jax.Array  # int32 []
+    unsafe_S: jax.Array  # bool [S]: a state whose mask may allow more than the grammar's (a CFG's depth bound near)
 
     @property
     def num_states(self) -> int:
@@ -219,7 +221,15 @@ def regex_automaton(pattern: str, tokens: Mapping[int, bytes | str] | Sequence[b
         fsm = interegular.parse_pattern(pattern).to_fsm()
     except Exception as e:  # interegular raises several types for unsupported syntax
         raise ValueError(f"pattern {pattern!r} is not a regex interegular can compile to a DFA: {e}") from e
-    walker = _ByteWalker(fsm, strict=invalid_utf8 == "reject")
+    next_state, accepting, _ = _fsm_table(fsm, items, eos_id, V, strict=invalid_utf8 == "reject")
+    return _automaton(next_state, accepting, 0)
+
+
+def _fsm_table(fsm, items: dict[int, bytes], eos_id: int, V: int, strict: bool):
+    """interegular's character DFA walked by every token's bytes -> (next_state [S, V], -1: dead; accepting [S];
+    dfa_state [S]: the character DFA's state (the FSM's label) of each automaton state, pending bytes aside);
+    state 0 is the initial one."""
+    walker = _ByteWalker(fsm, strict=strict)
     S, width = walker.num_states, _MAX_PENDING
     ids = np.fromiter(items, np.int64, len(items))
     data = [items[i] for i in ids]
@@ -248,7 +258,7 @@ def regex_automaton(pattern: str, tokens: Mapping[int, bytes | str] | Sequence[b
     next_state = np.stack(rows)
     accepting = np.asarray([walker.accepting(s, p) for s, p in order], bool)
     next_state[accepting, eos_id] = np.flatnonzero(accepting)  # EOS ends a matching text where it is
-    return _automaton(next_state, accepting, 0)
+    return next_state, accepting, np.asarray([walker.states[s] for s, _ in order], np.int64)
 
 
 _MAX_PENDING = 4096
@@ -276,7 +286,7 @@ class _ByteWalker:
     def __init__(self, fsm, strict: bool = False):
         from interegular.fsm import anything_else
 
-        states = sorted(fsm.states)
+        self.states = states = sorted(fsm.states)  # walker index -> the FSM's state label
         sid = {s: k for k, s in enumerate(states)}
         self.num_states = S = len(states)
         self.strict = strict
@@ -563,7 +573,8 @@ def _dense_pick(logits_BV, table: "DenseMasks", state_B, u_B, done_B, pad_id: in
 
 @functools.partial(jax.jit, static_argnames=("model", "end"), donate_argnames=("cache", "out"))
 def _dense_segment(model: ARM, params: Params, table: "DenseMasks", t, logits_BV, cache, state_B, done_B, out, u_TB, end: int):
-    """Steps t..end-1 of the dense route in one on-device loop that stops early once every row has ended.
+    """Steps t..end-1 of the dense route in one on-device loop that stops early once every row has ended, or
+    before a step where a running row's state is unsafe (`DenseMasks.unsafe_S`).
 
     `out` = (tokens_TB, logq_TB, loga_TB, alive_TB), written at each step; the cache holds prompt + `end` slots.
     The decode after a step runs only while a later step needs its logits (not after step T-1, nor once every
@@ -578,13 +589,19 @@ def _dense_segment(model: ARM, params: Params, table: "DenseMasks", t, logits_BV
                                         lambda: (logits_BV, cache))
         return t + 1, logits_BV, cache, state_B, done_B, out
 
-    return jax.lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[4]), body, (t, logits_BV, cache, state_B, done_B, out))
+    def running(carry):  # steps left in the segment, a row still running, and none in a state with an unsafe mask
+        t, _, _, state_B, done_B, _ = carry
+        return (t < end) & ~jnp.all(done_B) & ~jnp.any(table.unsafe_S[state_B] & ~done_B)
+
+    return jax.lax.while_loop(running, body, (t, logits_BV, cache, state_B, done_B, out))
 
 
-def _dense_sample(model: ARM, params: Params, table: "DenseMasks", logits_BV, cache, u_TB, prompt_len: int, ends: list[int]):
+def _dense_sample(model: ARM, params: Params, grammar: Grammar, table: "DenseMasks", logits_BV, cache, u_TB, prompt_len: int,
+                  ends: list[int]):
     """The dense route after the prefill (cache of prompt_len + ends[0] slots): one `_dense_segment` per segment
-    of `ends`, the cache grown between them, stopping after the segment where every row has ended
-    -> numpy (tokens_TB, logq_TB, loga_TB, alive_TB)."""
+    of `ends`, the cache grown between them, stopping after the segment where every row has ended; from a step
+    where a running row's state is unsafe, llguidance's route takes the batch over -> numpy (tokens_TB,
+    logq_TB, loga_TB, alive_TB)."""
     T, B = u_TB.shape
     out = (jnp.full((T, B), model.pad_id, jnp.int32), jnp.zeros((T, B)), jnp.zeros((T, B)), jnp.zeros((T, B), bool))
     t, state_B, done_B = jnp.int32(0), jnp.full((B,), table.initial_state, jnp.int32), jnp.zeros((B,), bool)
@@ -595,6 +612,9 @@ def _dense_sample(model: ARM, params: Params, table: "DenseMasks", logits_BV, ca
                                                                    out, u_TB, end)
         if bool(np.asarray(done_B).all()):
             break
+        if int(t) < end:  # a running row reached an unsafe state
+            return _llguidance_sample(model, params, grammar, logits_BV, cache, np.asarray(u_TB), prompt_len, ends,
+                                      start=(int(t), prompt_len + end, tuple(np.asarray(x) for x in out), done_B))
     return tuple(np.asarray(x) for x in out)
 
 
@@ -604,6 +624,7 @@ class DenseMasks(NamedTuple):
     bitmask_SW: jax.Array  # int32 [S, ceil(V/32)]: the allowed tokens of each state, as llguidance's bitmasks
     next_state_SV: jax.Array  # int32 [S, V]: the state after each allowed token (-1: not allowed)
     initial_state: jax.Array  # int32 []
+    unsafe_S: jax.Array  # bool [S]: a state whose mask may allow more than the grammar's (a CFG's depth bound near)
 
 
 # states x V of the largest table `grammar_masked_sample` builds by itself (64 MB of int32); the 4-field JSON schema at
@@ -630,27 +651,41 @@ def dense_masks(grammar: Grammar, max_cells: int = DENSE_MAX_CELLS) -> DenseMask
     return tables[max_cells]
 
 
-def _build_dense(grammar: Grammar, max_cells: int) -> DenseMasks | None:
+def _grammar_fsm(grammar: Grammar):
+    """(interegular FSM, its universal states) of a grammar with a dense route, or None."""
     import interegular
 
-    from guard_jax.grammars import mask_of, token_bytes
-
-    V = grammar.vocab_size
-    pattern = {"regex": grammar.source, "json_schema": schema_regex(grammar.source) if grammar.kind == "json_schema" else None}.get(grammar.kind)
+    if grammar.kind == "lark":
+        return lark_fsm(grammar.source)
+    pattern = grammar.source if grammar.kind == "regex" else schema_regex(grammar.source) if grammar.kind == "json_schema" else None
     if pattern is None:
         return None
     try:
-        if len(interegular.parse_pattern(pattern).to_fsm().states) * V > max_cells:
-            return None
-        auto = regex_automaton(pattern, token_bytes(grammar.tokenizer, V), grammar.eos_id, V, invalid_utf8="reject")
+        return interegular.parse_pattern(pattern).to_fsm(), frozenset()
+    except Exception:  # interegular raises several types for unsupported syntax
+        return None
+
+
+def _build_dense(grammar: Grammar, max_cells: int) -> DenseMasks | None:
+    from guard_jax.grammars import mask_of, token_bytes
+
+    V = grammar.vocab_size
+    built = _grammar_fsm(grammar)
+    if built is None or len(built[0].states) * V > max_cells:
+        return None
+    fsm, universal = built
+    items = {i: t for i, t in token_bytes(grammar.tokenizer, V).items() if i != grammar.eos_id}
+    try:
+        next_SV, accepting_S, dfa_S = _fsm_table(fsm, items, grammar.eos_id, V, strict=True)
     except ValueError:
         return None
-    next_SV = np.asarray(auto.next_state_SV)
     if next_SV.size > max_cells:
         return None
-    live_S = np.asarray(auto.steps_to_accept_S) < UNREACHABLE
-    allowed_SV = (next_SV >= 0) & live_S[np.maximum(next_SV, 0)]
-    prefixes = {int(auto.initial_state): ()}  # a shortest prefix to every reachable state
+    steps_S = _steps_to_accept(next_SV, accepting_S)
+    allowed_SV = (next_SV >= 0) & (steps_S < UNREACHABLE)[np.maximum(next_SV, 0)]
+    past_S = np.isin(dfa_S, list(universal))  # past the depth bound: every text accepted
+    unsafe_S = past_S | (allowed_SV & past_S[np.maximum(next_SV, 0)]).any(axis=1)
+    prefixes = {0: ()}  # a shortest prefix to every reachable state
     queue = deque(prefixes)
     while queue:
         s = queue.popleft()
@@ -659,13 +694,17 @@ def _build_dense(grammar: Grammar, max_cells: int) -> DenseMasks | None:
                 prefixes[int(next_SV[s, v])] = (*prefixes[s], int(v))
                 queue.append(int(next_SV[s, v]))
     for s, prefix in prefixes.items():
+        if unsafe_S[s]:
+            continue  # its mask may allow more than the grammar's: the sampler hands such rows to llguidance
         m = grammar.matcher()
         if not m.consume_tokens(list(prefix)) or not np.array_equal(mask_of(m, V), allowed_SV[s]):
             return None
+    if unsafe_S[0]:
+        return None
     padded_SV = np.zeros((len(next_SV), grammar.mask_words * 32), bool)
     padded_SV[:, :V] = allowed_SV
     return DenseMasks(jnp.asarray(np.packbits(padded_SV, axis=1, bitorder="little").view(np.int32)),
-                      jnp.asarray(np.where(allowed_SV, next_SV, -1), jnp.int32), jnp.asarray(auto.initial_state, jnp.int32))
+                      jnp.asarray(np.where(allowed_SV, next_SV, -1), jnp.int32), jnp.asarray(0, jnp.int32), jnp.asarray(unsafe_S))
 
 
 def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP, prompt_mask_BP, grammar: Grammar,
@@ -704,24 +743,26 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
     ends = check_segment_ends(T)
     logits_BV, cache = _prefill(model, params, jnp.asarray(prompt_BP), jnp.asarray(prompt_mask_BP), P + ends[0])
     if table is not None:
-        tokens, logq, loga, alive = _dense_sample(model, params, table, logits_BV, cache, u_TB, P, ends)
+        tokens, logq, loga, alive = _dense_sample(model, params, grammar, table, logits_BV, cache, u_TB, P, ends)
     else:
         tokens, logq, loga, alive = _llguidance_sample(model, params, grammar, logits_BV, cache, np.asarray(u_TB), P, ends)
     return MaskedSamples(tokens.T, alive.sum(0).astype(np.int32), logq.T, logq.sum(0), loga.T, loga.sum(0))
 
 
 def _llguidance_sample(model: ARM, params: Params, grammar: Grammar, logits_BV, cache, u_TB: np.ndarray, prompt_len: int,
-                       ends: list[int]):
+                       ends: list[int], start=None):
     """The llguidance route after the prefill (cache of prompt_len + ends[0] slots): per step the masked draw,
     then the decode, dispatched before the host advances the matchers and computes the next masks; stops once
-    every row has ended -> numpy (tokens_TB, logq_TB, loga_TB, alive_TB)."""
+    every row has ended -> numpy (tokens_TB, logq_TB, loga_TB, alive_TB). `start` = (t, cache size, the outputs
+    of steps < t, done_B) takes over at step t from the dense route (the matchers replay the rows' tokens)."""
     T, B = u_TB.shape
-    size = prompt_len + ends[0]
-    done_B = jnp.zeros((B,), bool)
+    t0, size, before, done_B = start if start is not None else (0, prompt_len + ends[0], None, jnp.zeros((B,), bool))
     steps = []  # (token_B, logq_B, loga_B, alive_B) per step, left on the device until the end
     matchers = grammar.batch(B)
+    for t in range(t0):
+        matchers.consume(before[0][t])
     bitmask_BW = np.empty((B, grammar.mask_words), np.int32)
-    for t in range(T):
+    for t in range(t0, T):
         matchers.fill(bitmask_BW)
         token_B, logq_B, loga_B, alive_B, done_B = _masked_pick(logits_BV, jax.device_put(bitmask_BW), u_TB[t], done_B,
                                                                model.pad_id, model.eos_id)
@@ -731,8 +772,11 @@ def _llguidance_sample(model: ARM, params: Params, grammar: Grammar, logits_BV, 
         matchers.consume(np.asarray(token_B))
         if not matchers.running_B.any():
             break
-    tokens = np.full((T, B), model.pad_id, np.int32)
-    logq, loga, alive = (np.zeros((T, B), d) for d in (np.float32, np.float32, bool))
+    if before is None:
+        tokens = np.full((T, B), model.pad_id, np.int32)
+        logq, loga, alive = (np.zeros((T, B), d) for d in (np.float32, np.float32, bool))
+    else:
+        tokens, logq, loga, alive = (np.array(x) for x in before)
     n = len(steps)
-    tokens[:n], logq[:n], loga[:n], alive[:n] = (np.asarray(jnp.stack(x)) for x in zip(*steps))
+    tokens[t0:t0 + n], logq[t0:t0 + n], loga[t0:t0 + n], alive[t0:t0 + n] = (np.asarray(jnp.stack(x)) for x in zip(*steps))
     return tokens, logq, loga, alive
