@@ -17,10 +17,10 @@ Grammars through llguidance (`guard_jax.grammars`):
   JSON schema at 256,000: <= 1 s and <= 100 MB); the dense `regex_automaton` for the same regex beside it
   (at 256,000 only with --dense-large: minutes);
 - `grammar_masked_vs_plain`: per-token time of `grammar_masked_sample` / `sample` on the embedded model (B = 128,
-  30 tokens; goal <= 1.3x). Its routes (`route`): the regex and the JSON schema by default from their dense
-  tables (`dense_masks`: an on-device loop per cache segment; the schema through `guard_jax.json_regex`),
-  and each with llguidance's masks (`dense=False`: a host loop, two jitted calls per token, the host's masks
-  overlapped with the decode); the CFG (llguidance's masks); the host loop's floor (`(?s:.*)` with `dense=False`: every token allowed, the least mask work);
+  30 tokens; goal <= 1.3x). Its routes (`route`): the regex, the JSON schema and the CFG by default from
+  their dense tables (`dense_masks`: an on-device loop per cache segment; the schema through
+  `guard_jax.json_regex`, the CFG unrolled by `guard_jax.lark_fsm`), and each with llguidance's masks
+  (`dense=False`: a host loop, two jitted calls per token, the host's masks overlapped with the decode); the host loop's floor (`(?s:.*)` with `dense=False`: every token allowed, the least mask work);
   the length-aware dense table's `masked_sample` for the regex; and the CFG's masked LM
   (`proposals.masked_lm`: the masks come back from the host inside the jitted scan, what the experiments
   sample and score). grammar_masked_sample stops once every row has ended (`steps`): its reference is plain
@@ -263,7 +263,7 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     key = jax.random.PRNGKey(1)
     plain_of = lambda n: (lambda: sample(key, model, params, prompt, pmask, n).tokens_BT.block_until_ready())
     grammars = {kind: build() for kind, build in _grammars(lm.tokenizer, model.vocab_size).items()}
-    for kind in ("regex", "json_schema"):  # their tables, built once (grammar_masked_sample's default route)
+    for kind in grammars:  # their tables, built once (grammar_masked_sample's default route)
         t0 = time.perf_counter()
         table = dense_masks(grammars[kind])
         emit({"bench": "grammar_build", "config": f"embedded GPT-2 V={model.vocab_size}", "what": f"{kind} dense_masks (checked)",
@@ -272,7 +272,7 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     for kind, g in grammars.items():
         runs[kind] = lambda g=g: grammar_masked_sample(key, model, params, prompt, pmask, g, T)
         route[kind] = "dense table" if dense_masks(g) is not None else "llguidance masks"
-    for kind in ("regex", "json_schema"):
+    for kind in grammars:
         runs[f"{kind}, llguidance masks (dense=False)"] = (
             lambda g=grammars[kind]: grammar_masked_sample(key, model, params, prompt, pmask, g, T, dense=False))
     anything = Grammar.regex(ANYTHING, lm.tokenizer, vocab_size=model.vocab_size)

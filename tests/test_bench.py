@@ -74,7 +74,7 @@ def test_bench_sampling_embedded_lines():
     assert scoring["max_abs_logp_diff_vs_torch"] < 1e-3  # the fused scorer agrees with transformers on the shipped model
 
 
-@pytest.mark.slow  # binds two vocabularies and times seven masked samplers beside plain sampling: minutes on the shared CPU
+@pytest.mark.slow  # binds two vocabularies and times nine masked samplers beside plain sampling: minutes on the shared CPU
 def test_bench_decoding_grammar_lines():
     out = subprocess.run([sys.executable, "-m", "bench.bench_decoding", "--grammars-only", "--quick", "--repeats", "1"],
                          capture_output=True, text=True, timeout=1200, check=True).stdout
@@ -88,12 +88,13 @@ def test_bench_decoding_grammar_lines():
     assert all(r["goal_seconds"] == 1.0 and r["goal_mb"] == 100 for r in builds if r["what"] == "json_schema")
     masked = [r for r in records if r["bench"] == "grammar_masked_vs_plain"]
     assert [(r["mask"], r["route"]) for r in masked] == [
-        ("regex", "dense table"), ("json_schema", "dense table"), ("cfg", "llguidance masks"),
+        ("regex", "dense table"), ("json_schema", "dense table"), ("cfg", "dense table"),
         ("regex, llguidance masks (dense=False)", "llguidance masks"), ("json_schema, llguidance masks (dense=False)", "llguidance masks"),
+        ("cfg, llguidance masks (dense=False)", "llguidance masks"),
         ("host loop floor: every token allowed, llguidance masks (dense=False)", "llguidance masks"), ("dense regex_automaton", "dense table"),
         ("cfg, masked LM (host bias in the jitted scan)", "llguidance masks")]
     dense_builds = [r for r in builds if r["config"] == "embedded GPT-2 V=8192"]
-    assert [r["what"] for r in dense_builds] == ["regex dense_masks (checked)", "json_schema dense_masks (checked)"]
+    assert [r["what"] for r in dense_builds] == ["regex dense_masks (checked)", "json_schema dense_masks (checked)", "cfg dense_masks (checked)"]
     assert all(r["states"] > 0 for r in dense_builds)
     for r in masked:
         assert r["goal_ratio"] == 1.3 and 0 < r["steps"] <= r["T"] == 30

@@ -425,7 +425,8 @@ def test_dense_route_runs_on_the_device_across_segments_with_the_same_samples(em
 def test_small_regex_masks_come_from_a_dense_table_with_the_same_samples(embedded_tokenizer):
     """A small regex (here with "é", two byte-level pieces) samples from its dense on-device table by default:
     the table's mask after every sampled prefix is llguidance's, and the samples (tokens, lengths, both
-    log-probs) are bit for bit those of llguidance's masks. A CFG, or a table over its cell limit, has none."""
+    log-probs) are bit for bit those of llguidance's masks. A JSON schema that is not regular, or a table over its
+    cell limit, has none."""
     from guard_jax.decoding.gcd import dense_masks
     from guard_jax.sampling import unpack_bitmask
 
@@ -444,7 +445,8 @@ def test_small_regex_masks_come_from_a_dense_table_with_the_same_samples(embedde
         for k in range(int(n)):
             np.testing.assert_array_equal(np.flatnonzero(masks_SV[state]), grammar.allowed_ids(row[:k].tolist()))
             state = int(next_SV[state, row[k]])
-    assert dense_masks(Grammar.lark('start: "caf" ("é" | "e")', tok, vocab_size=8192)) is None
+    assert dense_masks(Grammar.json_schema({"type": "object"}, tok, vocab_size=8192)) is None  # any JSON object: not regular
     assert dense_masks(grammar, max_cells=8192) is None
     with pytest.raises(ValueError, match="dense=True"):
-        grammar_masked_sample(key, lm.model, lm.params, *lm.prompt_arrays(8), Grammar.lark('start: "a"', tok, vocab_size=8192), 12, dense=True)
+        grammar_masked_sample(key, lm.model, lm.params, *lm.prompt_arrays(8), Grammar.json_schema({"type": "object"}, tok, vocab_size=8192),
+                              12, dense=True)

@@ -61,7 +61,6 @@ class TokenAutomaton(NamedTuple):
     steps_to_accept_S: jax.Array  # int32 [S]
     accepting_S: jax.Array  # bool [S]
     initial_state: jax.Array  # int32 []
-    unsafe_S: jax.Array  # bool [S]: a state whose mask may allow more than the grammar's (a CFG's depth bound near)
 
     @property
     def num_states(self) -> int:
