@@ -45,7 +45,7 @@ def lark_fsm(text: str, levels: int = 24):
     terms = {name: tree for name, (tree, _) in grammar.term_defs}
     pattern = lambda p: interegular.parse_pattern(p).to_fsm()
     try:
-        ignore = _star(_union([_term(terms, name, pattern) for name in grammar.ignore])) if grammar.ignore else None
+        ignore = _union([_term(terms, name, pattern) for name in grammar.ignore]).star() if grammar.ignore else None
 
         @functools.cache
         def rule(name: str, level: int):
@@ -56,9 +56,7 @@ def lark_fsm(text: str, levels: int = 24):
             return body.reduce()
 
         fsm = rule("start", levels).reduce()
-    except (_Unsupported, KeyError, RecursionError):
-        return None
-    except Exception:  # interegular's parse errors (several types) for a regex it cannot compile
+    except Exception:  # _Unsupported, an undefined name (KeyError), or a regex interegular cannot compile (several types)
         return None
     return _universal_after_overflow(fsm)
 
@@ -81,9 +79,9 @@ def _tree(tree, reference, pattern, after=None):
     if data == "expr":
         inner, op = _tree(kids[0], reference, pattern, after), str(kids[1])
         if op == "*":
-            return _star(inner)
+            return inner.star()
         if op == "+":
-            return inner.concatenate(_star(inner))
+            return inner.concatenate(inner.star())
         if op == "?":
             return _optional(inner)
         if op == "~":
@@ -137,10 +135,6 @@ def _escape_class(char: str) -> str:
 
 def _union(fsms):
     return fsms[0].union(*fsms[1:])
-
-
-def _star(fsm):
-    return fsm.star()
 
 
 def _optional(fsm):
