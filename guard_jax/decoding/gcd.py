@@ -14,7 +14,9 @@ satisfies b. Two builders:
 
 - `reachability_automaton`: toy ARMs, exact reachability from the enumerated b (the prefix tree of V^T);
 - `regex_automaton`: a small regex over a real tokenizer's vocabulary (interegular's DFA walked by each
-  token's bytes); `guard_jax.grammars.Grammar` covers CFGs, JSON schemas and large regexes (host masks).
+  token's bytes); `guard_jax.grammars.Grammar` covers CFGs, JSON schemas and large regexes: llguidance's host
+  masks, or `dense_masks`'s on-device table where the grammar has one (a regex, a regular JSON schema, a CFG
+  unrolled to a bounded depth).
 
 Masking guarantees b but samples q(y) = prod_t a(y_t | u) 1[allowed] / a(allowed | u), not
 g(y) = a(y) b(y) / Z: `exact_masked_log_prob` gives that law on the grid.
