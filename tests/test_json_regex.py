@@ -8,18 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from guard_jax.decoding import grammar_masked_sample, regex_automaton
+from guard_jax.decoding import regex_automaton
 from guard_jax.grammars import Grammar, token_bytes
 from guard_jax.json_regex import int_range, schema_regex
+from bench.bench_decoding import JSON_SCHEMA as FOUR_FIELDS
 from guard_jax.lm import EMBEDDED, LM
+from tests.test_grammars import _dense_samples_equal_to_llguidance
 
-FOUR_FIELDS = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                   "email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"}, "active": {"type": "boolean"}},
-    "required": ["name", "age", "email", "active"],
-    "additionalProperties": False,
-}
 SCHEMAS = {
     "four fields": (FOUR_FIELDS, ['{"name":"a","age":5,"email":"a@b.com","active":true}',
                                   '{ "name" : "é\\n\\u001F" ,\n\t"age":120,"email":"xy@z.com","active":false }']),
@@ -143,12 +138,7 @@ def test_json_schema_masks_come_from_a_dense_table_with_llguidances_samples(embe
     lm = LM.load("embedded")
     grammar = Grammar.json_schema(FOUR_FIELDS, embedded_tokenizer, vocab_size=8192)
     assert dense_masks(grammar) is not None
-    key = jax.random.PRNGKey(2)
-    prompt, pmask = lm.prompt_arrays(16)
-    dense = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 30)
-    host = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 30, dense=False)
-    for got, want in zip(dense, host):
-        np.testing.assert_array_equal(got, want)
+    dense = _dense_samples_equal_to_llguidance(lm, grammar, 16, 30, jax.random.PRNGKey(2))
     texts = [embedded_tokenizer.decode(row[: n].tolist()) for row, n in zip(dense.tokens_BT, dense.lengths_B)]
     assert all(t.startswith('{') for t in texts) and dense.lengths_B.max() == 30
 

@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from guard_jax.decoding import gcd, grammar_masked_sample
+from guard_jax.decoding import gcd
 from guard_jax.grammars import Grammar
 from guard_jax.lark_fsm import lark_fsm
 from guard_jax.lm import LM
+from tests.test_grammars import _dense_samples_equal_to_llguidance
 from tests.test_json_regex import _Bytes, _llguidance_accepts
 
 ARITHMETIC = 'start: expr\nexpr: term ((" + " | " - ") term)*\nterm: NUMBER | "(" expr ")"\nNUMBER: /[0-9]+/\n'
@@ -93,12 +94,7 @@ def test_cfg_masks_come_from_a_dense_table_with_llguidances_samples(levels, monk
     grammar = Grammar.lark(ARITHMETIC, lm.tokenizer, vocab_size=lm.model.vocab_size)
     table = gcd.dense_masks(grammar)
     assert table is not None and int(np.asarray(table.unsafe_S).sum()) > 0
-    key = jax.random.PRNGKey(4)
-    prompt, pmask = lm.prompt_arrays(64)
-    dense = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 30)
-    host = grammar_masked_sample(key, lm.model, lm.params, prompt, pmask, grammar, 30, dense=False)
-    for got, want in zip(dense, host):
-        np.testing.assert_array_equal(got, want)
+    dense = _dense_samples_equal_to_llguidance(lm, grammar, 64, 30, jax.random.PRNGKey(4))
     depth = max(_depth(lm.tokenizer.decode(row[:n].tolist())) for row, n in zip(dense.tokens_BT, dense.lengths_B))
     if levels == 6:
         assert depth >= 1  # an unsafe state reached: the handoff ran
