@@ -20,7 +20,8 @@ Grammars through llguidance (`guard_jax.grammars`):
   30 tokens; goal <= 1.3x). Its routes (`route`): the regex, the JSON schema and the CFG by default from
   their dense tables (`dense_masks`: an on-device loop per cache segment; the schema through
   `guard_jax.json_regex`, the CFG unrolled by `guard_jax.lark_fsm`), and each with llguidance's masks
-  (`dense=False`: a host loop, two jitted calls per token, the host's masks overlapped with the decode); the host loop's floor (`(?s:.*)` with `dense=False`: every token allowed, the least mask work);
+  (`dense=False`: a host loop, two jitted calls per token, the host's masks overlapped with the decode); the
+  host loop's floor (`(?s:.*)` with `dense=False`: every token allowed, the least mask work);
   the length-aware dense table's `masked_sample` for the regex; and the CFG's masked LM
   (`proposals.masked_lm`: the masks come back from the host inside the jitted scan, what the experiments
   sample and score). grammar_masked_sample stops once every row has ended (`steps`): its reference is plain
@@ -263,29 +264,26 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
     key = jax.random.PRNGKey(1)
     plain_of = lambda n: (lambda: sample(key, model, params, prompt, pmask, n).tokens_BT.block_until_ready())
     grammars = {kind: build() for kind, build in _grammars(lm.tokenizer, model.vocab_size).items()}
-    for kind in grammars:  # their tables, built once (grammar_masked_sample's default route)
+    runs = {}  # mask -> (where its masks come from, a run)
+    for kind, g in grammars.items():  # the tables, built once (grammar_masked_sample's default route)
         t0 = time.perf_counter()
-        table = dense_masks(grammars[kind])
+        table = dense_masks(g)
         emit({"bench": "grammar_build", "config": f"embedded GPT-2 V={model.vocab_size}", "what": f"{kind} dense_masks (checked)",
               "seconds": round(time.perf_counter() - t0, 4), "states": None if table is None else int(table.next_state_SV.shape[0])})
-    runs, route = {}, {}  # mask -> a run; mask -> where its masks come from
+        runs[kind] = ("dense table" if table is not None else "llguidance masks",
+                      lambda g=g: grammar_masked_sample(key, model, params, prompt, pmask, g, T))
     for kind, g in grammars.items():
-        runs[kind] = lambda g=g: grammar_masked_sample(key, model, params, prompt, pmask, g, T)
-        route[kind] = "dense table" if dense_masks(g) is not None else "llguidance masks"
-    for kind in grammars:
         runs[f"{kind}, llguidance masks (dense=False)"] = (
-            lambda g=grammars[kind]: grammar_masked_sample(key, model, params, prompt, pmask, g, T, dense=False))
+            "llguidance masks", lambda g=g: grammar_masked_sample(key, model, params, prompt, pmask, g, T, dense=False))
     anything = Grammar.regex(ANYTHING, lm.tokenizer, vocab_size=model.vocab_size)
     runs["host loop floor: every token allowed, llguidance masks (dense=False)"] = (
-        lambda: grammar_masked_sample(key, model, params, prompt, pmask, anything, T, dense=False))
+        "llguidance masks", lambda: grammar_masked_sample(key, model, params, prompt, pmask, anything, T, dense=False))
     stops_early = set(runs)  # the grammar_masked_sample runs so far; the scans below always run T steps
     dense_mask = regex_automaton(GRAMMAR_REGEX, token_bytes(lm.tokenizer, model.vocab_size), eos_id=model.eos_id, vocab_size=model.vocab_size)
-    runs["dense regex_automaton"] = lambda: masked_sample(key, model, params, prompt, pmask, dense_mask, T)
+    runs["dense regex_automaton"] = ("dense table", lambda: masked_sample(key, model, params, prompt, pmask, dense_mask, T))
     q = masked_lm(lm, Grammar.lark(CFG, lm.tokenizer, vocab_size=model.vocab_size), T)  # the masked LM the experiments use
-    runs["cfg, masked LM (host bias in the jitted scan)"] = lambda: sample(key, q.model, q.params, prompt, pmask, T)
-    route |= {k: "llguidance masks" for k in runs if "llguidance masks" in k}
-    route |= {"dense regex_automaton": "dense table", "cfg, masked LM (host bias in the jitted scan)": "llguidance masks"}
-    for kind, run in runs.items():
+    runs["cfg, masked LM (host bias in the jitted scan)"] = ("llguidance masks", lambda: sample(key, q.model, q.params, prompt, pmask, T))
+    for kind, (route, run) in runs.items():
         # grammar_masked_sample stops once every row has ended (the scans always run T): its reference is plain
         # sampling of as many tokens as it ran, so both attend over caches of the same lengths
         steps = int(np.max(run().lengths_B)) if kind in stops_early else T
@@ -294,8 +292,7 @@ def bench_grammar_masked(repeats: int, B: int = 128, T: int = 30):
         pairs = [(_wall_and_cpu(plain), _wall_and_cpu(masked)) for _ in range(repeats)]  # interleaved: the machine drifts
         wall = [m[0] / p[0] for p, m in pairs]
         cpu = [m[1] / p[1] for p, m in pairs]
-        emit({"bench": "grammar_masked_vs_plain", "config": f"embedded GPT-2 V={model.vocab_size}", "mask": kind,
-              "route": route[kind],
+        emit({"bench": "grammar_masked_vs_plain", "config": f"embedded GPT-2 V={model.vocab_size}", "mask": kind, "route": route,
               "B": B, "T": T,
               "steps": steps, "plain_ms_per_token": round(1e3 * float(np.median([p[0] for p, _ in pairs])) / steps, 3),
               "masked_ms_per_token": round(1e3 * float(np.median([m[0] for _, m in pairs])) / steps, 3),

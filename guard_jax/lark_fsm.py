@@ -19,7 +19,9 @@ is built, against llguidance's masks.
 
 from __future__ import annotations
 
+import ast
 import functools
+import re
 
 OVERFLOW = "\U000f0000"  # a private-use character no token spells: the overflow's marker in the composed FSM
 
@@ -111,8 +113,6 @@ def _then(fsm, after):
 
 
 def _literal_regex(token: str) -> str:
-    import re
-
     if token.startswith('"'):
         if not token.endswith('"'):
             raise _Unsupported(token)  # "..."i and other flags
@@ -124,8 +124,6 @@ def _literal_regex(token: str) -> str:
 
 
 def _literal_text(token: str) -> str:
-    import ast
-
     return ast.literal_eval(token)
 
 

@@ -635,10 +635,12 @@ _DENSE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # grammar -> 
 
 
 def dense_masks(grammar: Grammar, max_cells: int = DENSE_MAX_CELLS) -> DenseMasks | None:
-    """The masks of a small `Grammar.regex`, or of a `Grammar.json_schema` that `guard_jax.json_regex` writes
-    as a regex, as a dense table on the device, or None (another grammar; over `max_cells` = states x V; a
-    pattern interegular cannot compile; or a table whose masks differ from llguidance's). Cached per
-    (grammar, max_cells).
+    """The masks of a small `Grammar.regex`, of a `Grammar.json_schema` that `guard_jax.json_regex` writes as a
+    regex, or of a `Grammar.lark` that `guard_jax.lark_fsm` unrolls to a bounded depth, as a dense table on the
+    device, or None (another grammar; over `max_cells` = states x V; a pattern interegular cannot compile; or a
+    table whose masks differ from llguidance's). Cached per (grammar, max_cells). A CFG's states near its depth
+    bound are `unsafe_S` (their masks may allow more than the grammar's): not checked, and left to llguidance's
+    masks by the sampler.
 
     The table is `regex_automaton`'s over valid UTF-8 (`invalid_utf8="reject"`, llguidance's byte rule), with
     llguidance's mask rule (not length-aware: every token that keeps the text a prefix of the language, EOS
@@ -686,6 +688,8 @@ def _build_dense(grammar: Grammar, max_cells: int) -> DenseMasks | None:
     allowed_SV = (next_SV >= 0) & (steps_S < UNREACHABLE)[np.maximum(next_SV, 0)]
     past_S = np.isin(dfa_S, list(universal))  # past the depth bound: every text accepted
     unsafe_S = past_S | (allowed_SV & past_S[np.maximum(next_SV, 0)]).any(axis=1)
+    if unsafe_S[0]:
+        return None  # the bound is a token away from the start: no step would run on the table
     prefixes = {0: ()}  # a shortest prefix to every reachable state
     queue = deque(prefixes)
     while queue:
@@ -700,8 +704,6 @@ def _build_dense(grammar: Grammar, max_cells: int) -> DenseMasks | None:
         m = grammar.matcher()
         if not m.consume_tokens(list(prefix)) or not np.array_equal(mask_of(m, V), allowed_SV[s]):
             return None
-    if unsafe_S[0]:
-        return None
     padded_SV = np.zeros((len(next_SV), grammar.mask_words * 32), bool)
     padded_SV[:, :V] = allowed_SV
     return DenseMasks(jnp.asarray(np.packbits(padded_SV, axis=1, bitorder="little").view(np.int32)),
@@ -719,10 +721,11 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
     length-aware: a row still inside a string after `max_new_tokens` fails b. Two routes, with the same masks
     and so the same samples:
 
-    - the dense table (`dense_masks`: the masks of a small regex or of a JSON schema that is one, on the device,
-      built once per grammar): each cache
-      segment is one jitted loop that draws, advances the rows' states and decodes, and stops early once
-      every row has ended; the host only checks, between segments, whether any row still runs;
+    - the dense table (`dense_masks`: the masks of a small regex, a regular JSON schema or a depth-bounded CFG
+      on the device, built once per grammar): each cache segment is one jitted loop that draws, advances the
+      rows' states and decodes, and stops early once every row has ended; the host only checks, between
+      segments, whether any row still runs; from a step where a running row is in an unsafe state (a CFG's
+      depth bound near) llguidance's masks take the batch over;
     - llguidance's masks (any grammar): each step runs two jitted calls, the masked draw, then the model's
       decode step, which is dispatched before the host advances the matchers and computes the next masks (one
       per distinct prefix, llguidance's thread pool), so the two overlap.
@@ -737,8 +740,8 @@ def grammar_masked_sample(key: jax.Array, model: ARM, params: Params, prompt_BP,
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     table = None if dense is False else dense_masks(grammar)
     if dense and table is None:
-        raise ValueError(f"dense=True needs a regex or a regular JSON schema (guard_jax.json_regex) whose table has at most "
-                         f"{DENSE_MAX_CELLS} states x V cells, got {grammar}; pass dense=None")
+        raise ValueError(f"dense=True needs a regex, a regular JSON schema (guard_jax.json_regex) or a CFG in guard_jax.lark_fsm's "
+                         f"subset whose table has at most {DENSE_MAX_CELLS} states x V cells, got {grammar}; pass dense=None")
     (B, P), T = prompt_BP.shape, int(max_new_tokens)
     u_TB = uniforms(key, B, T)
     ends = check_segment_ends(T)
